@@ -1,0 +1,286 @@
+"""Ulysses attention for Hugging Face models: sequence-sharded -> head-sharded -> sequence-sharded.
+
+Every rank of an SP group of size ``sp`` holds ``c = S / sp`` consecutive tokens of each sequence.
+Attention needs the whole sequence, so before the core kernel one all-to-all trades sequence for
+heads (each rank then holds all ``S`` tokens of ``h / sp`` heads), and one after trades them back.
+Everything else in the model (norms, MLP, projections, loss) is token-local and runs on the shard.
+
+How it hooks into transformers without touching other models in the process:
+HF attention layers call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)``.
+We wrap that entry (``sdpa``, ``flash_attention_2``...) once with a *dispatcher* that looks for a
+:class:`UlyssesAttention` attached to the calling module. Modules of a model passed to
+:func:`apply_ulysses` carry one; any other model (a reference model, a teacher, an eval copy) has
+none and goes straight to the original kernel. Keeping the original key, instead of registering a
+new name, keeps every HF branch that tests ``_attn_implementation == "flash_attention_2"`` intact.
+
+Unlike DeepSpeed's ``UlyssesSPAttentionHF``, batch size and sequence length are read from the
+tensors at every call (nothing is fixed at registration), and causality is re-derived from the
+*global* position ids, so packed sequences (position ids restarting at 0) stay correct.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+from lightning_ulysses.layout import SUPPORTED_ATTN_IMPLEMENTATIONS, ProcessGroups, heads_allow
+
+_CTX_ATTR = "_lightning_ulysses_attention"
+_DISPATCH_MARK = "_lightning_ulysses_dispatch"
+_install_lock = threading.Lock()
+
+
+def all_to_all(x: Tensor, group: dist.ProcessGroup, comm_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Differentiable all-to-all over dim 0 (``x.shape[0] == group size``): slot ``j`` goes to rank ``j``.
+
+    Its backward is the same exchange, so torch's autograd-aware functional collective is all we
+    need (it also traces under torch.compile, unlike the deprecated ``torch.distributed.nn`` one).
+    ``comm_dtype`` optionally casts for the wire (e.g. fp32 activations sent as bf16).
+    """
+    orig_dtype = x.dtype
+    if comm_dtype is not None and comm_dtype != orig_dtype:
+        x = x.to(comm_dtype)
+    x = x.contiguous()
+    out = wait_tensor(all_to_all_single_autograd(x, None, None, group))
+    return out.to(orig_dtype) if out.dtype != orig_dtype else out
+
+
+def seq_to_heads(tensors: list[Tensor], sp: int, group: dist.ProcessGroup, comm_dtype=None) -> list[Tensor]:
+    """``[b, h_i, c, d]`` sequence shards -> ``[b, h_i/sp, S, d]`` head shards, one collective for all.
+
+    Fusing q, k and v into one all-to-all pays the collective's latency once per layer instead of three
+    times (it dominates at short shards and on slower links).
+    """
+    b, _, c, d = tensors[0].shape
+    heads = [t.shape[1] for t in tensors]
+    # [b, h, c, d] -> [sp, b, h/sp, c, d]: slot j holds the head group that rank j will own.
+    parts = [t.reshape(b, sp, h // sp, c, d).transpose(0, 1) for t, h in zip(tensors, heads)]
+    packed = torch.cat(parts, dim=2)  # [sp, b, sum(h)/sp, c, d]
+    packed = all_to_all(packed, group, comm_dtype)  # slot j now holds sequence chunk j of my heads
+    outs = []
+    for part in packed.split([h // sp for h in heads], dim=2):
+        # [sp, b, h/sp, c, d] -> [b, h/sp, sp, c, d] -> [b, h/sp, S, d]; chunk order == sequence order
+        outs.append(part.permute(1, 2, 0, 3, 4).reshape(b, part.shape[2], sp * c, d))
+    return outs
+
+
+def heads_to_seq(out: Tensor, sp: int, group: dist.ProcessGroup, comm_dtype=None) -> Tensor:
+    """HF kernel output ``[b, S, h/sp, d]`` -> ``[b, c, h, d]`` (my sequence chunk, all heads)."""
+    b, s, hl, d = out.shape
+    c = s // sp
+    # [b, S, hl, d] -> [sp, b, c, hl, d]: slot j is sequence chunk j, which goes back to rank j.
+    send = out.reshape(b, sp, c, hl, d).transpose(0, 1)
+    recv = all_to_all(send, group, comm_dtype)  # slot j: head group j of my chunk
+    # [sp, b, c, hl, d] -> [b, c, sp, hl, d] -> [b, c, h, d]; head group order == head order
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, c, sp * hl, d)
+
+
+def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
+    """Segment id per token for packed rows (position ids restart), or None when no row is packed.
+
+    Same rule as transformers' ``find_packed_sequence_indices``: a new segment starts wherever the
+    position does not continue the previous one by +1.
+    """
+    first = position_ids[:, :1] - 1
+    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    if bool((seg[:, -1] == 0).all()):
+        return None
+    return seg
+
+
+def causal_mask(
+    position_ids: Tensor, segments: Optional[Tensor], sliding_window: Optional[int]
+) -> Tensor:
+    """Boolean ``[b, 1, S, S]`` mask (True = attend) for sdpa when plain ``is_causal`` is not enough."""
+    s = position_ids.shape[1]
+    idx = torch.arange(s, device=position_ids.device)
+    mask = (idx[None, :] <= idx[:, None])[None, None]  # [1, 1, S, S] causal
+    if segments is not None:
+        mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
+    if sliding_window is not None:
+        mask = mask & ((idx[:, None] - idx[None, :]) < sliding_window)[None, None]
+    return mask.expand(position_ids.shape[0], 1, s, s)
+
+
+class UlyssesAttention:
+    """Per-model Ulysses state: the SP group and the global position ids of the current forward.
+
+    Gathering the position ids is one small all-gather per forward: every layer of that forward
+    (and the recompute of checkpointed layers) receives the same ``position_ids`` tensor object, so
+    it is cached on identity. The cache decision depends only on program order, which is the same on
+    every SP rank, so the collective stays matched across ranks.
+    """
+
+    def __init__(self, groups: ProcessGroups, comm_dtype: Optional[torch.dtype] = None) -> None:
+        if groups.sp_group is None:
+            raise ValueError("UlyssesAttention needs an SP group (sequence_parallel_size > 1).")
+        self.group = groups.sp_group
+        self.sp = groups.sp
+        self.comm_dtype = comm_dtype
+        self.calls = 0
+        self._pos_local: Optional[Tensor] = None
+        self._pos_global: Optional[Tensor] = None
+        self._segments: Optional[Tensor] = None
+
+    def _global_positions(self, local: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        if local is not self._pos_local:
+            # [b, c] x sp -> [b, S]; rank order == sequence order (contiguous sharding)
+            parts = [torch.empty_like(local) for _ in range(self.sp)]
+            dist.all_gather(parts, local.contiguous(), group=self.group)
+            self._pos_local = local
+            self._pos_global = torch.cat(parts, dim=1)
+            self._segments = packed_segments(self._pos_global)
+        return self._pos_global, self._segments
+
+    def __call__(
+        self,
+        core: Callable,
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        self.calls += 1
+        sp = self.sp
+        hq, hkv = query.shape[1], key.shape[1]
+        if not heads_allow(sp, hq, hkv):
+            raise ValueError(
+                f"Ulysses sp={sp} cannot split this layer's heads (q={hq}, kv={hkv}); choose a "
+                "sequence_parallel_size that divides the query heads and divides or is a multiple of the kv heads."
+            )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            raise ValueError(
+                "Ulysses attention needs position_ids in the model call: each shard only knows its own tokens, so "
+                "causal masking is rebuilt from the global positions. Pass position_ids=batch['position_ids'] "
+                "(the strategy's data sharding creates them) to the model's forward."
+            )
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        pos_global, segments = self._global_positions(position_ids)
+        if pos_global.shape[0] == 1 and query.shape[0] > 1:
+            pos_global = pos_global.expand(query.shape[0], -1)
+            segments = segments.expand(query.shape[0], -1) if segments is not None else None
+
+        # GQA/MQA with fewer kv heads than ranks: replicate each kv head sp/hkv times so every rank
+        # receives exactly the kv head its query heads use (their group boundaries line up).
+        if hkv < sp:
+            key = key.repeat_interleave(sp // hkv, dim=1)
+            value = value.repeat_interleave(sp // hkv, dim=1)
+        # [b, h, c, d] -> [b, h/sp, S, d]
+        q, k, v = seq_to_heads([query, key, value], sp, self.group, self.comm_dtype)
+
+        kwargs["position_ids"] = pos_global
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
+        if impl == "sdpa":
+            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+            if window is not None and window >= q.shape[2]:
+                window = None
+            # HF built a mask for the *local* shard; it is meaningless for the gathered sequence.
+            mask = causal_mask(pos_global, segments, window) if (segments is not None or window) else None
+        else:
+            # Flash kernels take causality (and packing, through position_ids) from the kwargs.
+            mask = None
+
+        groups_local = q.shape[1] // k.shape[1]
+        restore = None
+        if hasattr(module, "num_key_value_groups") and module.num_key_value_groups != groups_local:
+            restore, module.num_key_value_groups = module.num_key_value_groups, groups_local
+        try:
+            out, weights = core(module, q, k, v, mask, *args, **kwargs)  # out: [b, S, h/sp, d]
+        finally:
+            if restore is not None:
+                module.num_key_value_groups = restore
+        return heads_to_seq(out, sp, self.group, self.comm_dtype), weights
+
+
+def _install_dispatcher(impl: str) -> None:
+    """Wrap the global HF attention function ``impl`` once per process (idempotent)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    with _install_lock:
+        original = ALL_ATTENTION_FUNCTIONS[impl]
+        if getattr(original, _DISPATCH_MARK, False):
+            return
+
+        def ulysses_dispatch(module, query, key, value, attention_mask, *args, **kwargs):
+            ctx = getattr(module, _CTX_ATTR, None)
+            if ctx is None:
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+            return ctx(original, module, query, key, value, attention_mask, *args, **kwargs)
+
+        setattr(ulysses_dispatch, _DISPATCH_MARK, True)
+        ulysses_dispatch.__wrapped__ = original  # type: ignore[attr-defined]
+        if impl in ALL_ATTENTION_FUNCTIONS._local_mapping:
+            ALL_ATTENTION_FUNCTIONS[impl] = ulysses_dispatch
+        else:
+            AttentionInterface.register(impl, ulysses_dispatch)
+
+
+def _check_routed(model: torch.nn.Module, args: Any, output: Any) -> None:
+    ctx: UlyssesAttention = getattr(model, _CTX_ATTR)
+    if ctx.calls == 0:
+        raise RuntimeError(
+            "The model ran a forward pass under sequence parallelism but none of its attention calls went through "
+            "the Ulysses wrapper, so every rank attended only to its own shard. This model's attention does not use "
+            "transformers' global ALL_ATTENTION_FUNCTIONS; it is not supported by lightning_ulysses yet."
+        )
+
+
+def _reset_calls(model: torch.nn.Module, args: Any) -> None:
+    getattr(model, _CTX_ATTR).calls = 0
+
+
+def apply_ulysses(
+    model: torch.nn.Module, groups: ProcessGroups, comm_dtype: Optional[torch.dtype] = None
+) -> UlyssesAttention:
+    """Make ``model`` (an HF ``PreTrainedModel``) run attention with Ulysses over ``groups.sp_group``.
+
+    Idempotent: applying again replaces the previous state. Only this model is affected.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"apply_ulysses expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    impl = config._attn_implementation
+    if impl not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Ulysses cannot wrap attn_implementation={impl!r}; build the model with one of "
+            f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)}."
+        )
+    remove_ulysses(model)
+    _install_dispatcher(impl)
+    ctx = UlyssesAttention(groups, comm_dtype=comm_dtype)
+    # Every module that calls the attention interface reads ``self.config``; tagging all of them is
+    # exact without knowing each architecture's attention class name.
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            setattr(m, _CTX_ATTR, ctx)
+    handles = [model.register_forward_pre_hook(_reset_calls), model.register_forward_hook(_check_routed)]
+    model._lightning_ulysses_hooks = handles  # type: ignore[attr-defined]
+    return ctx
+
+
+def remove_ulysses(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_ulysses` (the process-wide dispatcher stays; it is a no-op for untagged modules)."""
+    for h in getattr(model, "_lightning_ulysses_hooks", []):
+        h.remove()
+    if hasattr(model, "_lightning_ulysses_hooks"):
+        del model._lightning_ulysses_hooks
+    for m in model.modules():
+        if hasattr(m, _CTX_ATTR):
+            delattr(m, _CTX_ATTR)
+
+
+def ulysses_of(model: torch.nn.Module) -> Optional[UlyssesAttention]:
+    return getattr(model, _CTX_ATTR, None)
+
+
+__all__ = ["UlyssesAttention", "apply_ulysses", "remove_ulysses", "ulysses_of", "seq_to_heads", "heads_to_seq"]

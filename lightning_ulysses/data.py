@@ -1,0 +1,162 @@
+"""Sequence sharding of batches: each SP rank keeps its contiguous slice of every sequence tensor.
+
+All ranks of one SP group receive the *same* samples (the sampler is given the DP layout), so a
+batch needs no communication to be sharded: every rank prepares the full batch the same way and
+keeps slice ``[r*c, (r+1)*c)`` of dim 1. Preparation happens *before* slicing because two steps
+need the whole sequence:
+
+* labels are shifted (``shift_labels[t] = labels[t+1]``, -100 at the end): after slicing, the label
+  of a shard's last token lives on the next rank;
+* position ids are created (``arange``) when missing: a shard cannot know its offset otherwise.
+
+Sequences are right-padded to a multiple of ``pad_to_multiple_of`` (pad tokens get label -100 and
+positions continuing the last sequence, so they never change a real token's result); nothing is
+truncated. A right-padding ``attention_mask`` is folded into the labels and dropped: HF would
+otherwise build an O(c^2) shard-local mask that attention under SP discards anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _check_right_padded(attention_mask: Tensor) -> None:
+    m = attention_mask.to(torch.int64)
+    # right padding <=> each row is non-increasing (1...1 0...0)
+    if (m[:, 1:] > m[:, :-1]).any():
+        raise ValueError(
+            "Sequence parallelism needs right-padded batches, but attention_mask has padding before real tokens "
+            "(left padding or holes). Pad on the right (tokenizer.padding_side='right'), or pack sequences and mark "
+            "document starts with position_ids that restart at 0."
+        )
+
+
+def prepare_batch(
+    batch: Mapping[str, Any],
+    pad_to_multiple_of: int,
+    pad_token_id: int = 0,
+) -> dict[str, Any]:
+    """Full-length preparation shared by every rank: labels, shift, positions, padding.
+
+    Returns a new dict with ``input_ids``, ``shift_labels`` and ``position_ids`` (all ``[b, S']``,
+    ``S'`` a multiple of ``pad_to_multiple_of``), no ``labels`` (so HF models do not compute a loss of
+    their own on a shard) and no ``attention_mask``; other entries are passed through, and other
+    ``[b, S, ...]`` tensors are padded with zeros.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"Sequence parallelism expects dict batches with 'input_ids' (and optionally 'labels', 'position_ids', "
+            f"'attention_mask'); got {type(batch).__name__}. Return a dict from your dataset or collate_fn."
+        )
+    if "input_ids" not in batch:
+        raise KeyError(
+            f"Sequence parallelism needs 'input_ids' in every batch to know what to shard; got keys {sorted(batch)}."
+        )
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}.")
+    out = dict(batch)
+    input_ids: Tensor = out.pop("input_ids")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+    b, s = input_ids.shape
+
+    def check_shape(name: str, t: Tensor) -> None:
+        if t.shape[:2] != (b, s):
+            raise ValueError(f"'{name}' has shape {tuple(t.shape)} but input_ids is {(b, s)}; they must match.")
+
+    if "shift_labels" in out:
+        shift_labels = out.pop("shift_labels")
+        check_shape("shift_labels", shift_labels)
+        if "labels" in out:
+            raise ValueError("Pass either 'labels' or 'shift_labels', not both.")
+    else:
+        labels = out.pop("labels", None)
+        if labels is None:
+            labels = input_ids.clone()
+        check_shape("labels", labels)
+        attention_mask = out.get("attention_mask")
+        if attention_mask is not None:
+            check_shape("attention_mask", attention_mask)
+            labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        # shift before sharding: token t predicts labels[t+1]; the last token predicts nothing
+        shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+    attention_mask = out.pop("attention_mask", None)
+    if attention_mask is not None:
+        check_shape("attention_mask", attention_mask)
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "Sequence parallelism takes a 2D attention_mask (right padding) only; express other patterns "
+                "(packing) through position_ids."
+            )
+        _check_right_padded(attention_mask)
+        shift_labels = shift_labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+    position_ids = out.pop("position_ids", None)
+    if position_ids is None:
+        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+    else:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.shape[0] == 1 and b > 1:
+            position_ids = position_ids.expand(b, -1)
+        check_shape("position_ids", position_ids)
+
+    pad = (-s) % pad_to_multiple_of
+    if pad:
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=pad_token_id)
+        shift_labels = torch.nn.functional.pad(shift_labels, (0, pad), value=IGNORE_INDEX)
+        # continue the last row's positions: pads join the last segment and, being last, affect no one
+        tail = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
+        position_ids = torch.cat([position_ids, tail], dim=1)
+        for k, v in list(out.items()):
+            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, s):
+                out[k] = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, pad))
+    out["input_ids"] = input_ids
+    out["shift_labels"] = shift_labels
+    out["position_ids"] = position_ids.contiguous()
+    return out
+
+
+def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp: int, seq_len: Optional[int] = None) -> dict[str, Any]:
+    """Keep this rank's contiguous slice of dim 1 of every ``[b, S, ...]`` tensor (``S % sp == 0``).
+
+    Tensors whose dim 1 is not the sequence length (per-sample ids, images...) are kept whole.
+    """
+    s = seq_len if seq_len is not None else batch["input_ids"].shape[1]
+    if s % sp != 0:
+        raise ValueError(f"Sequence length {s} is not divisible by sp={sp}; call prepare_batch first.")
+    c = s // sp
+    b = batch["input_ids"].shape[0]
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, s):
+            out[k] = v[:, sp_rank * c : (sp_rank + 1) * c].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def shard_for_sequence_parallel(
+    batch: Any, sp_rank: int, sp: int, pad_to_multiple_of: Optional[int] = None, pad_token_id: int = 0
+) -> dict[str, Any]:
+    """:func:`prepare_batch` then :func:`shard_batch`; ``pad_to_multiple_of`` defaults to ``sp``."""
+    multiple = pad_to_multiple_of or sp
+    if multiple % sp != 0:
+        raise ValueError(
+            f"pad_to_multiple_of={multiple} must be a multiple of sequence_parallel_size={sp} so every rank gets an "
+            f"equal shard; use e.g. {sp * 256} on GPUs."
+        )
+    if torch.is_tensor(batch):
+        batch = {"input_ids": batch}
+    full = prepare_batch(batch, multiple, pad_token_id)
+    return shard_batch(full, sp_rank, sp)
+
+
+__all__ = ["IGNORE_INDEX", "prepare_batch", "shard_batch", "shard_for_sequence_parallel"]

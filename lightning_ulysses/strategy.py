@@ -1,0 +1,209 @@
+"""``UlyssesDeepSpeedStrategy``: Lightning's DeepSpeed strategy plus Ulysses sequence parallelism.
+
+The strategy only orchestrates; each concern lives in its own module:
+
+* layout and process groups -> :mod:`lightning_ulysses.layout` (resolved in :meth:`setup`, once the
+  model and its head counts exist; handed to DeepSpeed as its ``mpu``);
+* attention patching -> :mod:`lightning_ulysses.attention` (:meth:`setup`);
+* batch sharding -> :mod:`lightning_ulysses.data` (:meth:`batch_to_device`);
+* DP-only sampling -> :attr:`distributed_sampler_kwargs` (all ranks of an SP group read the same samples);
+* loss scale for DeepSpeed's reduction -> :mod:`lightning_ulysses.loss` (:meth:`backward`);
+* CPU (gloo) support -> :mod:`lightning_ulysses.cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lightning_ulysses import cpu
+from lightning_ulysses.attention import apply_ulysses, remove_ulysses
+from lightning_ulysses.data import shard_for_sequence_parallel
+from lightning_ulysses.layout import ParallelLayout, ProcessGroups, SPSize
+from lightning_ulysses.loss import deepspeed_loss_scale
+from lightning_ulysses.model_utils import attention_spec, find_hf_model
+
+_COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO (0-3) with Ulysses sequence parallelism over an SP x DP layout.
+
+    Args:
+        sequence_parallel_size: ranks that share one sequence, or ``"auto"``: the largest degree that
+            divides the world size and that the model's heads allow (kv heads may be replicated).
+            The remaining factor of the world is data parallel.
+        pad_to_multiple_of: sequences are right-padded (never truncated) to a multiple of this;
+            defaults to ``sequence_parallel_size``. On GPUs ``256 * sp`` keeps kernels on fast paths.
+        pad_token_id: token id used for that padding (its label is always -100).
+        seq_parallel_communication_data_type: dtype of the attention all-to-alls (``"fp32"``,
+            ``"bf16"``); ``None`` sends activations in their own dtype.
+        stage, ...: everything else is :class:`lightning.pytorch.strategies.DeepSpeedStrategy`'s.
+    """
+
+    strategy_name = "ulysses"
+
+    def __init__(
+        self,
+        sequence_parallel_size: SPSize = "auto",
+        pad_to_multiple_of: Optional[int] = None,
+        pad_token_id: int = 0,
+        seq_parallel_communication_data_type: Optional[str] = None,
+        stage: int = 3,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        config: Optional[Union[str, dict[str, Any]]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            stage=stage,
+            offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters,
+            config=config,
+            **kwargs,
+        )
+        if sequence_parallel_size != "auto" and (
+            not isinstance(sequence_parallel_size, int) or isinstance(sequence_parallel_size, bool) or sequence_parallel_size < 1
+        ):
+            raise ValueError(
+                f"sequence_parallel_size must be a positive int or 'auto', got {sequence_parallel_size!r}."
+            )
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of}.")
+        if seq_parallel_communication_data_type is not None and seq_parallel_communication_data_type not in _COMM_DTYPES:
+            raise ValueError(
+                f"seq_parallel_communication_data_type must be one of {list(_COMM_DTYPES)} or None, "
+                f"got {seq_parallel_communication_data_type!r}."
+            )
+        self.sequence_parallel_size = sequence_parallel_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
+        self.seq_parallel_communication_data_type = seq_parallel_communication_data_type
+        self.groups: Optional[ProcessGroups] = None
+
+    # ----------------------------------------------------------------------------------- layout
+    @property
+    def layout(self) -> Optional[ParallelLayout]:
+        return self.groups.layout if self.groups is not None else None
+
+    @property
+    def sp_group(self) -> Optional[torch.distributed.ProcessGroup]:
+        """The SP group to pass to :func:`lightning_ulysses.loss.sp_causal_lm_loss` (None when sp == 1)."""
+        return self.groups.sp_group if self.groups is not None else None
+
+    def _resolve_layout(self) -> ParallelLayout:
+        hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
+        if hf_model is None:
+            if self.sequence_parallel_size not in (1, "auto") or (
+                self.sequence_parallel_size == "auto" and self.world_size > 1
+            ):
+                raise ValueError(
+                    "UlyssesDeepSpeedStrategy could not find a transformers PreTrainedModel inside the LightningModule; "
+                    "create it in __init__ or configure_model (e.g. self.model = AutoModelForCausalLM.from_config(...)), "
+                    "or use sequence_parallel_size=1."
+                )
+            return ParallelLayout.resolve(1, self.world_size)
+        heads, kv_heads, impl = attention_spec(hf_model)
+        return ParallelLayout.resolve(self.sequence_parallel_size, self.world_size, heads, kv_heads, impl)
+
+    # ------------------------------------------------------------------------- lightning hooks
+    @property
+    def parallel_devices(self) -> Optional[list[torch.device]]:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, parallel_devices: Optional[list[torch.device]]) -> None:
+        self._parallel_devices = cpu.index_devices(parallel_devices)
+
+    def setup_environment(self) -> None:
+        if cpu.is_cpu(self.accelerator):
+            cpu.prepare_deepspeed_for_cpu()
+            # DeepSpeedStrategy refuses non-CUDA accelerators; DeepSpeed itself runs on CPU with gloo.
+            super(DeepSpeedStrategy, self).setup_environment()
+        else:
+            super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        layout = self._resolve_layout()
+        if self.groups is None or self.groups.layout != layout:
+            self.groups = ProcessGroups.build(layout)
+            rank_zero_info(f"lightning_ulysses layout: {layout.describe()}")
+        hf_model = find_hf_model(self.lightning_module)
+        if layout.sp_enabled:
+            comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
+            apply_ulysses(hf_model, self.groups, comm_dtype=comm)
+        elif hf_model is not None:
+            remove_ulysses(hf_model)
+        super().setup(trainer)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        assert self.groups is not None, "setup() must resolve the layout before DeepSpeed is initialised"
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.root_device.index),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+            mpu=self.groups.deepspeed_mpu() if self.groups.sp > 1 else None,
+        )
+        return engine, ds_optimizer
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        # Samples are split over DP groups only: every rank of an SP group must read the same sample.
+        layout = self.layout
+        if layout is None:
+            if self.sequence_parallel_size == "auto":
+                raise RuntimeError("The SP layout is resolved in setup(); the sampler was requested before it.")
+            layout = ParallelLayout(self.world_size, self.sequence_parallel_size)
+        return {"num_replicas": layout.dp, "rank": layout.dp_rank(self.global_rank)}
+
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if self.groups is not None and self.groups.sp > 1:
+            batch = shard_for_sequence_parallel(
+                batch, self.groups.sp_rank, self.groups.sp, self.pad_to_multiple_of, self.pad_token_id
+            )
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        scale = deepspeed_loss_scale(self.config.get("zero_optimization", {}), self.groups.sp if self.groups else 1)
+        if scale != 1.0:
+            closure_loss = closure_loss * scale
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def teardown(self) -> None:
+        hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
+        if hf_model is not None:
+            remove_ulysses(hf_model)
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "ulysses", cls, description="Ulysses sequence parallelism on DeepSpeed ZeRO-3 (sp auto)", stage=3
+        )
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"ulysses_stage_{stage}", cls, description=f"Ulysses sequence parallelism, ZeRO stage {stage}", stage=stage
+            )
+        strategy_registry.register(
+            "ulysses_stage_3_offload",
+            cls,
+            description="Ulysses sequence parallelism, ZeRO-3 with optimizer and parameters offloaded to CPU",
+            stage=3,
+            offload_optimizer=True,
+            offload_parameters=True,
+        )
+
+
+__all__ = ["UlyssesDeepSpeedStrategy"]

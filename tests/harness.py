@@ -1,0 +1,57 @@
+"""Shared launcher for multi-process CPU tests: ``torchrun --standalone`` in a subprocess.
+
+Never a fixed port (``--standalone`` picks a free one); gloo backend through DeepSpeed's CPU
+accelerator; one thread per rank so 4 ranks fit on a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    # DeepSpeed JIT-builds a small shm comm op on first use (~40 s); keep it across runs.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightning_ulysses_torch_extensions"))
+    return env
+
+
+def run_workers(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, timeout: int = 300) -> dict[str, Any]:
+    """Run ``tests/workers/<script>`` on ``nproc`` ranks; return what rank 0 wrote as JSON."""
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(WORKERS / script), json.dumps(case), str(out),
+    ]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(
+            f"{script} with {nproc} ranks failed (rc={proc.returncode}) for case {case}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-10000:]}"
+        )
+    return json.loads(out.read_text())
+
+
+def run_expecting_error(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, timeout: int = 300) -> str:
+    """Run a worker that must fail; return its combined output for message checks."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(WORKERS / script), json.dumps(case), str(tmp_path / "result.json"),
+    ]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 0, f"{script} was expected to fail for {case}"
+    return proc.stdout + proc.stderr

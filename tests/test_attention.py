@@ -1,0 +1,90 @@
+"""Ulysses attention plumbing: masks, scoping to one model, idempotency (parity tests cover the math)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ulysses.attention import (
+    UlyssesAttention,
+    apply_ulysses,
+    causal_mask,
+    packed_segments,
+    remove_ulysses,
+    ulysses_of,
+)
+from lightning_ulysses.layout import ParallelLayout, ProcessGroups
+
+
+def tiny_llama(attn="sdpa", heads=4, kv=2):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=8,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+
+
+def fake_groups(sp: int = 2) -> ProcessGroups:
+    # a stand-in group object: enough for tagging, never used for a collective here
+    return ProcessGroups(layout=ParallelLayout(sp, sp), rank=0, sp_group=object(), dp_group=None, world_group=None)
+
+
+def test_packed_segments_match_transformers() -> None:
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 8, 9, 10, 11, 12]])
+    ours = packed_segments(pos)
+    ref = find_packed_sequence_indices(pos)
+    assert torch.equal(ours, ref)
+    assert packed_segments(torch.arange(6).unsqueeze(0)) is None
+
+
+def test_causal_mask_is_block_diagonal_for_packed_rows_and_windowed() -> None:
+    pos = torch.tensor([[0, 1, 0, 1]])
+    m = causal_mask(pos, packed_segments(pos), None)[0, 0]
+    assert m.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
+    w = causal_mask(torch.arange(4).unsqueeze(0), None, 2)[0, 0]
+    assert w[3].tolist() == [False, False, True, True]
+
+
+def test_apply_is_scoped_to_one_model_and_idempotent() -> None:
+    sp_model, other = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 64, (1, 6))
+    before = other(ids).logits
+    ctx = apply_ulysses(sp_model, fake_groups())
+    apply_ulysses(sp_model, fake_groups())  # second fit/validate in the same process
+    assert ulysses_of(sp_model) is not ctx and len(sp_model._lightning_ulysses_hooks) == 2
+    assert all(ulysses_of(m) is ulysses_of(sp_model) for m in sp_model.modules() if getattr(m, "config", None))
+    # the untouched model goes through the original kernel, bit for bit
+    assert torch.equal(other(ids).logits, before)
+    remove_ulysses(sp_model)
+    assert ulysses_of(sp_model) is None and not hasattr(sp_model, "_lightning_ulysses_hooks")
+    torch.testing.assert_close(sp_model(ids).logits, before)
+
+
+def test_apply_rejects_eager_attention() -> None:
+    with pytest.raises(ValueError, match="build the model with one of"):
+        apply_ulysses(tiny_llama(attn="eager"), fake_groups())
+
+
+def test_missing_position_ids_in_the_model_call_is_an_error_that_names_the_fix() -> None:
+    ctx = UlyssesAttention(fake_groups())
+    q = torch.randn(1, 4, 3, 8)
+    kv = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="Pass position_ids=batch\\['position_ids'\\]"):
+        ctx(lambda *a, **k: None, torch.nn.Module(), q, kv, kv, None)
+
+
+def test_heads_that_do_not_split_are_an_error_at_call_time() -> None:
+    ctx = UlyssesAttention(fake_groups(sp=4))
+    q = torch.randn(1, 6, 3, 8)
+    with pytest.raises(ValueError, match="cannot split this layer's heads"):
+        ctx(lambda *a, **k: None, torch.nn.Module(), q, q, q, None, position_ids=torch.arange(3)[None])

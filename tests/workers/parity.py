@@ -1,0 +1,274 @@
+"""Multi-process worker: train through ``Trainer(strategy=UlyssesDeepSpeedStrategy)`` and record what
+rank 0 needs to compare against a plain single-process reference.
+
+Launched by ``tests/harness.py`` as ``torchrun --standalone --nproc_per_node=WS parity.py CASE_JSON OUT_JSON``.
+Rank 0 then replays the *same samples in the same order* (read back from the batches the ranks really
+received) through an untouched HF model with the same optimizer, and writes both sides to OUT_JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import lightning as L  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+import lightning_ulysses  # noqa: E402,F401
+from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
+from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+
+
+def tiny_config(case: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=case.get("vocab", 96),
+        hidden_size=case.get("hidden", 32),
+        intermediate_size=case.get("intermediate", 64),
+        num_hidden_layers=case.get("layers", 2),
+        num_attention_heads=case["heads"],
+        num_key_value_heads=case.get("kv_heads", case["heads"]),
+        head_dim=case.get("head_dim", 8),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(case: dict):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(case.get("seed", 0))
+    return AutoModelForCausalLM.from_config(tiny_config(case), attn_implementation="sdpa", dtype=torch.float32)
+
+
+class Samples(Dataset):
+    """Deterministic samples: random tokens, optionally right-padded or packed."""
+
+    def __init__(self, case: dict, n: int) -> None:
+        g = torch.Generator().manual_seed(1234)
+        L_ = case["seq_len"]
+        self.items = []
+        for i in range(n):
+            ids = torch.randint(1, case.get("vocab", 96), (L_,), generator=g)
+            item = {"input_ids": ids, "labels": ids.clone(), "idx": torch.tensor(i)}
+            if case.get("padded"):
+                real = int(torch.randint(L_ // 2, L_ + 1, (1,), generator=g))
+                mask = torch.zeros(L_, dtype=torch.long)
+                mask[:real] = 1
+                item["attention_mask"] = mask
+                item["labels"][real:] = -100
+            if case.get("packed"):
+                cuts = sorted(set(torch.randint(2, L_ - 1, (2,), generator=g).tolist()))
+                pos = torch.arange(L_)
+                for c in cuts:
+                    pos[c:] = torch.arange(L_ - c)
+                item["position_ids"] = pos
+                # no cross-document prediction: first token of each document is not a target
+                for c in cuts:
+                    item["labels"][c] = -100
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(
+            {
+                "loss": float(outputs["loss"]),
+                "idx": batch["idx"].tolist(),
+                "local_seq": int(batch["input_ids"].shape[1]),
+                "first_pos": int(batch["position_ids"][0, 0]),
+                "logged": float(trainer.callback_metrics["train_loss"]),
+            }
+        )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.grads:
+            return
+        from deepspeed.utils import safe_get_full_grad
+
+        for name, p in pl_module.model.named_parameters():
+            g = safe_get_full_grad(p)
+            self.grads[name] = g.detach().float().cpu().clone()
+
+
+def full_params(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    params = dict(module.named_parameters())
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+
+
+def reference(case: dict, dataset: Samples, step_groups: list[list[list[int]]]) -> dict:
+    """Plain HF model, one process: step k averages the HF loss of each DP group's micro-batch."""
+    model = build_model(case)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=case["lr"])
+    losses, grads = [], {}
+    for k, groups in enumerate(step_groups):
+        opt.zero_grad()
+        group_losses = []
+        for idxs in groups:
+            items = [dataset[i] for i in idxs]
+            batch = {key: torch.stack([it[key] for it in items]) for key in items[0] if key != "idx"}
+            out = model(**batch, use_cache=False)
+            group_losses.append(out.loss)
+        loss = torch.stack(group_losses).mean()
+        loss.backward()
+        if k == 0:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append([float(x) for x in group_losses])
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "model": model,
+    }
+
+
+@torch.no_grad()
+def reference_eval(model: torch.nn.Module, dataset: Samples, n: int) -> float:
+    model.eval()
+    losses = []
+    for i in range(n):
+        item = dataset[i]
+        batch = {k: v.unsqueeze(0) for k, v in item.items() if k != "idx"}
+        losses.append(float(model(**batch, use_cache=False).loss))
+    return sum(losses) / len(losses)
+
+
+def main() -> None:
+    try:
+        run(json.loads(sys.argv[1]), sys.argv[2])
+    finally:
+        # Every rank waits for rank 0's reference, then tears the groups down before the interpreter
+        # exits: a rank exiting with live gloo groups can abort ("terminate called without an active
+        # exception") and take the whole job down.
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def run(case: dict, out_path: str) -> None:
+    ws = int(os.environ["WORLD_SIZE"])
+    sp, bs, steps = case["sp"], case.get("batch_size", 1), case.get("steps", 4)
+    dp = ws // sp
+    epochs = case.get("epochs", 1)
+    dataset = Samples(case, n=steps * dp * bs // epochs)
+
+    if case.get("raw_reduction"):
+        # measure DeepSpeed's own reduction: no correction factor at all
+        import lightning_ulysses.strategy as strategy_mod
+
+        strategy_mod.deepspeed_loss_scale = lambda *args, **kwargs: 1.0
+    zero = {"stage": case["stage"]}
+    zero.update(case.get("zero", {}))
+    strategy = UlyssesDeepSpeedStrategy(
+        sequence_parallel_size=case.get("sp_arg", sp),
+        stage=case["stage"],
+        config={
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "train_micro_batch_size_per_gpu": bs,
+            "gradient_clipping": 0.0,
+        },
+        pad_to_multiple_of=case.get("pad_to_multiple_of"),
+    )
+    module = CausalLMModule(
+        model=build_model(case),
+        optimizer=lambda p: torch.optim.SGD(p, lr=case["lr"]),
+        gradient_checkpointing=case.get("gradient_checkpointing"),
+    )
+    rec = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=ws,
+        strategy=strategy,
+        max_steps=steps,
+        precision=case.get("precision", "32-true"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(dataset, batch_size=bs, shuffle=False))
+    final = full_params(module.model, case["stage"])
+    val_loss = test_loss = None
+    if case.get("validate"):
+        # the validation loader is split over DP groups only, and its batches are sharded too
+        metrics = trainer.validate(module, dataloaders=DataLoader(dataset, batch_size=1), verbose=False)
+        val_loss = metrics[0]["val_loss"]
+        test_loss = trainer.test(module, dataloaders=DataLoader(dataset, batch_size=1), verbose=False)[0]["test_loss"]
+
+    rank = dist.get_rank()
+    gathered = [None] * ws
+    dist.all_gather_object(gathered, rec.steps)
+    if rank != 0:
+        return
+    layout = strategy.layout
+    # step k: the samples each DP group used, read from its first SP rank; every SP rank must agree
+    step_groups = []
+    for k in range(steps):
+        groups = []
+        for g in range(dp):
+            ranks = range(g * sp, (g + 1) * sp)
+            seen = [gathered[r][k]["idx"] for r in ranks]
+            assert all(s == seen[0] for s in seen), f"SP ranks of group {g} saw different samples at step {k}: {seen}"
+            groups.append(seen[0])
+        step_groups.append(groups)
+    ref = reference(case, dataset, step_groups)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+    result = {
+        "layout": {"sp": layout.sp, "dp": layout.dp},
+        "local_seq": [[s["local_seq"] for s in steps_] for steps_ in gathered],
+        "first_pos": [[s["first_pos"] for s in steps_] for steps_ in gathered],
+        "sp_losses": [[gathered[r][k]["loss"] for r in range(ws)] for k in range(steps)],
+        "ref_losses": ref["losses"],
+        "grad_rel_err": {n: rel(rec.grads[n], ref["grads"][n]) for n in ref["grads"]},
+        # ||g_sp|| / ||g_ref|| over all parameters: the constant factor DeepSpeed's reduction applied
+        "grad_ratio": float(
+            torch.cat([rec.grads[n].flatten() for n in ref["grads"]]).norm()
+            / torch.cat([ref["grads"][n].flatten() for n in ref["grads"]]).norm()
+        ),
+        "param_max_abs_err": {n: float((final[n] - ref["params"][n]).abs().max()) for n in ref["params"]},
+        "param_moved": {n: float((ref["params"][n] - build_model(case).state_dict()[n]).abs().max()) for n in ref["params"]},
+        "sample_order": step_groups,
+        "logged": [gathered[0][k]["logged"] for k in range(steps)],
+        "val_loss": val_loss,
+        "test_loss": test_loss,
+        "ref_val_loss": reference_eval(ref["model"], dataset, len(dataset)) if case.get("validate") else None,
+    }
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
