@@ -12,6 +12,10 @@ import torch as _torch
 if not _torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from lightning_ulysses.allocator import set_expandable_segments as _set_expandable_segments  # noqa: E402
+
+_set_expandable_segments()
+
 from lightning.pytorch.strategies import StrategyRegistry as _StrategyRegistry  # noqa: E402
 
 from lightning_ulysses.attention import apply_ulysses, remove_ulysses  # noqa: E402
@@ -19,6 +23,8 @@ from lightning_ulysses.data import prepare_batch, shard_batch, shard_for_sequenc
 from lightning_ulysses.layout import ParallelLayout, ProcessGroups, shutdown_distributed  # noqa: E402
 from lightning_ulysses.loss import count_valid_tokens, deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean  # noqa: E402
 from lightning_ulysses.module import CausalLMModule, build_causal_lm  # noqa: E402
+from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload  # noqa: E402
+from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss  # noqa: E402
 from lightning_ulysses.strategy import UlyssesDeepSpeedStrategy  # noqa: E402
 
 if "ulysses" not in _StrategyRegistry:
@@ -35,6 +41,10 @@ __all__ = [
     "build_causal_lm",
     "count_valid_tokens",
     "deepspeed_loss_scale",
+    "disable_activation_offload",
+    "disable_tiled_loss",
+    "enable_activation_offload",
+    "enable_tiled_loss",
     "prepare_batch",
     "remove_ulysses",
     "shard_batch",

@@ -14,7 +14,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_ulysses.data import prepare_batch
-from lightning_ulysses.loss import count_valid_tokens, sp_causal_lm_loss
+from lightning_ulysses.loss import sp_causal_lm_loss
+from lightning_ulysses.tiled_loss import tiled_loss_enabled
 
 ModelSpec = Union[str, dict[str, Any], Any]
 
@@ -55,8 +56,8 @@ class CausalLMModule(LightningModule):
             ``None`` keeps the model's own.
         optimizer: optimizer factory (LightningCLI: ``class_path`` + ``init_args``).
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
-        gradient_checkpointing: recompute each layer in backward (non-reentrant); ``None`` turns it on
-            when sequence parallelism is active.
+        gradient_checkpointing: recompute each layer in backward (non-reentrant); ``None`` leaves it to
+            the strategy (``UlyssesDeepSpeedStrategy`` turns it on when sequence parallelism is active).
         dtype: dtype to build the model in (``"bfloat16"``, ...); ``None`` leaves the default.
         seed: seed for building the model from a config (identical weights on every rank).
     """
@@ -112,19 +113,19 @@ class CausalLMModule(LightningModule):
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of this rank's (shard of the) batch: the DP-group token mean (see :mod:`lightning_ulysses.loss`)."""
         batch = self._prepare(batch)
-        group = self.sp_group
-        num_valid = count_valid_tokens(batch["shift_labels"], group)
+        if tiled_loss_enabled(self.model):
+            # SP-aware token mean computed in tiles inside the model (no logits tensor at all)
+            out = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], shift_labels=batch["shift_labels"])
+            return out.loss, batch
         logits = self(batch["input_ids"], batch["position_ids"])
-        loss = sp_causal_lm_loss(logits, batch["shift_labels"], group, num_valid=num_valid)
-        return loss, batch
+        return sp_causal_lm_loss(logits, batch["shift_labels"], self.sp_group), batch
 
     # ------------------------------------------------------------------------------- lightning
     def on_fit_start(self) -> None:
-        enable = self.gradient_checkpointing
-        if enable is None:
-            enable = self.sp_group is not None
-        if enable and hasattr(self.model, "gradient_checkpointing_enable"):
+        if self.gradient_checkpointing is True:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.gradient_checkpointing is False:
+            self.model.gradient_checkpointing_disable()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, batch = self.compute_loss(batch)

@@ -21,7 +21,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_ulysses import cpu
+from lightning_ulysses import callbacks, cpu
+from lightning_ulysses.allocator import set_expandable_segments
 from lightning_ulysses.attention import apply_ulysses, remove_ulysses
 from lightning_ulysses.data import shard_for_sequence_parallel
 from lightning_ulysses.layout import ParallelLayout, ProcessGroups, SPSize
@@ -43,7 +44,16 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         pad_token_id: token id used for that padding (its label is always -100).
         seq_parallel_communication_data_type: dtype of the attention all-to-alls (``"fp32"``,
             ``"bf16"``); ``None`` sends activations in their own dtype.
+        gradient_checkpointing: recompute decoder layers in backward; ``None``: on when sp > 1.
+        tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits;
+            ``None``: on when sp > 1. ``tiled_loss_tile_tokens`` / ``tiled_loss_impl`` tune it.
+        tiled_mlp: compute each layer's MLP in token tiles (``tiled_mlp_tile_tokens``, default hidden size).
+        activation_checkpoint_cpu_offload: keep checkpointed layer inputs in CPU memory until backward.
+        expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
         stage, ...: everything else is :class:`lightning.pytorch.strategies.DeepSpeedStrategy`'s.
+
+    The memory options install the callbacks of :mod:`lightning_ulysses.callbacks` (the same ones an
+    existing project can add to ``Trainer(callbacks=...)`` without this strategy).
     """
 
     strategy_name = "ulysses"
@@ -54,12 +64,22 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         pad_to_multiple_of: Optional[int] = None,
         pad_token_id: int = 0,
         seq_parallel_communication_data_type: Optional[str] = None,
+        gradient_checkpointing: Optional[bool] = None,
+        tiled_loss: Optional[bool] = None,
+        tiled_loss_tile_tokens: Optional[int] = None,
+        tiled_loss_impl: str = "auto",
+        tiled_mlp: bool = False,
+        tiled_mlp_tile_tokens: Optional[int] = None,
+        activation_checkpoint_cpu_offload: bool = False,
+        expandable_segments: bool = True,
         stage: int = 3,
         offload_optimizer: bool = False,
         offload_parameters: bool = False,
         config: Optional[Union[str, dict[str, Any]]] = None,
         **kwargs: Any,
     ) -> None:
+        if expandable_segments:
+            set_expandable_segments()
         super().__init__(
             stage=stage,
             offload_optimizer=offload_optimizer,
@@ -84,6 +104,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
         self.seq_parallel_communication_data_type = seq_parallel_communication_data_type
+        self.gradient_checkpointing = gradient_checkpointing
+        self.tiled_loss = tiled_loss
+        self.tiled_loss_tile_tokens = tiled_loss_tile_tokens
+        self.tiled_loss_impl = tiled_loss_impl
+        self.tiled_mlp = tiled_mlp
+        self.tiled_mlp_tile_tokens = tiled_mlp_tile_tokens
+        self.activation_checkpoint_cpu_offload = activation_checkpoint_cpu_offload
         self.groups: Optional[ProcessGroups] = None
 
     # ----------------------------------------------------------------------------------- layout
@@ -139,7 +166,25 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             apply_ulysses(hf_model, self.groups, comm_dtype=comm)
         elif hf_model is not None:
             remove_ulysses(hf_model)
+        if hf_model is not None:
+            self._install_memory_callbacks(trainer, layout)
         super().setup(trainer)
+
+    def _install_memory_callbacks(self, trainer: Any, layout: ParallelLayout) -> None:
+        """Strategy options -> the same callbacks a project could add itself (unless it already has)."""
+        wanted: list[Any] = []
+        checkpointing = self.gradient_checkpointing if self.gradient_checkpointing is not None else layout.sp_enabled
+        if checkpointing:
+            wanted.append(callbacks.GradientCheckpointing())
+        if self.tiled_loss if self.tiled_loss is not None else layout.sp_enabled:
+            wanted.append(callbacks.TiledLoss(self.tiled_loss_tile_tokens, self.tiled_loss_impl))
+        if self.tiled_mlp:
+            wanted.append(callbacks.TiledMLP(self.tiled_mlp_tile_tokens))
+        if self.activation_checkpoint_cpu_offload:
+            wanted.append(callbacks.ActivationOffload())
+        for cb in wanted:
+            if not any(isinstance(existing, type(cb)) for existing in trainer.callbacks):
+                trainer.callbacks.append(cb)
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed

@@ -25,6 +25,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.offload import activation_offloader  # noqa: E402
+from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
+from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 
 
 def tiny_config(case: dict):
@@ -96,10 +99,28 @@ class Recorder(L.Callback):
                 "loss": float(outputs["loss"]),
                 "idx": batch["idx"].tolist(),
                 "local_seq": int(batch["input_ids"].shape[1]),
-                "first_pos": int(batch["position_ids"][0, 0]),
+                "first_pos": int(batch["position_ids"][0, 0]) if "position_ids" in batch else 0,
                 "logged": float(trainer.callback_metrics["train_loss"]),
+                "tiled": tiled_loss_enabled(pl_module.model),
+                "tiled_mlp": tiled_mlp_enabled(pl_module.model),
+                "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
+                **self._offload_stats(pl_module.model),
             }
         )
+
+    @staticmethod
+    def _offload_stats(model) -> dict:
+        off = activation_offloader(model)
+        if off is None:
+            return {"offloaded": None}
+        # recorded after backward and the optimizer step: every offloaded input came back, none is left
+        return {
+            "offloaded": off.stats.offloaded,
+            "restored": off.stats.restored,
+            "live": off.live_records,
+            "stored_devices": sorted({d for _, d in off.stats.stored}),
+            "stored_last_dims": sorted({shape[-1] for shape, _ in off.stats.stored}),
+        }
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.grads:
@@ -196,6 +217,12 @@ def run(case: dict, out_path: str) -> None:
             "gradient_clipping": 0.0,
         },
         pad_to_multiple_of=case.get("pad_to_multiple_of"),
+        tiled_loss=case.get("tiled_loss"),
+        tiled_loss_tile_tokens=case.get("tile_tokens"),
+        activation_checkpoint_cpu_offload=case.get("offload", False),
+        tiled_mlp=case.get("tiled_mlp", False),
+        tiled_mlp_tile_tokens=case.get("mlp_tile_tokens"),
+        seq_parallel_communication_data_type=case.get("comm_dtype"),
     )
     module = CausalLMModule(
         model=build_model(case),
@@ -262,6 +289,11 @@ def run(case: dict, out_path: str) -> None:
         "param_moved": {n: float((ref["params"][n] - build_model(case).state_dict()[n]).abs().max()) for n in ref["params"]},
         "sample_order": step_groups,
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
+        "memory": [
+            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "checkpointing", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
+            for r in range(ws)
+            for k in range(steps)
+        ],
         "val_loss": val_loss,
         "test_loss": test_loss,
         "ref_val_loss": reference_eval(ref["model"], dataset, len(dataset)) if case.get("validate") else None,

@@ -1,0 +1,81 @@
+"""The memory tricks as callbacks in an existing project: no change to its LightningModule, with and
+without sequence parallelism (single device here, DDP in a 2-process worker)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_ulysses.callbacks import ActivationOffload, GradientCheckpointing, TiledLoss, TiledMLP
+from lightning_ulysses.offload import activation_offloader
+from lightning_ulysses.tiled_loss import tiled_loss_enabled
+from lightning_ulysses.tiled_mlp import tiled_mlp_enabled
+from tests.harness import run_workers
+
+
+class PlainLM(L.LightningModule):
+    """What a user already has: HF model, HF loss, SGD. Nothing lightning_ulysses-specific."""
+
+    def __init__(self, checkpointing: bool = False) -> None:
+        super().__init__()
+        from tests.test_attention import tiny_llama
+
+        self.model = tiny_llama()
+        if checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def token_data(n: int = 12, seq: int = 20) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (seq,), generator=g)
+        labels = ids.clone()
+        labels[:3] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def fit_single_device(callbacks) -> tuple[list[float], PlainLM]:
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    module = PlainLM()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record(), *callbacks])
+    trainer.fit(module, DataLoader(token_data(), batch_size=2))
+    return losses, module
+
+
+def test_callbacks_on_a_single_device_change_nothing_but_memory() -> None:
+    plain, _ = fit_single_device([])
+    tiled, module = fit_single_device([TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload()])
+    assert tiled_loss_enabled(module.model) and tiled_mlp_enabled(module.model)
+    assert module.model.is_gradient_checkpointing, "ActivationOffload turns checkpointing on"
+    assert activation_offloader(module.model).stats.offloaded >= 2
+    assert tiled == pytest.approx(plain, abs=1e-5)
+    assert plain[-1] < plain[0]
+
+
+def test_gradient_checkpointing_callback() -> None:
+    _, module = fit_single_device([GradientCheckpointing()])
+    assert module.model.is_gradient_checkpointing
+
+
+def test_callbacks_under_ddp_change_nothing_but_memory(tmp_path) -> None:
+    r = run_workers("callbacks_ddp.py", 2, {}, tmp_path)
+    assert len(r["plain"]) == len(r["tiled"]) == 3
+    assert r["tiled"] == pytest.approx(r["plain"], abs=1e-5)

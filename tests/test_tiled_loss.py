@@ -1,0 +1,90 @@
+"""Tiled logits+loss equals plain cross-entropy: values and gradients, parameter by parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_ulysses.tiled_loss import (
+    TiledLinearCrossEntropy,
+    disable_tiled_loss,
+    enable_tiled_loss,
+    tile_size,
+    tiled_loss_enabled,
+)
+from tests.test_attention import tiny_llama
+
+
+def plain(h, w, b, y):
+    return F.cross_entropy(F.linear(h, w, b).float(), y, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("tile", [1, 4, 7, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tiled_sum_matches_plain_cross_entropy_with_upstream_gradient(tile, with_bias) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True) if with_bias else None
+    y = torch.randint(0, 40, (23,))
+    y[::3] = -100
+    inputs = [h, w] + ([b] if with_bias else [])
+    # an upstream gradient != 1 (e.g. 1 / num_tokens): DeepSpeed's TiledFusedLogitsLoss ignores it for lm_head
+    ref = plain(h, w, b, y) * 0.37
+    out = TiledLinearCrossEntropy.apply(h, w, b, y, tile) * 0.37
+    torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_tiles_give_zero_loss_and_zero_grads() -> None:
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    out = TiledLinearCrossEntropy.apply(h, w, None, torch.full((6,), -100), 4)
+    assert out.item() == 0.0
+    gh, gw = torch.autograd.grad(out, [h, w])
+    assert gh.abs().sum() == 0 and gw.abs().sum() == 0
+
+
+def test_default_tile_keeps_one_fp32_logits_tile_near_1gib() -> None:
+    assert tile_size(1_000_000, 128_256) == 2**28 // 128_256
+    assert tile_size(10, 128_256) == 10
+    with pytest.raises(ValueError, match="tile_tokens must be >= 1"):
+        tile_size(10, 10, 0)
+
+
+def test_model_with_tiled_loss_matches_hf_loss_and_gradients() -> None:
+    model, ref_model = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 64, (2, 11))
+    labels = ids.clone()
+    labels[1, :5] = -100
+    ref = ref_model(input_ids=ids, labels=labels)
+    keys = sorted(model.state_dict())
+    enable_tiled_loss(model, tile_tokens=4)
+    enable_tiled_loss(model, tile_tokens=4)  # idempotent
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None, "the point is to never build the logits"
+    torch.testing.assert_close(out.loss, ref.loss)
+    ref.loss.backward()
+    out.loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert sorted(model.state_dict()) == keys
+    # num_items_in_batch (gradient accumulation in HF style): sum / N
+    n = torch.tensor(50)
+    torch.testing.assert_close(
+        model(input_ids=ids, labels=labels, num_items_in_batch=n).loss,
+        ref_model(input_ids=ids, labels=labels, num_items_in_batch=n).loss,
+    )
+    assert model(input_ids=ids).logits.shape == (2, 11, 64)  # plain calls untouched
+    disable_tiled_loss(model)
+    assert not tiled_loss_enabled(model) and type(model.lm_head) is torch.nn.Linear
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_models_that_transform_logits_are_refused() -> None:
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="set tiled_loss=False"):
+        enable_tiled_loss(model)

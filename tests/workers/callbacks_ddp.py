@@ -1,0 +1,50 @@
+"""Worker: an existing LightningModule (HF loss via ``model(**batch).loss``) trained with plain DDP,
+with and without the memory callbacks; rank 0 writes both loss curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_ulysses.callbacks import ActivationOffload, TiledLoss, TiledMLP  # noqa: E402
+from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from tests.test_callbacks import PlainLM, token_data  # noqa: E402
+
+
+def fit(with_callbacks: bool) -> list[float]:
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    cbs = [Record()] + ([TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload()] if with_callbacks else [])
+    module = PlainLM(checkpointing=True)
+    trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy="ddp", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=cbs)
+    trainer.fit(module, DataLoader(token_data(), batch_size=2))
+    if with_callbacks:
+        assert module.model.lm_head.__class__.__name__.startswith("TiledLoss")
+    return losses
+
+
+def main() -> None:
+    plain = fit(False)
+    tiled = fit(True)
+    if int(os.environ["RANK"]) == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump({"plain": plain, "tiled": tiled}, f)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
