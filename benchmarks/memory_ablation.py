@@ -7,6 +7,7 @@ init, bf16, sdpa. Each configuration adds one trick to the previous one:
     +tiled_loss   lightning_ulysses tiled lm_head + CE (torch implementation)
     +offload      activation-checkpoint CPU offload
     +tiled_mlp    tiled MLP
+    +rmsnorm      memory-efficient RMSNorm (input kept instead of an fp32 copy)
     (+liger_loss  the same stack with Liger's fused linear CE instead of the torch tiles)
 
 Measured: peak allocated memory of one forward+backward (after a warm-up step), the static part
@@ -41,18 +42,24 @@ def build(layers: int):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from lightning_ulysses.model_utils import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)
     return model
 
 
 def configure(model, tricks: set[str]) -> None:
     from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload
+    from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm
     from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss
     from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
 
     disable_tiled_loss(model)
     disable_activation_offload(model)
     disable_tiled_mlp(model)
+    disable_memory_efficient_rmsnorm(model)
+    if "rmsnorm" in tricks:
+        enable_memory_efficient_rmsnorm(model)
     if "tiled_loss" in tricks:
         enable_tiled_loss(model, impl="torch")
     if "liger_loss" in tricks:
@@ -84,10 +91,11 @@ def step(model, seq: int) -> dict:
     return {"peak_gib": peak / GiB, "start_gib": base / GiB, "static_gib": static / GiB, "step_s": dt}
 
 
-def measure(model, tricks, seq) -> dict:
+def measure(model, tricks, seq, warmup: bool = True) -> dict:
     configure(model, tricks)
     try:
-        step(model, seq)  # warm-up (allocator, kernels, pinned pool)
+        if warmup:
+            step(model, seq)  # warm-up (allocator, kernels, pinned pool)
         return step(model, seq)
     except torch.OutOfMemoryError:
         failure = {"oom": True}
@@ -131,9 +139,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768, 65536])
-    p.add_argument("--long", type=int, nargs="*", default=[131072, 262144], help="extra lengths for the full stack")
+    p.add_argument("--long", type=int, nargs="*", default=[131072, 262144], help="extra lengths for --long-config")
+    p.add_argument("--long-config", default="+rmsnorm")
     p.add_argument("--depth-check", type=int, default=8, help="layers for the per-layer growth check (0: skip)")
     p.add_argument("--configs", nargs="*", default=None, help="run only these configurations (names as printed)")
+    p.add_argument("--no-warmup", action="store_true", help="measure the first step (long single runs)")
     p.add_argument("--out", default="ablation.json")
     args = p.parse_args()
     import lightning_ulysses  # noqa: F401  (allocator default)
@@ -145,17 +155,16 @@ def main() -> None:
         ("+tiled_loss", {"tiled_loss"}),
         ("+offload", {"tiled_loss", "offload"}),
         ("+tiled_mlp", {"tiled_loss", "offload", "tiled_mlp"}),
-        ("full stack, liger loss", {"liger_loss", "offload", "tiled_mlp"}),
+        ("+rmsnorm", {"tiled_loss", "offload", "tiled_mlp", "rmsnorm"}),
+        ("full stack, liger loss", {"liger_loss", "offload", "tiled_mlp", "rmsnorm"}),
     ]
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs]
     model = build(args.layers)
     for name, tricks in configs:
-        lengths = args.seqlens + (args.long if name == "+tiled_mlp" else [])
-        if "+tiled_mlp" not in (c[0] for c in configs):
-            lengths = args.seqlens + args.long
+        lengths = args.seqlens + (args.long if name == args.long_config else [])
         for seq in lengths:
-            r = {"config": name, "layers": args.layers, "seq": seq, **measure(model, tricks, seq)}
+            r = {"config": name, "layers": args.layers, "seq": seq, **measure(model, tricks, seq, not args.no_warmup)}
             print(json.dumps(r), flush=True)
             results["runs"].append(r)
     del model
@@ -163,7 +172,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     if args.depth_check:
         model = build(args.depth_check)
-        for name, tricks in (("+offload", {"tiled_loss", "offload"}), ("+tiled_mlp", {"tiled_loss", "offload", "tiled_mlp"})):
+        for name, tricks in (("+rmsnorm", {"tiled_loss", "offload", "tiled_mlp", "rmsnorm"}),):
             seq = args.seqlens[-1]
             r = {"config": name, "layers": args.depth_check, "seq": seq, **measure(model, tricks, seq)}
             print(json.dumps(r), flush=True)

@@ -24,7 +24,9 @@ from lightning_ulysses.layout import ParallelLayout, ProcessGroups, shutdown_dis
 from lightning_ulysses.loss import count_valid_tokens, deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean  # noqa: E402
 from lightning_ulysses.module import CausalLMModule, build_causal_lm  # noqa: E402
 from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload  # noqa: E402
+from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm  # noqa: E402
 from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss  # noqa: E402
+from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp  # noqa: E402
 from lightning_ulysses.strategy import UlyssesDeepSpeedStrategy  # noqa: E402
 
 if "ulysses" not in _StrategyRegistry:
@@ -42,9 +44,13 @@ __all__ = [
     "count_valid_tokens",
     "deepspeed_loss_scale",
     "disable_activation_offload",
+    "disable_memory_efficient_rmsnorm",
     "disable_tiled_loss",
+    "disable_tiled_mlp",
     "enable_activation_offload",
+    "enable_memory_efficient_rmsnorm",
     "enable_tiled_loss",
+    "enable_tiled_mlp",
     "prepare_batch",
     "remove_ulysses",
     "shard_batch",

@@ -60,8 +60,9 @@ class GradientCheckpointing(_HFModelTransform):
     """Non-reentrant gradient checkpointing of every decoder layer (HF's own mechanism)."""
 
     def apply(self, model: Any, trainer: Trainer) -> None:
-        if not getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lightning_ulysses.model_utils import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
 
 
 class TiledLoss(_HFModelTransform):
@@ -115,3 +116,13 @@ class TiledMLP(_HFModelTransform):
         from lightning_ulysses.tiled_mlp import enable_tiled_mlp
 
         enable_tiled_mlp(model, self.tile_tokens)
+
+
+class MemoryEfficientRMSNorm(_HFModelTransform):
+    """Llama-style RMSNorms that keep their input, not an fp32 copy, for backward
+    (:mod:`lightning_ulysses.rmsnorm`)."""
+
+    def apply(self, model: Any, trainer: Trainer) -> None:
+        from lightning_ulysses.rmsnorm import enable_memory_efficient_rmsnorm
+
+        enable_memory_efficient_rmsnorm(model)

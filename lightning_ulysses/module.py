@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_ulysses.data import prepare_batch
 from lightning_ulysses.loss import sp_causal_lm_loss
+from lightning_ulysses.model_utils import enable_gradient_checkpointing
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 
 ModelSpec = Union[str, dict[str, Any], Any]
@@ -123,7 +124,7 @@ class CausalLMModule(LightningModule):
     # ------------------------------------------------------------------------------- lightning
     def on_fit_start(self) -> None:
         if self.gradient_checkpointing is True:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.model)
         elif self.gradient_checkpointing is False:
             self.model.gradient_checkpointing_disable()
 

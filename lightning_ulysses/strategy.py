@@ -48,6 +48,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits;
             ``None``: on when sp > 1. ``tiled_loss_tile_tokens`` / ``tiled_loss_impl`` tune it.
         tiled_mlp: compute each layer's MLP in token tiles (``tiled_mlp_tile_tokens``, default hidden size).
+        memory_efficient_rmsnorm: RMSNorms save their input instead of an fp32 copy for backward.
         activation_checkpoint_cpu_offload: keep checkpointed layer inputs in CPU memory until backward.
         expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
         stage, ...: everything else is :class:`lightning.pytorch.strategies.DeepSpeedStrategy`'s.
@@ -70,6 +71,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         tiled_loss_impl: str = "auto",
         tiled_mlp: bool = False,
         tiled_mlp_tile_tokens: Optional[int] = None,
+        memory_efficient_rmsnorm: bool = False,
         activation_checkpoint_cpu_offload: bool = False,
         expandable_segments: bool = True,
         stage: int = 3,
@@ -110,6 +112,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.tiled_loss_impl = tiled_loss_impl
         self.tiled_mlp = tiled_mlp
         self.tiled_mlp_tile_tokens = tiled_mlp_tile_tokens
+        self.memory_efficient_rmsnorm = memory_efficient_rmsnorm
         self.activation_checkpoint_cpu_offload = activation_checkpoint_cpu_offload
         self.groups: Optional[ProcessGroups] = None
 
@@ -180,6 +183,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             wanted.append(callbacks.TiledLoss(self.tiled_loss_tile_tokens, self.tiled_loss_impl))
         if self.tiled_mlp:
             wanted.append(callbacks.TiledMLP(self.tiled_mlp_tile_tokens))
+        if self.memory_efficient_rmsnorm:
+            wanted.append(callbacks.MemoryEfficientRMSNorm())
         if self.activation_checkpoint_cpu_offload:
             wanted.append(callbacks.ActivationOffload())
         for cb in wanted:

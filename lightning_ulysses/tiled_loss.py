@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ulysses.data import IGNORE_INDEX
+from lightning_ulysses.module_swap import is_swapped, restore_class, swap_class
 
 # fp32 elements of one logits tile: 2^28 = 1 GiB (and as much for its softmax/grad in backward)
 DEFAULT_TILE_ELEMENTS = 2**28
@@ -119,28 +120,22 @@ def _use_liger(impl: str, h: Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------ lm_head swap
-_SWAPPED: dict[type, type] = {}
+KIND = "TiledLoss"
 
 
-def _tiled_head_class(cls: type) -> type:
-    if cls not in _SWAPPED:
+def _head_subclass(cls: type) -> type:
+    class Head(cls):  # type: ignore[misc, valid-type]
+        """``lm_head`` that, given ``labels=``, returns the summed CE instead of logits."""
 
-        class TiledLossHead(cls):  # type: ignore[misc, valid-type]
-            """``lm_head`` that, given ``labels=``, returns the summed CE instead of logits."""
+        def forward(self, input: Tensor, labels: Optional[Tensor] = None, **kwargs: Any) -> Tensor:  # noqa: A002
+            if labels is None:
+                return super().forward(input)
+            return linear_cross_entropy_sum(
+                input, self.weight, getattr(self, "bias", None), labels,
+                self._lightning_ulysses_tile_tokens, self._lightning_ulysses_impl,
+            )
 
-            _lightning_ulysses_original_class = cls
-
-            def forward(self, input: Tensor, labels: Optional[Tensor] = None, **kwargs: Any) -> Tensor:  # noqa: A002
-                if labels is None:
-                    return super().forward(input)
-                return linear_cross_entropy_sum(
-                    input, self.weight, getattr(self, "bias", None), labels,
-                    self._lightning_ulysses_tile_tokens, self._lightning_ulysses_impl,
-                )
-
-        TiledLossHead.__name__ = TiledLossHead.__qualname__ = f"TiledLoss{cls.__name__}"
-        _SWAPPED[cls] = TiledLossHead
-    return _SWAPPED[cls]
+    return Head
 
 
 def _check_supported(model: torch.nn.Module) -> torch.nn.Module:
@@ -205,8 +200,7 @@ def enable_tiled_loss(model: torch.nn.Module, tile_tokens: Optional[int] = None,
     import types
 
     head = _check_supported(model)
-    original = getattr(type(head), "_lightning_ulysses_original_class", type(head))
-    head.__class__ = _tiled_head_class(original)
+    swap_class(head, KIND, _head_subclass)
     head._lightning_ulysses_tile_tokens = tile_tokens
     head._lightning_ulysses_impl = impl
     if "_lightning_ulysses_plain_forward" not in model.__dict__:
@@ -217,9 +211,8 @@ def enable_tiled_loss(model: torch.nn.Module, tile_tokens: Optional[int] = None,
 
 def disable_tiled_loss(model: torch.nn.Module) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    original = getattr(type(head), "_lightning_ulysses_original_class", None)
-    if original is not None:
-        head.__class__ = original
+    if head is not None:
+        restore_class(head, KIND)
     if "_lightning_ulysses_plain_forward" in model.__dict__:
         del model.forward
         del model._lightning_ulysses_plain_forward
@@ -227,7 +220,7 @@ def disable_tiled_loss(model: torch.nn.Module) -> None:
 
 def tiled_loss_enabled(model: torch.nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return hasattr(type(head), "_lightning_ulysses_original_class")
+    return head is not None and is_swapped(head, KIND)
 
 
 __all__ = [

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_ulysses.module_swap import any_swapped, restore_class, swap_class
+
 
 def _is_zero3(params: list[Tensor]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
@@ -96,38 +98,32 @@ class TiledMLPFunction(torch.autograd.Function):
         return (None, None, grad_x, *param_grads)
 
 
-_SWAPPED: dict[type, type] = {}
+KIND = "Tiled"
 
 
-def _tiled_class(cls: type) -> type:
-    if cls not in _SWAPPED:
+def _mlp_subclass(cls: type) -> type:
+    class Sub(cls):  # type: ignore[misc, valid-type]
+        def _lightning_ulysses_tile_forward(self, x: Tensor) -> Tensor:
+            return super().forward(x)
 
-        class TiledMLP(cls):  # type: ignore[misc, valid-type]
-            _lightning_ulysses_original_class = cls
+        def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2:
+                return super().forward(x, *args, **kwargs)
+            params = list(self.parameters())
+            zero3 = _is_zero3(params)
+            tokens = x.numel() // x.shape[-1]
+            tiles = num_tiles(tokens, self._lightning_ulysses_mlp_tile_tokens or x.shape[-1], sync=zero3)
+            # ZeRO-3 parameters are partitioned here (shape [0]) and receive their gradients through the
+            # module's own hooks in backward, so they are not inputs of the function
+            out = TiledMLPFunction.apply(self, tiles, x) if zero3 else TiledMLPFunction.apply(self, tiles, x, *params)
+            if out.shape != x.shape:
+                raise ValueError(
+                    f"tiled_mlp needs an MLP mapping [..., h] -> [..., h]; {cls.__name__} returned {tuple(out.shape)} "
+                    f"for {tuple(x.shape)}. Disable tiled_mlp for this model."
+                )
+            return out
 
-            def _lightning_ulysses_tile_forward(self, x: Tensor) -> Tensor:
-                return super().forward(x)
-
-            def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-                if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2:
-                    return super().forward(x, *args, **kwargs)
-                params = list(self.parameters())
-                zero3 = _is_zero3(params)
-                tokens = x.numel() // x.shape[-1]
-                tiles = num_tiles(tokens, self._lightning_ulysses_mlp_tile_tokens or x.shape[-1], sync=zero3)
-                # ZeRO-3 parameters are partitioned here (shape [0]) and receive their gradients through the
-                # module's own hooks in backward, so they are not inputs of the function
-                out = TiledMLPFunction.apply(self, tiles, x) if zero3 else TiledMLPFunction.apply(self, tiles, x, *params)
-                if out.shape != x.shape:
-                    raise ValueError(
-                        f"tiled_mlp needs an MLP mapping [..., h] -> [..., h]; {cls.__name__} returned {tuple(out.shape)} "
-                        f"for {tuple(x.shape)}. Disable tiled_mlp for this model."
-                    )
-                return out
-
-        TiledMLP.__name__ = TiledMLP.__qualname__ = f"Tiled{cls.__name__}"
-        _SWAPPED[cls] = TiledMLP
-    return _SWAPPED[cls]
+    return Sub
 
 
 def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -145,22 +141,18 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: Optional[int] = None) 
     """
     mlps = _mlps(model)
     for mlp in mlps:
-        original = getattr(type(mlp), "_lightning_ulysses_original_class", type(mlp))
-        mlp.__class__ = _tiled_class(original)
+        swap_class(mlp, KIND, _mlp_subclass)
         mlp._lightning_ulysses_mlp_tile_tokens = tile_tokens
     return len(mlps)
 
 
 def disable_tiled_mlp(model: torch.nn.Module) -> None:
-    swapped = set(_SWAPPED.values())
     for m in model.modules():
-        if type(m) in swapped:
-            m.__class__ = type(m)._lightning_ulysses_original_class
+        restore_class(m, KIND)
 
 
 def tiled_mlp_enabled(model: torch.nn.Module) -> bool:
-    swapped = set(_SWAPPED.values())
-    return any(type(m) in swapped for m in model.modules())
+    return any_swapped(model, KIND)
 
 
 __all__ = ["TiledMLPFunction", "disable_tiled_mlp", "enable_tiled_mlp", "num_tiles", "tiled_mlp_enabled"]

@@ -75,6 +75,13 @@ def test_gradient_checkpointing_callback() -> None:
     assert module.model.is_gradient_checkpointing
 
 
+def test_checkpointing_is_non_reentrant_with_torch_default_early_stop() -> None:
+    """ZeRO-3's recompute needs early stop (parity tests fail with early_stop=False)."""
+    from lightning_ulysses.model_utils import checkpoint_kwargs
+
+    assert checkpoint_kwargs() == {"use_reentrant": False}
+
+
 def test_callbacks_under_ddp_change_nothing_but_memory(tmp_path) -> None:
     r = run_workers("callbacks_ddp.py", 2, {}, tmp_path)
     assert len(r["plain"]) == len(r["tiled"]) == 3

@@ -26,7 +26,10 @@ CASES = {
     "sp1_zero2_tiled_loss_offload": (1, dict(sp=1, stage=2, heads=4, kv_heads=2, tiled_loss=True, tile_tokens=5, offload=True)),
     "sp2_mha_zero0_logits_loss": (2, dict(sp=2, stage=0, heads=4, kv_heads=4, tiled_loss=False)),
     "sp2_gqa_zero1": (2, dict(sp=2, stage=1, heads=4, kv_heads=2)),
-    "sp2_mqa_zero2_tiled_mlp_offload": (2, dict(sp=2, stage=2, heads=4, kv_heads=1, tiled_mlp=True, mlp_tile_tokens=3, offload=True)),
+    "sp2_mqa_zero2_tiled_mlp_offload_rmsnorm": (
+        2,
+        dict(sp=2, stage=2, heads=4, kv_heads=1, tiled_mlp=True, mlp_tile_tokens=3, offload=True, rmsnorm=True),
+    ),
     "sp2_gqa_zero3_reduce_scatter_tiled_offload": (2, dict(sp=2, stage=3, heads=4, kv_heads=2, tile_tokens=3, offload=True)),
     "sp2_mha_zero3_no_reduce_scatter": (
         2,
@@ -37,7 +40,8 @@ CASES = {
     "sp2_dp2_mha_zero2_batch2_logits_loss": (4, dict(sp=2, stage=2, heads=4, kv_heads=4, batch_size=2, tiled_loss=False)),
     "sp2_dp2_mqa_zero3_validate_full_stack": (
         4,
-        dict(sp=2, stage=3, heads=4, kv_heads=1, validate=True, tiled_mlp=True, mlp_tile_tokens=5, offload=True, tile_tokens=3),
+        dict(sp=2, stage=3, heads=4, kv_heads=1, validate=True, tiled_mlp=True, mlp_tile_tokens=5, offload=True, tile_tokens=3,
+             rmsnorm=True),
     ),
     "sp2_gqa_zero2_padded_batch2_needs_padding": (
         2,

@@ -222,6 +222,7 @@ def run(case: dict, out_path: str) -> None:
         activation_checkpoint_cpu_offload=case.get("offload", False),
         tiled_mlp=case.get("tiled_mlp", False),
         tiled_mlp_tile_tokens=case.get("mlp_tile_tokens"),
+        memory_efficient_rmsnorm=case.get("rmsnorm", False),
         seq_parallel_communication_data_type=case.get("comm_dtype"),
     )
     module = CausalLMModule(

@@ -1,0 +1,105 @@
+"""What is live on the GPU at the peak of one training step, grouped by where it was allocated.
+
+Records the CUDA caching allocator's trace for one forward+backward (after a warm-up step), replays
+it to find the moment of maximum allocated memory, and lists the tensors alive at that moment by
+allocation site (first frame in transformers / lightning_ulysses / torch.nn), in bytes per token.
+
+    python benchmarks/memory_peak.py --layers 2 --seq 32768 --tricks tiled_loss offload tiled_mlp rmsnorm
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import torch
+
+from benchmarks.memory_ablation import GiB, build, configure
+
+
+def site(frames: list[dict]) -> str:
+    """The innermost frame in model/library code (frames come innermost first)."""
+    for keep in (("lightning_ulysses/", "transformers/"), ("torch/nn/", "torch/autograd/", "torch/utils/")):
+        for f in frames:
+            name = f.get("filename", "")
+            if any(k in name for k in keep):
+                return f"{name.split('site-packages/')[-1].split('/work/')[-1]}:{f.get('line')} {f.get('name')}"
+    return "<autograd engine / other>"
+
+
+def replay(trace: list[dict], stop: int = -1) -> tuple[int, int, dict[int, dict]]:
+    """Live allocations (made during the recording) after event ``stop``; also the peak and its index."""
+    live: dict[int, dict] = {}
+    total = peak = peak_at = 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+        if i == stop:
+            break
+    return peak, peak_at, live
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--tricks", nargs="*", default=["tiled_loss", "offload", "tiled_mlp", "rmsnorm"])
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--out", default="peak.json")
+    args = p.parse_args()
+    import lightning_ulysses  # noqa: F401
+
+    model = build(args.layers)
+    configure(model, set(args.tricks))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
+    pos = torch.arange(args.seq, device="cuda").unsqueeze(0)
+
+    def step():
+        for prm in model.parameters():
+            prm.grad = None
+        # early stop off: with it, this script (only) hit torch 2.11's lost-exception SystemError when the
+        # recompute stops inside a custom autograd Function (see model_utils.checkpoint_kwargs); no ZeRO here
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
+            loss.backward()
+
+    step()
+    for prm in model.parameters():
+        prm.grad = None
+    torch.cuda.synchronize()
+    static_before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][0]
+    peak_in_step, peak_at, _ = replay(trace)
+    _, _, live = replay(trace, stop=peak_at)
+    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for ev in live.values():
+        g = groups[site(ev.get("frames", []))]
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(({"site": k, "bytes": v[0], "count": v[1]} for k, v in groups.items()), key=lambda r: -r["bytes"])
+    per_tok = lambda b: b / args.seq  # noqa: E731
+    print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.seq} tokens, tricks {args.tricks}")
+    print(f"allocated before the step (weights, no grads): {static_before / GiB:.2f} GiB; "
+          f"allocated during the step at its peak: {peak_in_step / GiB:.2f} GiB = {per_tok(peak_in_step) / 1024:.1f} KiB/token")
+    print("| allocation site | live GiB at peak | KiB / token | tensors |")
+    print("|---|---|---|---|")
+    for r in rows[: args.top]:
+        print(f"| {r['site']} | {r['bytes'] / GiB:.3f} | {per_tok(r['bytes']) / 1024:.1f} | {r['count']} |")
+    with open(args.out, "w") as f:
+        json.dump({"seq": args.seq, "layers": args.layers, "tricks": args.tricks, "static_before": static_before,
+                   "peak_in_step": peak_in_step, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

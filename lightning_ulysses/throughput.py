@@ -1,0 +1,63 @@
+"""Throughput accounting for long-sequence training: tokens/s counted once per sequence, model and
+hardware TFLOPS per GPU, MFU, peak memory.
+
+Formulas (per optimizer step, summed over the step's sequences of full length ``S``):
+
+* model FLOPs = ``6 * N_mm * S + 6 * L * S^2 * H`` -- dense matmuls (``N_mm`` = parameters without the
+  input embedding, whose lookup is no matmul) plus causal attention forward+backward (``QK^T`` and
+  ``PV``: ``4 * S^2 * H`` per layer forward, halved by causality, times 3 for forward+backward);
+* hardware FLOPs adds what full activation checkpointing recomputes (one more forward:
+  ``2 * N_mm * S + 2 * L * S^2 * H``) when gradient checkpointing is on;
+* MFU = model FLOPs/s per GPU / the chip's bf16 dense peak (Lightning's ``get_available_flops``, or
+  ``peak_tflops`` when given, e.g. a measured matmul ceiling).
+
+Under sequence parallelism each rank holds ``1/sp`` of every sequence: the full length is
+``local length * sp`` and every token is counted exactly once (sum of the shards over the world).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_matmul_params: int  # parameters excluding the input embedding
+    layers: int
+    hidden: int  # attention width: heads * head_dim
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelDims":
+        cfg = model.config.get_text_config()
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        emb = model.get_input_embeddings()
+        emb_n = sum(getattr(p, "ds_numel", p.numel()) for p in emb.parameters()) if emb is not None else 0
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(total - emb_n, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+
+
+def model_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:
+    """Model FLOPs of one forward+backward; ``tokens = sum S``, ``sum_sq_len = sum S^2`` over sequences."""
+    return 6.0 * dims.n_matmul_params * tokens + 6.0 * dims.layers * dims.hidden * sum_sq_len
+
+
+def recompute_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:
+    """Extra FLOPs of one recomputed forward (full activation checkpointing)."""
+    return 2.0 * dims.n_matmul_params * tokens + 2.0 * dims.layers * dims.hidden * sum_sq_len
+
+
+def peak_flops_per_gpu(device: torch.device, peak_tflops: Optional[float] = None) -> Optional[float]:
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    flops = get_available_flops(device, torch.bfloat16)
+    return float(flops) if flops else None
+
+
+__all__ = ["ModelDims", "model_flops", "peak_flops_per_gpu", "recompute_flops"]
