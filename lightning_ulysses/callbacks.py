@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
+
+import torch
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -126,3 +129,85 @@ class MemoryEfficientRMSNorm(_HFModelTransform):
         from lightning_ulysses.rmsnorm import enable_memory_efficient_rmsnorm
 
         enable_memory_efficient_rmsnorm(model)
+
+
+class SequenceThroughput(Callback):
+    """Logs tokens/s, model and hardware TFLOPS per GPU, MFU and peak GPU memory every step, and
+    prints a summary at the end of training (formulas: :mod:`lightning_ulysses.throughput`).
+
+    Tokens are counted once per sequence (not once per SP rank) and include padding. Works with any
+    strategy; under ``UlyssesDeepSpeedStrategy`` the sequence length is the shard length times sp.
+
+    Args:
+        peak_tflops: bf16 peak per GPU for MFU; default: Lightning's table for the chip (CUDA only).
+        warmup_steps: steps left out of the summary (compilation, allocator warm-up).
+    """
+
+    def __init__(self, peak_tflops: Optional[float] = None, warmup_steps: int = 1) -> None:
+        self.peak_tflops = peak_tflops
+        self.warmup_steps = warmup_steps
+        self.history: list[dict[str, float]] = []
+        self._t0 = 0.0
+        self._dims: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_ulysses.model_utils import find_hf_model
+        from lightning_ulysses.throughput import ModelDims
+
+        model = find_hf_model(pl_module)
+        self._dims = ModelDims.of(model) if model is not None else None
+        self._checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        self.history = []
+
+    def _sync(self, device: Any) -> None:
+        if getattr(device, "type", None) == "cuda":
+            torch.cuda.synchronize(device)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from lightning_ulysses.throughput import model_flops, peak_flops_per_gpu, recompute_flops
+
+        self._sync(pl_module.device)
+        dt = time.perf_counter() - self._t0
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        layout = getattr(trainer.strategy, "layout", None)
+        sp = layout.sp if layout is not None else 1
+        b, s = ids.shape[0], ids.shape[1] * sp  # full sequence length
+        # [sequences, sum S, sum S^2] over the world; every SP rank of a group reports the same sequences
+        stats = torch.tensor([float(b), float(b * s), float(b * s * s)], device=pl_module.device, dtype=torch.float64)
+        stats = trainer.strategy.reduce(stats, reduce_op="sum") / sp
+        world = trainer.world_size
+        _, tokens, sq = (float(x) for x in stats)
+        flops = model_flops(self._dims, tokens, sq) if self._dims else 0.0
+        hw = flops + (recompute_flops(self._dims, tokens, sq) if self._dims and self._checkpointing else 0.0)
+        metrics = {
+            "throughput/tokens_per_sec": tokens / dt,
+            "throughput/model_tflops_per_gpu": flops / dt / world / 1e12,
+            "throughput/hw_tflops_per_gpu": hw / dt / world / 1e12,
+            "throughput/step_s": dt,
+        }
+        peak = peak_flops_per_gpu(pl_module.device, self.peak_tflops)
+        if peak:
+            metrics["throughput/mfu"] = flops / dt / world / peak
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            mem = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, device=pl_module.device)
+            metrics["memory/peak_allocated_gib"] = float(trainer.strategy.reduce(mem, reduce_op="max"))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self.history.append(metrics)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        steady = self.history[self.warmup_steps :] or self.history
+        if not steady:
+            return
+        med = {k: sorted(m[k] for m in steady)[len(steady) // 2] for k in steady[0]}
+        parts = [f"{med['throughput/tokens_per_sec']:,.0f} tokens/s", f"{med['throughput/model_tflops_per_gpu']:.1f} model TFLOPS/GPU",
+                 f"{med['throughput/hw_tflops_per_gpu']:.1f} hw TFLOPS/GPU"]
+        if "throughput/mfu" in med:
+            parts.append(f"MFU {100 * med['throughput/mfu']:.1f}%")
+        if "memory/peak_allocated_gib" in med:
+            parts.append(f"peak {max(m['memory/peak_allocated_gib'] for m in steady):.2f} GiB")
+        print(f"throughput (median of {len(steady)} steps): " + ", ".join(parts), flush=True)

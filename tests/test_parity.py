@@ -88,6 +88,9 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
     if epochs > 1:
         assert orders[0] != orders[1], "the sampler did not reshuffle between epochs"
 
+    # SequenceThroughput counts every (padded) sequence once, not once per SP rank
+    assert r["tokens_per_step"] == pytest.approx([padded * bs * dp] * steps)
+
     # gradients after the first backward, parameter by parameter
     worst = max(r["grad_rel_err"].items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-5, f"gradient of {worst[0]} differs by {worst[1]:.2e} (relative)"

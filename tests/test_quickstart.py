@@ -17,3 +17,4 @@ def test_quickstart_cli_trains_with_sp2_and_loss_falls(tmp_path) -> None:
     assert "sp 2 x dp 1" in proc.stdout + proc.stderr
     losses = [float(x) for x in re.findall(r"train_loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) >= 3 and losses[-1] < 0.6 * losses[0], losses
+    assert "tokens/s" in proc.stdout and "model TFLOPS/GPU" in proc.stdout

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
+from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
@@ -231,6 +232,7 @@ def run(case: dict, out_path: str) -> None:
         gradient_checkpointing=case.get("gradient_checkpointing"),
     )
     rec = Recorder()
+    throughput = SequenceThroughput()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=ws,
@@ -241,7 +243,7 @@ def run(case: dict, out_path: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[rec],
+        callbacks=[rec, throughput],
         num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(dataset, batch_size=bs, shuffle=False))
@@ -290,6 +292,7 @@ def run(case: dict, out_path: str) -> None:
         "param_moved": {n: float((ref["params"][n] - build_model(case).state_dict()[n]).abs().max()) for n in ref["params"]},
         "sample_order": step_groups,
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
+        "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
             {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "checkpointing", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
