@@ -1,0 +1,278 @@
+"""Side by side: our Trainer path vs DeepSpeed's raw ALST path, same model, ZeRO config and data.
+
+One process group per (path, sequence length), launched by torchrun:
+
+    torchrun --nproc_per_node=4 benchmarks/alst_compare.py --path ours --preset llama3-8b --seq 65536 --out ours_64k.json
+    torchrun --nproc_per_node=4 benchmarks/alst_compare.py --path alst --preset llama3-8b --seq 65536 --out alst_64k.json
+    python benchmarks/alst_compare.py --report ours_64k.json alst_64k.json ...
+
+* ``ours``: ``lightning.Trainer`` + ``UlyssesDeepSpeedStrategy`` + ``CausalLMModule`` (the user path): ZeRO-3,
+  bf16, sdpa, non-reentrant checkpointing, our tiled loss (torch tiles, like-for-like with the reference).
+* ``alst``: what the DeepSpeed ALST tutorial / ArcticTraining do: ``UlyssesSPAttentionHF.register_with_transformers``,
+  ``deepspeed.initialize(mpu=...)``, ``UlyssesSPDataLoaderAdapter``, ``TiledFusedLogitsLoss`` and the
+  all-gather-weighted SP loss, same checkpointing and optimizer (fused torch AdamW on CUDA).
+
+Each run: ``--warmup`` untimed steps, then ``--steps`` timed steps; median step time, tokens/s, model TFLOPS/GPU
+(6·N·S + 6·L·S²·H, N without the input embedding), peak GPU memory (max over ranks), peak host RSS.
+An OOM is caught and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+
+PRESETS = {
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "qwen3-4b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "tiny": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def hf_config(preset: str, seq: int, layers: int | None):
+    from transformers import AutoConfig
+
+    spec = dict(PRESETS[preset])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    model_type = spec.pop("model_type")
+    return AutoConfig.for_model(model_type, max_position_embeddings=max(seq, 8192), tie_word_embeddings=False, **spec)
+
+
+def ds_config(zero_stage: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_scatter": True},
+        "bf16": {"enabled": bf16},
+    }
+
+
+def optimizer_factory(params):
+    return torch.optim.AdamW(params, lr=1e-5, fused=torch.cuda.is_available())
+
+
+def random_tokens(seq: int, vocab: int, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
+
+
+def cuda_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- ours
+def run_ours(args, cfg) -> list[float]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_ulysses  # noqa: F401
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses.callbacks import SequenceThroughput
+
+    data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, args.warmup + args.steps)]
+    lightning_ds_config = ds_config(args.zero_stage, True)
+    del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
+    timer = SequenceThroughput(warmup_steps=args.warmup)
+    module = CausalLMModule(model=cfg, attn_implementation="sdpa",
+                            optimizer=optimizer_factory, gradient_checkpointing=True, dtype="bfloat16")
+    trainer = L.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=int(os.environ["WORLD_SIZE"]),
+        precision="bf16-mixed", max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+        strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=args.sp, stage=args.zero_stage,
+                                          tiled_loss_impl="torch", config=lightning_ds_config),
+    )
+    trainer.fit(module, DataLoader(data, batch_size=1))
+    return [m["throughput/step_s"] for m in timer.history[args.warmup:]]
+
+
+# ----------------------------------------------------------------------------------------------- alst
+def run_alst(args, cfg) -> list[float]:
+    import types
+
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import (
+        TiledFusedLogitsLoss,
+        UlyssesSPAttentionHF,
+        UlyssesSPDataLoaderAdapter,
+    )
+    from deepspeed.utils import groups
+    from transformers import AutoModelForCausalLM
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg._attn_implementation = "sdpa"
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=types.SimpleNamespace(config=cfg), core_attn_implementation="sdpa",
+        sequence_parallel_size=args.sp, micro_batch_size=1, seq_length_is_variable=True,
+    )
+    config = ds_config(args.zero_stage, True)
+    with deepspeed.zero.Init(config_dict_or_path=config, enabled=args.zero_stage == 3):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _, _ = deepspeed.initialize(config=config, model=model, model_parameters=model.parameters(),
+                                           optimizer=optimizer_factory(model.parameters()), mpu=mpu)
+    sp_group, sp_world, sp_rank = (groups._get_sequence_parallel_group(), groups._get_sequence_parallel_world_size(),
+                                   groups._get_sequence_parallel_rank())
+    tokens = random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * sp_world)
+    samples = [{"input_ids": t[None], "position_ids": torch.arange(args.seq)[None], "labels": t[None].clone()}
+               for t in tokens]
+    dl = UlyssesSPDataLoaderAdapter(torch.utils.data.DataLoader(samples, batch_size=None), sp_rank=sp_rank,
+                                    sp_group=sp_group, sp_world_size=sp_world, device=engine.device)
+    unwrapped = engine.module
+    vocab = cfg.vocab_size
+
+    def loss_fn(self, x, y):
+        logits = self.lm_head(x)
+        return self.loss_function(logits=logits, labels=None, shift_labels=y, vocab_size=vocab)
+
+    times = []
+    for step, batch in enumerate(dl):
+        if step >= args.warmup + args.steps:
+            break
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        cuda_sync()
+        t0 = time.perf_counter()
+        hidden = unwrapped.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        shift_labels = batch["shift_labels"]
+        shards = max(1, math.ceil(shift_labels.numel() * vocab * 4 / 2**30))  # ~1 GiB fp32 logits per shard
+        loss = TiledFusedLogitsLoss.apply(loss_fn, unwrapped, hidden, shift_labels, None, shards,
+                                          [unwrapped.lm_head.weight], "mean")
+        # the tutorial's differentiable token-weighted aggregation over the SP group
+        losses = torch.distributed.nn.functional.all_gather(loss, group=sp_group)
+        good = (shift_labels != -100).view(-1).sum()
+        goods = torch.distributed.nn.functional.all_gather(good, group=sp_group)
+        loss = sum(losses[r] * goods[r] for r in range(sp_world)) / max(sum(goods), 1)
+        engine.backward(loss)
+        engine.step()
+        cuda_sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return times
+
+
+# --------------------------------------------------------------------------------------------- driver
+def run(args) -> None:
+    import torch.distributed as tdist
+
+    cfg = hf_config(args.preset, args.seq, args.layers)
+    result = {"path": args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
+              "world": int(os.environ["WORLD_SIZE"]), "zero_stage": args.zero_stage,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    try:
+        times = run_ours(args, cfg) if args.path == "ours" else run_alst(args, cfg)
+        result["step_s"] = sorted(times)[len(times) // 2]
+        result["all_step_s"] = times
+    except torch.OutOfMemoryError as e:
+        result["oom"] = repr(e)[:300]
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+    if tdist.is_initialized():
+        if torch.cuda.is_available():
+            peak = peak.cuda()
+        tdist.all_reduce(peak, op=tdist.ReduceOp.MAX)
+    result["peak_gib"], result["host_rss_gib"] = float(peak[0]), float(peak[1])
+    if "step_s" in result:
+        from lightning_ulysses.throughput import ModelDims, model_flops
+
+        n_emb = cfg.vocab_size * cfg.hidden_size
+        n_total = _param_count(cfg)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dims = ModelDims(n_total - n_emb, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+        dp = result["world"] // args.sp
+        s = args.seq
+        result["tokens_per_s"] = dp * s / result["step_s"]
+        result["model_tflops_per_gpu"] = model_flops(dims, dp * s, dp * s * s) / result["step_s"] / result["world"] / 1e12
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result), flush=True)
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def _param_count(cfg) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def report(paths: list[str], plot: str | None) -> None:
+    rows = [json.load(open(p)) for p in paths]
+    rows.sort(key=lambda r: (r["seq"], r["path"]))
+    print(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['preset']} ({rows[0]['layers']} layers), "
+          f"ZeRO-{rows[0]['zero_stage']}, world {rows[0]['world']}")
+    print("| seq | path | sp | step s | tokens/s | model TFLOPS/GPU | peak GiB (max rank) | host RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "oom" in r:
+            print(f"| {r['seq']:,} | {r['path']} | {r['sp']} | OOM | | | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+            continue
+        print(f"| {r['seq']:,} | {r['path']} | {r['sp']} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['model_tflops_per_gpu']:.0f} | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for path in sorted({r["path"] for r in rows}):
+            pts = [r for r in rows if r["path"] == path and "step_s" in r]
+            a1.plot([r["seq"] for r in pts], [r["tokens_per_s"] for r in pts], "o-", label=path)
+            a2.plot([r["seq"] for r in pts], [r["peak_gib"] for r in pts], "o-", label=path)
+        for ax, title in ((a1, "tokens/s"), (a2, "peak GPU memory (GiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_title(title)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--path", choices=["ours", "alst"])
+    p.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--seq", type=int, default=65536)
+    p.add_argument("--sp", type=int, default=4)
+    p.add_argument("--zero-stage", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default="result.json")
+    p.add_argument("--report", nargs="+")
+    p.add_argument("--plot", default=None)
+    args = p.parse_args()
+    if args.report:
+        report(args.report, args.plot)
+    else:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
