@@ -90,10 +90,10 @@ class TiledMLPFunction(torch.autograd.Function):
             for p in params:
                 p.ds_grad_is_ready = True
         grad_x = grad_x.view_as(x) if grad_x is not None else None
-        # one gradient per trainable parameter, in the order they were passed in; None for frozen ones
-        summed = iter(sums) if sums is not None else None
         if zero3:
             return (None, None, grad_x)
+        # one gradient per trainable parameter, in the order they were passed in; None for frozen ones
+        summed = iter(sums)
         param_grads = [next(summed).to(p.dtype) if p.requires_grad else None for p in all_params]
         return (None, None, grad_x, *param_grads)
 
