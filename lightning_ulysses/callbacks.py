@@ -152,11 +152,12 @@ class SequenceThroughput(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from lightning_ulysses.model_utils import find_hf_model
-        from lightning_ulysses.throughput import ModelDims
+        from lightning_ulysses.throughput import ModelDims, peak_flops_per_gpu
 
         model = find_hf_model(pl_module)
         self._dims = ModelDims.of(model) if model is not None else None
         self._checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        self._peak_flops = peak_flops_per_gpu(pl_module.device, self.peak_tflops)  # once, not every step
         self.history = []
 
     def _sync(self, device: Any) -> None:
@@ -168,7 +169,7 @@ class SequenceThroughput(Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        from lightning_ulysses.throughput import model_flops, peak_flops_per_gpu, recompute_flops
+        from lightning_ulysses.throughput import model_flops, recompute_flops
 
         self._sync(pl_module.device)
         dt = time.perf_counter() - self._t0
@@ -189,9 +190,8 @@ class SequenceThroughput(Callback):
             "throughput/hw_tflops_per_gpu": hw / dt / world / 1e12,
             "throughput/step_s": dt,
         }
-        peak = peak_flops_per_gpu(pl_module.device, self.peak_tflops)
-        if peak:
-            metrics["throughput/mfu"] = flops / dt / world / peak
+        if self._peak_flops:
+            metrics["throughput/mfu"] = flops / dt / world / self._peak_flops
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             mem = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, device=pl_module.device)
             metrics["memory/peak_allocated_gib"] = float(trainer.strategy.reduce(mem, reduce_op="max"))

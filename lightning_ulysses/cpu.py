@@ -9,6 +9,7 @@ every process an indexed CPU device ``cpu:<local_rank>`` and (c) selects DeepSpe
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -32,7 +33,7 @@ def index_devices(devices: Optional[list[torch.device]]) -> Optional[list[torch.
 def prepare_deepspeed_for_cpu() -> None:
     """Make DeepSpeed pick its CPU accelerator; must run before ``deepspeed`` is first imported."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "deepspeed.accelerator.real_accelerator" in __import__("sys").modules:
+    if "deepspeed.accelerator.real_accelerator" in sys.modules:
         from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() != "cpu":
