@@ -85,18 +85,23 @@ def run_ours(args, cfg) -> list[float]:
     from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
     from lightning_ulysses.callbacks import SequenceThroughput
 
-    data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, args.warmup + args.steps)]
+    dp = int(os.environ["WORLD_SIZE"]) // args.sp
+    data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * dp)]
     lightning_ds_config = ds_config(args.zero_stage, True)
     del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
     timer = SequenceThroughput(warmup_steps=args.warmup)
-    module = CausalLMModule(model=cfg, attn_implementation="sdpa",
-                            optimizer=optimizer_factory, gradient_checkpointing=True, dtype="bfloat16")
+    module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer_factory, dtype="bfloat16")
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=int(os.environ["WORLD_SIZE"]),
         precision="bf16-mixed", max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
-        strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=args.sp, stage=args.zero_stage,
-                                          tiled_loss_impl="torch", config=lightning_ds_config),
+        strategy=UlyssesDeepSpeedStrategy(
+            sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl="torch",
+            config=lightning_ds_config, gradient_checkpointing=True, checkpoint_policy=args.checkpoint_policy,
+            activation_checkpoint_cpu_offload=args.offload, tiled_mlp=args.tiled_mlp,
+            memory_efficient_rmsnorm=args.rmsnorm,
+            context_parallel_mode=args.mode, ring_size=args.ring_size, ring_attention_backend=args.ring_backend,
+        ),
     )
     trainer.fit(module, DataLoader(data, batch_size=1))
     return [m["throughput/step_s"] for m in timer.history[args.warmup:]]
@@ -176,7 +181,7 @@ def run(args) -> None:
     import torch.distributed as tdist
 
     cfg = hf_config(args.preset, args.seq, args.layers)
-    result = {"path": args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
+    result = {"path": args.label or args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
               "world": int(os.environ["WORLD_SIZE"]), "zero_stage": args.zero_stage,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     try:
@@ -225,14 +230,16 @@ def report(paths: list[str], plot: str | None) -> None:
     rows.sort(key=lambda r: (r["seq"], r["path"]))
     print(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['preset']} ({rows[0]['layers']} layers), "
           f"ZeRO-{rows[0]['zero_stage']}, world {rows[0]['world']}")
-    print("| seq | path | sp | step s | tokens/s | model TFLOPS/GPU | peak GiB (max rank) | host RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| seq | path | sp x dp | step s | tokens/s | tokens/s/GPU | model TFLOPS/GPU | peak GiB (max rank) | host RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        layout = f"{r['sp']} x {r['world'] // r['sp']}"
         if "oom" in r:
-            print(f"| {r['seq']:,} | {r['path']} | {r['sp']} | OOM | | | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+            print(f"| {r['seq']:,} | {r['path']} | {layout} | OOM | | | | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
             continue
-        print(f"| {r['seq']:,} | {r['path']} | {r['sp']} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['model_tflops_per_gpu']:.0f} | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+        print(f"| {r['seq']:,} | {r['path']} | {layout} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / r['world']:,.0f} | {r['model_tflops_per_gpu']:.0f} | {r['peak_gib']:.1f} | "
+              f"{r['host_rss_gib']:.1f} |")
     if plot:
         import matplotlib
 
@@ -264,6 +271,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="result.json")
+    p.add_argument("--label", default=None, help="name of this run in the report (default: --path)")
+    p.add_argument("--checkpoint-policy", default="full", choices=["full", "save_attention"], help="ours only")
+    p.add_argument("--offload", action="store_true", help="ours: activation-checkpoint CPU offload")
+    p.add_argument("--tiled-mlp", action="store_true", help="ours: tiled MLP")
+    p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")
+    p.add_argument("--mode", default="auto", help="ours: context_parallel_mode (auto|hybrid|ulysses_only|ring_only)")
+    p.add_argument("--ring-size", type=int, default=None, help="ours: ring degree (sp = ulysses x ring)")
+    p.add_argument("--ring-backend", default="auto", help="ours: ring attention block kernel")
     p.add_argument("--report", nargs="+")
     p.add_argument("--plot", default=None)
     args = p.parse_args()

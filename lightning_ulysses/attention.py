@@ -16,6 +16,10 @@ new name, keeps every HF branch that tests ``_attn_implementation == "flash_atte
 Unlike DeepSpeed's ``UlyssesSPAttentionHF``, batch size and sequence length are read from the
 tensors at every call (nothing is fixed at registration), and causality is re-derived from the
 *global* position ids, so packed sequences (position ids restarting at 0) stay correct.
+
+With a ring dimension (``sp = ulysses x ring``) the all-to-all runs over the Ulysses group only and
+gathers one ring *segment*; :func:`lightning_ulysses.ring.ring_attention` then attends across the
+ring group instead of the HF kernel (ulysses == 1: no all-to-all at all).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from lightning_ulysses.layout import SUPPORTED_ATTN_IMPLEMENTATIONS, ProcessGroups, heads_allow
+from lightning_ulysses.ring import ring_attention, select_kernel
 
 _CTX_ATTR = "_lightning_ulysses_attention"
 _DISPATCH_MARK = "_lightning_ulysses_dispatch"
@@ -108,7 +113,7 @@ def causal_mask(
 
 
 class UlyssesAttention:
-    """Per-model Ulysses state: the SP group and the global position ids of the current forward.
+    """Per-model state: the Ulysses / ring groups and the global position ids of the current forward.
 
     Gathering the position ids is one small all-gather per forward: every layer of that forward
     (and the recompute of checkpointed layers) receives the same ``position_ids`` tensor object, so
@@ -116,11 +121,22 @@ class UlyssesAttention:
     every SP rank, so the collective stays matched across ranks.
     """
 
-    def __init__(self, groups: ProcessGroups, comm_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        comm_dtype: Optional[torch.dtype] = None,
+        ring_zigzag: bool = True,
+        ring_backend: str = "auto",
+    ) -> None:
         if groups.sp_group is None:
             raise ValueError("UlyssesAttention needs an SP group (sequence_parallel_size > 1).")
-        self.group = groups.sp_group
-        self.sp = groups.sp
+        self.sp_group = groups.sp_group  # every rank of the sequence: what the loss reduces over
+        self.group = groups.ulysses_group  # the all-to-all group; None when ulysses == 1 (ring only)
+        self.sp = groups.ulysses
+        self.ring_group = groups.ring_group
+        self.ring_zigzag = ring_zigzag
+        self.ring_backend = ring_backend
+        select_kernel(torch.device("cpu"), torch.float32, ring_backend)  # validates the name early
         self.comm_dtype = comm_dtype
         self.calls = 0
         self._pos_local: Optional[Tensor] = None
@@ -128,6 +144,8 @@ class UlyssesAttention:
         self._segments: Optional[Tensor] = None
 
     def _global_positions(self, local: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        if self.group is None:
+            return local, None
         if local is not self._pos_local:
             # [b, c] x sp -> [b, S]; rank order == sequence order (contiguous sharding)
             parts = [torch.empty_like(local) for _ in range(self.sp)]
@@ -176,7 +194,13 @@ class UlyssesAttention:
             key = key.repeat_interleave(sp // hkv, dim=1)
             value = value.repeat_interleave(sp // hkv, dim=1)
         # [b, h, c, d] -> [b, h/sp, S, d]
-        q, k, v = seq_to_heads([query, key, value], sp, self.group, self.comm_dtype)
+        if self.group is not None:
+            q, k, v = seq_to_heads([query, key, value], sp, self.group, self.comm_dtype)
+        else:
+            q, k, v = query, key, value
+        if self.ring_group is not None:
+            out = self._ring(module, q, k, v, kwargs)  # [b, S_segment, h/sp, d]
+            return (heads_to_seq(out, sp, self.group, self.comm_dtype) if self.group is not None else out), None
 
         kwargs["position_ids"] = pos_global
         impl = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
@@ -200,6 +224,30 @@ class UlyssesAttention:
             if restore is not None:
                 module.num_key_value_groups = restore
         return heads_to_seq(out, sp, self.group, self.comm_dtype), weights
+
+
+    def _ring(self, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
+        """Ring attention over the gathered segment; refuses what its causal-only kernels cannot do."""
+        unsupported = []
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        if window is not None:
+            unsupported.append(f"sliding_window={window}")
+        if kwargs.get("dropout", 0.0):
+            unsupported.append(f"attention dropout={kwargs['dropout']}")
+        if kwargs.get("softcap") is not None:
+            unsupported.append("logit softcapping")
+        if kwargs.get("s_aux") is not None:
+            unsupported.append("attention sinks")
+        if unsupported:
+            raise ValueError(
+                f"Ring attention (ring size > 1) supports plain causal attention only; this model uses "
+                f"{', '.join(unsupported)}. Use context_parallel_mode='ulysses_only' with a sequence_parallel_size "
+                "the heads allow, or set attention_dropout=0 for training."
+            )
+        out = ring_attention(
+            q, k, v, self.ring_group, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend
+        )
+        return out.transpose(1, 2)
 
 
 def _install_dispatcher(impl: str) -> None:
@@ -240,9 +288,15 @@ def _reset_calls(model: torch.nn.Module, args: Any) -> None:
 
 
 def apply_ulysses(
-    model: torch.nn.Module, groups: ProcessGroups, comm_dtype: Optional[torch.dtype] = None
+    model: torch.nn.Module,
+    groups: ProcessGroups,
+    comm_dtype: Optional[torch.dtype] = None,
+    ring_zigzag: bool = True,
+    ring_backend: str = "auto",
 ) -> UlyssesAttention:
-    """Make ``model`` (an HF ``PreTrainedModel``) run attention with Ulysses over ``groups.sp_group``.
+    """Make ``model`` (an HF ``PreTrainedModel``) run attention sequence-parallel over ``groups``:
+    Ulysses over ``groups.ulysses_group`` and, when ``groups.ring > 1``, ring attention over
+    ``groups.ring_group`` (``ring_zigzag`` must match how the data was sharded).
 
     Idempotent: applying again replaces the previous state. Only this model is affected.
     """
@@ -257,7 +311,7 @@ def apply_ulysses(
         )
     remove_ulysses(model)
     _install_dispatcher(impl)
-    ctx = UlyssesAttention(groups, comm_dtype=comm_dtype)
+    ctx = UlyssesAttention(groups, comm_dtype=comm_dtype, ring_zigzag=ring_zigzag, ring_backend=ring_backend)
     # Every module that calls the attention interface reads ``self.config``; tagging all of them is
     # exact without knowing each architecture's attention class name.
     for m in model.modules():

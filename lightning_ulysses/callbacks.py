@@ -60,12 +60,24 @@ class _HFModelTransform(Callback):
 
 
 class GradientCheckpointing(_HFModelTransform):
-    """Non-reentrant gradient checkpointing of every decoder layer (HF's own mechanism)."""
+    """Non-reentrant gradient checkpointing of every decoder layer (HF's own mechanism).
+
+    Args:
+        policy: ``"full"`` recomputes the whole layer in backward; ``"save_attention"`` keeps the
+            attention kernel's output and log-sum-exp from the forward (selective checkpointing), so
+            attention is not recomputed: faster at long sequences for one attention output per layer.
+    """
+
+    def __init__(self, policy: str = "full") -> None:
+        from lightning_ulysses.model_utils import checkpoint_kwargs
+
+        checkpoint_kwargs(policy)  # validates the name at construction
+        self.policy = policy
 
     def apply(self, model: Any, trainer: Trainer) -> None:
         from lightning_ulysses.model_utils import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, self.policy)
 
 
 class TiledLoss(_HFModelTransform):
@@ -91,16 +103,19 @@ class TiledLoss(_HFModelTransform):
 class ActivationOffload(_HFModelTransform):
     """Checkpointed layer inputs wait for backward in CPU memory (:mod:`lightning_ulysses.offload`).
 
-    Turns gradient checkpointing on if it is off (there is nothing to offload without it).
+    Turns gradient checkpointing on if it is off (there is nothing to offload without it); a policy
+    already chosen (``save_attention``) is kept.
     """
 
     def __init__(self, min_bytes: int = 0) -> None:
         self.min_bytes = min_bytes
 
     def apply(self, model: Any, trainer: Trainer) -> None:
+        from lightning_ulysses.model_utils import checkpoint_policy_of
         from lightning_ulysses.offload import activation_offloader, enable_activation_offload
 
-        GradientCheckpointing().apply(model, trainer)
+        if checkpoint_policy_of(model) is None:
+            GradientCheckpointing().apply(model, trainer)
         if activation_offloader(model) is None:
             enable_activation_offload(model, self.min_bytes)
 
@@ -156,9 +171,15 @@ class SequenceThroughput(Callback):
 
         model = find_hf_model(pl_module)
         self._dims = ModelDims.of(model) if model is not None else None
-        self._checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         self._peak_flops = peak_flops_per_gpu(pl_module.device, self.peak_tflops)  # once, not every step
         self.history = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after every callback's on_fit_start: the checkpointing callback may have changed the policy
+        from lightning_ulysses.model_utils import checkpoint_policy_of, find_hf_model
+
+        model = find_hf_model(pl_module)
+        self._checkpointing = checkpoint_policy_of(model) if model is not None else None
 
     def _sync(self, device: Any) -> None:
         if getattr(device, "type", None) == "cuda":
@@ -183,7 +204,10 @@ class SequenceThroughput(Callback):
         world = trainer.world_size
         _, tokens, sq = (float(x) for x in stats)
         flops = model_flops(self._dims, tokens, sq) if self._dims else 0.0
-        hw = flops + (recompute_flops(self._dims, tokens, sq) if self._dims and self._checkpointing else 0.0)
+        recompute = 0.0
+        if self._dims and self._checkpointing:
+            recompute = recompute_flops(self._dims, tokens, sq, attention=self._checkpointing == "full")
+        hw = flops + recompute
         metrics = {
             "throughput/tokens_per_sec": tokens / dt,
             "throughput/model_tflops_per_gpu": flops / dt / world / 1e12,

@@ -1,9 +1,11 @@
-"""Sequence sharding of batches: each SP rank keeps its contiguous slice of every sequence tensor.
+"""Sequence sharding of batches: each SP rank keeps its part of every sequence tensor.
 
 All ranks of one SP group receive the *same* samples (the sampler is given the DP layout), so a
 batch needs no communication to be sharded: every rank prepares the full batch the same way and
-keeps slice ``[r*c, (r+1)*c)`` of dim 1. Preparation happens *before* slicing because two steps
-need the whole sequence:
+keeps its tokens of dim 1 — slice ``[r*c, (r+1)*c)`` under Ulysses alone; with a ring dimension
+the *zigzag* layout of :func:`shard_token_index` (each ring rank holds chunks ``i`` and
+``2R-1-i``, so causal attention work is the same on every ring rank). Preparation happens *before*
+slicing because two steps need the whole sequence:
 
 * labels are shifted (``shift_labels[t] = labels[t+1]``, -100 at the end): after slicing, the label
   of a shard's last token lives on the next rank;
@@ -124,39 +126,110 @@ def prepare_batch(
     return out
 
 
-def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp: int, seq_len: Optional[int] = None) -> dict[str, Any]:
-    """Keep this rank's contiguous slice of dim 1 of every ``[b, S, ...]`` tensor (``S % sp == 0``).
+def uses_zigzag(ring: int, zigzag: bool) -> bool:
+    return ring > 1 and zigzag
+
+
+def shard_multiple(sp: int, ring: int = 1, zigzag: bool = True) -> int:
+    """What the sequence length must be a multiple of: ``sp``, or ``2 * sp`` for a zigzag ring."""
+    return 2 * sp if uses_zigzag(ring, zigzag) else sp
+
+
+def shard_token_index(seq_len: int, sp: int, ring: int = 1, zigzag: bool = True) -> Tensor:
+    """``[sp, seq_len // sp]``: the global token indices each SP rank holds, in its local order.
+
+    SP rank ``c = ring_rank * ulysses + ulysses_rank``. A ring rank ``i`` owns a *segment*: chunk
+    ``i`` of ``ring`` (contiguous) or chunks ``i`` and ``2*ring-1-i`` of ``2*ring`` (zigzag). Its
+    Ulysses ranks split the segment into consecutive pieces, so that the Ulysses all-to-all puts
+    the segment back together in order. With ``ring == 1`` this is plain contiguous sharding.
+    """
+    if seq_len % shard_multiple(sp, ring, zigzag) != 0:
+        raise ValueError(
+            f"Sequence length {seq_len} is not a multiple of {shard_multiple(sp, ring, zigzag)} (sp={sp}, ring={ring}, "
+            f"zigzag={zigzag}); call prepare_batch first."
+        )
+    idx = torch.arange(seq_len)
+    if uses_zigzag(ring, zigzag):
+        chunks = idx.view(2 * ring, -1)
+        segments = torch.stack([torch.cat([chunks[i], chunks[2 * ring - 1 - i]]) for i in range(ring)])
+    else:
+        segments = idx.view(ring, -1)
+    return segments.reshape(sp, -1)  # each segment split into sp // ring consecutive pieces
+
+
+def shard_batch(
+    batch: Mapping[str, Any],
+    sp_rank: int,
+    sp: int,
+    seq_len: Optional[int] = None,
+    ring: int = 1,
+    zigzag: bool = True,
+) -> dict[str, Any]:
+    """Keep this rank's tokens (:func:`shard_token_index`) of dim 1 of every ``[b, S, ...]`` tensor.
 
     Tensors whose dim 1 is not the sequence length (per-sample ids, images...) are kept whole.
     """
     s = seq_len if seq_len is not None else batch["input_ids"].shape[1]
-    if s % sp != 0:
-        raise ValueError(f"Sequence length {s} is not divisible by sp={sp}; call prepare_batch first.")
+    if s % shard_multiple(sp, ring, zigzag) != 0:
+        raise ValueError(
+            f"Sequence length {s} is not divisible by {shard_multiple(sp, ring, zigzag)} (sp={sp}, ring={ring}); "
+            "call prepare_batch first."
+        )
     c = s // sp
     b = batch["input_ids"].shape[0]
+    index = shard_token_index(s, sp, ring, zigzag)[sp_rank] if uses_zigzag(ring, zigzag) else None
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, s):
-            out[k] = v[:, sp_rank * c : (sp_rank + 1) * c].contiguous()
+            if index is None:
+                out[k] = v[:, sp_rank * c : (sp_rank + 1) * c].contiguous()
+            else:
+                out[k] = v.index_select(1, index.to(v.device))
         else:
             out[k] = v
     return out
 
 
-def shard_for_sequence_parallel(
-    batch: Any, sp_rank: int, sp: int, pad_to_multiple_of: Optional[int] = None, pad_token_id: int = 0
-) -> dict[str, Any]:
-    """:func:`prepare_batch` then :func:`shard_batch`; ``pad_to_multiple_of`` defaults to ``sp``."""
-    multiple = pad_to_multiple_of or sp
-    if multiple % sp != 0:
+def _check_not_packed(position_ids: Tensor) -> None:
+    if bool((torch.diff(position_ids, dim=-1) != 1).any()):
         raise ValueError(
-            f"pad_to_multiple_of={multiple} must be a multiple of sequence_parallel_size={sp} so every rank gets an "
-            f"equal shard; use e.g. {sp * 256} on GPUs."
+            "Ring attention supports one causal sequence per row (right padding allowed), but position_ids restart "
+            "inside a row (packed sequences). Use context_parallel_mode='ulysses_only' (Ulysses handles packing) or "
+            "do not pack."
+        )
+
+
+def shard_for_sequence_parallel(
+    batch: Any,
+    sp_rank: int,
+    sp: int,
+    pad_to_multiple_of: Optional[int] = None,
+    pad_token_id: int = 0,
+    ring: int = 1,
+    zigzag: bool = True,
+) -> dict[str, Any]:
+    """:func:`prepare_batch` then :func:`shard_batch`; ``pad_to_multiple_of`` defaults to :func:`shard_multiple`."""
+    need = shard_multiple(sp, ring, zigzag)
+    multiple = pad_to_multiple_of or need
+    if multiple % need != 0:
+        what = f"2 x sequence_parallel_size = {need} (zigzag ring)" if need != sp else f"sequence_parallel_size={sp}"
+        raise ValueError(
+            f"pad_to_multiple_of={multiple} must be a multiple of {what} so every rank gets an equal shard; use e.g. "
+            f"{need * 256} on GPUs."
         )
     if torch.is_tensor(batch):
         batch = {"input_ids": batch}
     full = prepare_batch(batch, multiple, pad_token_id)
-    return shard_batch(full, sp_rank, sp)
+    if ring > 1:
+        _check_not_packed(full["position_ids"])
+    return shard_batch(full, sp_rank, sp, ring=ring, zigzag=zigzag)
 
 
-__all__ = ["IGNORE_INDEX", "prepare_batch", "shard_batch", "shard_for_sequence_parallel"]
+__all__ = [
+    "IGNORE_INDEX",
+    "prepare_batch",
+    "shard_batch",
+    "shard_for_sequence_parallel",
+    "shard_multiple",
+    "shard_token_index",
+]

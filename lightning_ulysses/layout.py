@@ -4,9 +4,16 @@ Every other module asks a :class:`ParallelLayout` (pure arithmetic, no process g
 :class:`ProcessGroups` (the layout plus the torch groups built from it) instead of passing loose
 integers around.
 
-Rank placement: SP groups are *contiguous* blocks of ranks (``[0..sp-1], [sp..2sp-1], ...``), so on a
-multi-GPU node the heavy all-to-alls of one SP group stay on NVLink; DP groups are strided
-(``{r, r+sp, r+2sp, ...}``) and only carry the gradient reduction.
+``sp`` is the number of ranks that share one sequence (the context-parallel degree). It factors as
+``sp = ulysses x ring``: a Ulysses all-to-all (heads <-> sequence) inside groups of ``ulysses``
+ranks, and ring attention (K/V passed around) over groups of ``ring`` ranks. Ulysses is capped by the
+head counts; the ring is not, so any ``sp`` that divides the world is possible.
+
+Rank placement: SP groups are *contiguous* blocks of ranks (``[0..sp-1], [sp..2sp-1], ...``), and
+inside one, Ulysses groups are contiguous sub-blocks (the all-to-all wants NVLink, so a Ulysses
+group that fits in a node stays in it) while ring groups are strided by ``ulysses`` (point-to-point
+K/V passing tolerates slower links). DP groups are strided (``{r, r+sp, r+2sp, ...}``) and only
+carry the gradient reduction.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Literal, Optional, Union
 import torch.distributed as dist
 
 SPSize = Union[int, Literal["auto"]]
+ContextParallelMode = Literal["auto", "hybrid", "ulysses_only", "ring_only"]
+CONTEXT_PARALLEL_MODES = ("auto", "hybrid", "ulysses_only", "ring_only")
 
 # Attention implementations whose HF kernels never need a materialised 4D mask, so the Ulysses
 # wrapper can drop the shard-local mask HF builds and re-derive causality from global position_ids.
@@ -50,9 +59,82 @@ def validate_attn_implementation(attn_implementation: Optional[str], sp: int) ->
         )
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def decompose_context_parallel(
+    sp: int,
+    num_heads: int,
+    num_kv_heads: int,
+    mode: str = "auto",
+    ulysses_size: Optional[int] = None,
+    ring_size: Optional[int] = None,
+    gpus_per_node: Optional[int] = None,
+) -> tuple[int, int]:
+    """Split ``sp`` ranks per sequence into ``(ulysses, ring)`` with ``ulysses * ring == sp``.
+
+    ``"auto"``: the largest Ulysses degree that divides ``sp`` and that the heads allow (all-to-all
+    moves each token once; a ring passes K/V ``ring - 1`` times), restricted to degrees that keep
+    the Ulysses group inside one node when ``gpus_per_node`` is known. 9 heads on 6 ranks -> 3 x 2;
+    9 heads on 4 -> 1 x 4. ``"hybrid"``: the same, but both factors must be > 1. ``"ulysses_only"`` /
+    ``"ring_only"``: one factor is ``sp``. ``ulysses_size`` / ``ring_size`` override (one is enough).
+    """
+    if mode not in CONTEXT_PARALLEL_MODES:
+        raise ValueError(f"context_parallel_mode must be one of {list(CONTEXT_PARALLEL_MODES)}, got {mode!r}.")
+    for name, value in (("ulysses_size", ulysses_size), ("ring_size", ring_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+    valid = [u for u in _divisors(sp) if heads_allow(u, num_heads, num_kv_heads)]
+    heads_text = f"num_attention_heads={num_heads}, num_key_value_heads={num_kv_heads}"
+    if ulysses_size is not None or ring_size is not None:
+        if ulysses_size is not None and ring_size is not None and ulysses_size * ring_size != sp:
+            raise ValueError(
+                f"ulysses_size={ulysses_size} x ring_size={ring_size} = {ulysses_size * ring_size} must equal the "
+                f"sequence-parallel degree {sp}; set sequence_parallel_size={ulysses_size * ring_size} or change them."
+            )
+        given, name = (ulysses_size, "ulysses_size") if ulysses_size is not None else (ring_size, "ring_size")
+        if sp % given != 0:
+            raise ValueError(
+                f"{name}={given} does not divide the sequence-parallel degree {sp}; use one of {_divisors(sp)}."
+            )
+        u = ulysses_size if ulysses_size is not None else sp // ring_size  # type: ignore[operator]
+        if not heads_allow(u, num_heads, num_kv_heads):
+            raise ValueError(
+                f"ulysses_size={u} cannot split the model's heads ({heads_text}); Ulysses degrees that divide "
+                f"{sp} and the heads allow: {valid}. Put the rest on the ring (ring_size={sp // max(valid)})."
+            )
+        return u, sp // u
+    if mode == "ulysses_only":
+        if not heads_allow(sp, num_heads, num_kv_heads):
+            raise ValueError(
+                f"sequence_parallel_size={sp} cannot split the model's heads ({heads_text}) with Ulysses alone: it "
+                f"needs num_attention_heads % sp == 0 and either num_key_value_heads % sp == 0 or "
+                f"sp % num_key_value_heads == 0. Ulysses degrees that divide {sp} and the heads allow: {valid}; use "
+                "context_parallel_mode='auto' (adds a ring dimension) or a smaller sequence_parallel_size."
+            )
+        return sp, 1
+    if mode == "ring_only":
+        return 1, sp
+    candidates = valid
+    if gpus_per_node is not None and gpus_per_node > 0:
+        in_node = [u for u in valid if u <= gpus_per_node and gpus_per_node % u == 0]
+        candidates = in_node or valid
+    if mode == "hybrid":
+        candidates = [u for u in candidates if 1 < u < sp]
+        if not candidates:
+            raise ValueError(
+                f"context_parallel_mode='hybrid' needs a Ulysses degree strictly between 1 and {sp} that divides it "
+                f"and splits the heads ({heads_text}); there is none. Use 'auto', 'ring_only', or another "
+                "sequence_parallel_size."
+            )
+    u = max(candidates)
+    return u, sp // u
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Validated degrees of the world: ``world_size = sp * dp``.
+    """Validated degrees of the world: ``world_size = sp * dp`` and ``sp = ulysses * ring``.
 
     Construct it with :meth:`resolve`, which turns ``"auto"`` into a number and checks the request
     against the model's head counts, so that an impossible layout fails before any group is built.
@@ -60,6 +142,7 @@ class ParallelLayout:
 
     world_size: int
     sp: int
+    ring: int = 1
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -79,6 +162,8 @@ class ParallelLayout:
                 f"sequence_parallel_size={self.sp} does not divide the world size {self.world_size}; the rest of the "
                 f"world would not form whole data-parallel groups. Use one of {divisors}."
             )
+        if not isinstance(self.ring, int) or self.ring < 1 or self.sp % self.ring != 0:
+            raise ValueError(f"ring size {self.ring!r} must be a positive divisor of sequence_parallel_size={self.sp}.")
 
     @classmethod
     def resolve(
@@ -88,10 +173,20 @@ class ParallelLayout:
         num_heads: Optional[int] = None,
         num_kv_heads: Optional[int] = None,
         attn_implementation: Optional[str] = None,
+        mode: str = "auto",
+        ulysses_size: Optional[int] = None,
+        ring_size: Optional[int] = None,
+        gpus_per_node: Optional[int] = None,
     ) -> "ParallelLayout":
-        """Resolve ``"auto"`` and validate an explicit degree against world size and head counts."""
+        """Resolve ``"auto"`` and validate an explicit degree against world size and head counts.
+
+        ``sequence_parallel_size="auto"`` with both ``ulysses_size`` and ``ring_size`` given means their
+        product; otherwise ``"auto"`` is the largest Ulysses-only degree (no ring) the heads allow.
+        """
         if num_kv_heads is None:
             num_kv_heads = num_heads
+        if sequence_parallel_size == "auto" and ulysses_size is not None and ring_size is not None:
+            sequence_parallel_size = ulysses_size * ring_size
         if sequence_parallel_size == "auto":
             if num_heads is None:
                 raise ValueError(
@@ -105,21 +200,29 @@ class ParallelLayout:
             )
         else:
             sp = sequence_parallel_size
-        layout = cls(world_size=world_size, sp=sp)
-        if num_heads is not None and sp > 1 and not heads_allow(sp, num_heads, num_kv_heads):
-            allowed = [s for s in range(1, world_size + 1) if world_size % s == 0 and heads_allow(s, num_heads, num_kv_heads)]
-            raise ValueError(
-                f"sequence_parallel_size={sp} cannot split the model's heads (num_attention_heads={num_heads}, "
-                f"num_key_value_heads={num_kv_heads}): Ulysses needs num_attention_heads % sp == 0 and either "
-                f"num_key_value_heads % sp == 0 or sp % num_key_value_heads == 0. Valid degrees for world size "
-                f"{world_size}: {allowed} (or sequence_parallel_size='auto')."
+        cls(world_size=world_size, sp=sp)  # validates sp against the world before decomposing it
+        ring = 1
+        if sp > 1 and num_heads is None:
+            # No model to check against (unit use): take the request literally.
+            if ulysses_size is not None or ring_size is not None:
+                ring = ring_size if ring_size is not None else sp // ulysses_size  # type: ignore[operator]
+            elif mode == "ring_only":
+                ring = sp
+        elif sp > 1:
+            _, ring = decompose_context_parallel(
+                sp, num_heads, num_kv_heads, mode, ulysses_size, ring_size, gpus_per_node  # type: ignore[arg-type]
             )
+        layout = cls(world_size=world_size, sp=sp, ring=ring)
         validate_attn_implementation(attn_implementation, sp)
         return layout
 
     @property
     def dp(self) -> int:
         return self.world_size // self.sp
+
+    @property
+    def ulysses(self) -> int:
+        return self.sp // self.ring
 
     @property
     def sp_enabled(self) -> bool:
@@ -131,21 +234,41 @@ class ParallelLayout:
     def dp_rank(self, rank: int) -> int:
         return rank // self.sp
 
+    def ulysses_rank(self, rank: int) -> int:
+        return self.sp_rank(rank) % self.ulysses
+
+    def ring_rank(self, rank: int) -> int:
+        return self.sp_rank(rank) // self.ulysses
+
     def sp_group_ranks(self) -> list[list[int]]:
         return [list(range(g * self.sp, (g + 1) * self.sp)) for g in range(self.dp)]
 
     def dp_group_ranks(self) -> list[list[int]]:
         return [list(range(i, self.world_size, self.sp)) for i in range(self.sp)]
 
+    def ulysses_group_ranks(self) -> list[list[int]]:
+        u = self.ulysses
+        return [list(range(start, start + u)) for start in range(0, self.world_size, u)]
+
+    def ring_group_ranks(self) -> list[list[int]]:
+        u = self.ulysses
+        return [
+            list(range(base + i, base + self.sp, u)) for base in range(0, self.world_size, self.sp) for i in range(u)
+        ]
+
     def describe(self) -> str:
-        return f"world={self.world_size} = sp {self.sp} x dp {self.dp} (SP groups: {self.sp_group_ranks()})"
+        text = f"world={self.world_size} = sp {self.sp} x dp {self.dp} (SP groups: {self.sp_group_ranks()})"
+        if self.ring > 1:
+            text += f"; sp = ulysses {self.ulysses} x ring {self.ring} (ring groups: {self.ring_group_ranks()})"
+        return text
 
 
 @dataclass
 class ProcessGroups:
     """The torch process groups of a layout, as seen from one rank.
 
-    ``sp_group`` is None when sp == 1 (no collective is ever needed along it).
+    ``sp_group`` is None when sp == 1 (no collective is ever needed along it); likewise
+    ``ulysses_group`` when ulysses == 1 and ``ring_group`` when ring == 1.
     """
 
     layout: ParallelLayout
@@ -153,6 +276,8 @@ class ProcessGroups:
     sp_group: Optional[dist.ProcessGroup]
     dp_group: Optional[dist.ProcessGroup]
     world_group: Optional[dist.ProcessGroup]
+    ulysses_group: Optional[dist.ProcessGroup] = None
+    ring_group: Optional[dist.ProcessGroup] = None
 
     @classmethod
     def build(cls, layout: ParallelLayout) -> "ProcessGroups":
@@ -176,6 +301,19 @@ class ProcessGroups:
             group = dist.new_group(ranks)
             if rank in ranks:
                 dp_group = group
+        ulysses_group = ring_group = None
+        if layout.ring > 1:
+            if layout.ulysses > 1:
+                for ranks in layout.ulysses_group_ranks():
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        ulysses_group = group
+            for ranks in layout.ring_group_ranks():
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    ring_group = group
+        elif layout.sp > 1:
+            ulysses_group = sp_group
         # ZeRO shards and reduces over every rank (SP ranks hold replicas of the same parameters).
         world_group = dist.new_group(list(range(layout.world_size)))
         return cls(
@@ -184,6 +322,8 @@ class ProcessGroups:
             sp_group=sp_group if layout.sp > 1 else None,
             dp_group=dp_group,
             world_group=world_group,
+            ulysses_group=ulysses_group,
+            ring_group=ring_group,
         )
 
     @property
@@ -201,6 +341,22 @@ class ProcessGroups:
     @property
     def dp(self) -> int:
         return self.layout.dp
+
+    @property
+    def ulysses(self) -> int:
+        return self.layout.ulysses
+
+    @property
+    def ring(self) -> int:
+        return self.layout.ring
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.layout.ulysses_rank(self.rank)
+
+    @property
+    def ring_rank(self) -> int:
+        return self.layout.ring_rank(self.rank)
 
     def deepspeed_mpu(self) -> "DeepSpeedSequenceParallelMPU":
         return DeepSpeedSequenceParallelMPU(self)
@@ -259,8 +415,10 @@ def shutdown_distributed() -> None:
 
 
 __all__ = [
+    "CONTEXT_PARALLEL_MODES",
     "SPSize",
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "decompose_context_parallel",
     "ParallelLayout",
     "ProcessGroups",
     "DeepSpeedSequenceParallelMPU",

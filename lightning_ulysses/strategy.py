@@ -25,9 +25,10 @@ from lightning_ulysses import callbacks, cpu
 from lightning_ulysses.allocator import set_expandable_segments
 from lightning_ulysses.attention import apply_ulysses, remove_ulysses
 from lightning_ulysses.data import shard_for_sequence_parallel
-from lightning_ulysses.layout import ParallelLayout, ProcessGroups, SPSize
+from lightning_ulysses.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, ProcessGroups, SPSize
+from lightning_ulysses.ring import RING_BACKENDS
 from lightning_ulysses.loss import deepspeed_loss_scale
-from lightning_ulysses.model_utils import attention_spec, find_hf_model
+from lightning_ulysses.model_utils import attention_spec, checkpoint_kwargs, find_hf_model
 
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,14 +38,25 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     Args:
         sequence_parallel_size: ranks that share one sequence, or ``"auto"``: the largest degree that
-            divides the world size and that the model's heads allow (kv heads may be replicated).
-            The remaining factor of the world is data parallel.
+            divides the world size and that the model's heads allow for Ulysses alone (kv heads may be
+            replicated). The remaining factor of the world is data parallel.
+        context_parallel_size: the same number under its other common name (give one of the two).
+        context_parallel_mode: how ``sp`` splits into ``ulysses x ring``: ``"auto"`` (largest Ulysses
+            degree the heads allow, kept inside a node; the rest is a ring), ``"hybrid"`` (both > 1),
+            ``"ulysses_only"``, ``"ring_only"``. ``ulysses_size`` / ``ring_size`` set it by hand.
+        ring_zigzag: zigzag (load-balanced) ring layout; ``False`` gives contiguous chunks.
+        ring_attention_backend: block kernel of ring attention (``"auto"``, ``"cudnn"``, ``"flash"``,
+            ``"cpu"``, ``"math"``).
         pad_to_multiple_of: sequences are right-padded (never truncated) to a multiple of this;
-            defaults to ``sequence_parallel_size``. On GPUs ``256 * sp`` keeps kernels on fast paths.
+            defaults to ``sp`` (``2 * sp`` with a zigzag ring). On GPUs ``256 * sp`` keeps kernels on fast paths.
         pad_token_id: token id used for that padding (its label is always -100).
         seq_parallel_communication_data_type: dtype of the attention all-to-alls (``"fp32"``,
             ``"bf16"``); ``None`` sends activations in their own dtype.
         gradient_checkpointing: recompute decoder layers in backward; ``None``: on when sp > 1.
+        checkpoint_policy: ``"full"`` recomputes whole layers; ``"save_attention"`` (selective
+            checkpointing) keeps each layer's attention output + log-sum-exp so attention is not
+            recomputed -- faster at long sequences, one attention output per layer more memory
+            (pair it with ``activation_checkpoint_cpu_offload``). Implies gradient checkpointing.
         tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits;
             ``None``: on when sp > 1. ``tiled_loss_tile_tokens`` / ``tiled_loss_impl`` tune it.
         tiled_mlp: compute each layer's MLP in token tiles (``tiled_mlp_tile_tokens``, default hidden size).
@@ -62,10 +74,17 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def __init__(
         self,
         sequence_parallel_size: SPSize = "auto",
+        context_parallel_size: Optional[int] = None,
+        context_parallel_mode: str = "auto",
+        ulysses_size: Optional[int] = None,
+        ring_size: Optional[int] = None,
+        ring_zigzag: bool = True,
+        ring_attention_backend: str = "auto",
         pad_to_multiple_of: Optional[int] = None,
         pad_token_id: int = 0,
         seq_parallel_communication_data_type: Optional[str] = None,
         gradient_checkpointing: Optional[bool] = None,
+        checkpoint_policy: str = "full",
         tiled_loss: Optional[bool] = None,
         tiled_loss_tile_tokens: Optional[int] = None,
         tiled_loss_impl: str = "auto",
@@ -89,6 +108,19 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             config=config,
             **kwargs,
         )
+        if context_parallel_size is not None:
+            if sequence_parallel_size not in ("auto", context_parallel_size):
+                raise ValueError(
+                    f"sequence_parallel_size={sequence_parallel_size!r} and context_parallel_size={context_parallel_size!r} "
+                    "name the same thing (ranks per sequence); give only one."
+                )
+            sequence_parallel_size = context_parallel_size
+        if context_parallel_mode not in CONTEXT_PARALLEL_MODES:
+            raise ValueError(
+                f"context_parallel_mode must be one of {list(CONTEXT_PARALLEL_MODES)}, got {context_parallel_mode!r}."
+            )
+        if ring_attention_backend not in RING_BACKENDS:
+            raise ValueError(f"ring_attention_backend must be one of {list(RING_BACKENDS)}, got {ring_attention_backend!r}.")
         if sequence_parallel_size != "auto" and (
             not isinstance(sequence_parallel_size, int) or isinstance(sequence_parallel_size, bool) or sequence_parallel_size < 1
         ):
@@ -103,10 +135,22 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                 f"got {seq_parallel_communication_data_type!r}."
             )
         self.sequence_parallel_size = sequence_parallel_size
+        self.context_parallel_mode = context_parallel_mode
+        self.ulysses_size = ulysses_size
+        self.ring_size = ring_size
+        self.ring_zigzag = ring_zigzag
+        self.ring_attention_backend = ring_attention_backend
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
         self.seq_parallel_communication_data_type = seq_parallel_communication_data_type
         self.gradient_checkpointing = gradient_checkpointing
+        checkpoint_kwargs(checkpoint_policy)  # validates the name
+        if checkpoint_policy != "full" and gradient_checkpointing is False:
+            raise ValueError(
+                f"checkpoint_policy={checkpoint_policy!r} selects what gradient checkpointing recomputes, but "
+                "gradient_checkpointing=False; drop one of the two."
+            )
+        self.checkpoint_policy = checkpoint_policy
         self.tiled_loss = tiled_loss
         self.tiled_loss_tile_tokens = tiled_loss_tile_tokens
         self.tiled_loss_impl = tiled_loss_impl
@@ -139,7 +183,17 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                 )
             return ParallelLayout.resolve(1, self.world_size)
         heads, kv_heads, impl = attention_spec(hf_model)
-        return ParallelLayout.resolve(self.sequence_parallel_size, self.world_size, heads, kv_heads, impl)
+        return ParallelLayout.resolve(
+            self.sequence_parallel_size,
+            self.world_size,
+            heads,
+            kv_heads,
+            impl,
+            mode=self.context_parallel_mode,
+            ulysses_size=self.ulysses_size,
+            ring_size=self.ring_size,
+            gpus_per_node=self.num_processes if self.num_processes > 0 else None,
+        )
 
     # ------------------------------------------------------------------------- lightning hooks
     @property
@@ -166,7 +220,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         hf_model = find_hf_model(self.lightning_module)
         if layout.sp_enabled:
             comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
-            apply_ulysses(hf_model, self.groups, comm_dtype=comm)
+            apply_ulysses(
+                hf_model,
+                self.groups,
+                comm_dtype=comm,
+                ring_zigzag=self.ring_zigzag,
+                ring_backend=self.ring_attention_backend,
+            )
         elif hf_model is not None:
             remove_ulysses(hf_model)
         if hf_model is not None:
@@ -176,9 +236,11 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def _install_memory_callbacks(self, trainer: Any, layout: ParallelLayout) -> None:
         """Strategy options -> the same callbacks a project could add itself (unless it already has)."""
         wanted: list[Any] = []
-        checkpointing = self.gradient_checkpointing if self.gradient_checkpointing is not None else layout.sp_enabled
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = layout.sp_enabled or self.checkpoint_policy != "full"
         if checkpointing:
-            wanted.append(callbacks.GradientCheckpointing())
+            wanted.append(callbacks.GradientCheckpointing(self.checkpoint_policy))
         if self.tiled_loss if self.tiled_loss is not None else layout.sp_enabled:
             wanted.append(callbacks.TiledLoss(self.tiled_loss_tile_tokens, self.tiled_loss_impl))
         if self.tiled_mlp:
@@ -221,7 +283,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
         if self.groups is not None and self.groups.sp > 1:
             batch = shard_for_sequence_parallel(
-                batch, self.groups.sp_rank, self.groups.sp, self.pad_to_multiple_of, self.pad_token_id
+                batch,
+                self.groups.sp_rank,
+                self.groups.sp,
+                self.pad_to_multiple_of,
+                self.pad_token_id,
+                ring=self.groups.ring,
+                zigzag=self.ring_zigzag,
             )
         return super().batch_to_device(batch, device, dataloader_idx)
 

@@ -7,7 +7,8 @@ Formulas (per optimizer step, summed over the step's sequences of full length ``
   input embedding, whose lookup is no matmul) plus causal attention forward+backward (``QK^T`` and
   ``PV``: ``4 * S^2 * H`` per layer forward, halved by causality, times 3 for forward+backward);
 * hardware FLOPs adds what full activation checkpointing recomputes (one more forward:
-  ``2 * N_mm * S + 2 * L * S^2 * H``) when gradient checkpointing is on;
+  ``2 * N_mm * S + 2 * L * S^2 * H``) when gradient checkpointing is on, or only its dense part
+  (``2 * N_mm * S``) under the ``save_attention`` policy;
 * MFU = model FLOPs/s per GPU / the chip's bf16 dense peak (Lightning's ``get_available_flops``, or
   ``peak_tflops`` when given, e.g. a measured matmul ceiling).
 
@@ -44,9 +45,10 @@ def model_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:
     return 6.0 * dims.n_matmul_params * tokens + 6.0 * dims.layers * dims.hidden * sum_sq_len
 
 
-def recompute_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:
-    """Extra FLOPs of one recomputed forward (full activation checkpointing)."""
-    return 2.0 * dims.n_matmul_params * tokens + 2.0 * dims.layers * dims.hidden * sum_sq_len
+def recompute_flops(dims: ModelDims, tokens: float, sum_sq_len: float, attention: bool = True) -> float:
+    """Extra FLOPs of one recomputed forward: full checkpointing, or without attention (``save_attention``)."""
+    dense = 2.0 * dims.n_matmul_params * tokens
+    return dense + (2.0 * dims.layers * dims.hidden * sum_sq_len if attention else 0.0)
 
 
 def peak_flops_per_gpu(device: torch.device, peak_tflops: Optional[float] = None) -> Optional[float]:

@@ -190,7 +190,7 @@ def _tiled_causal_lm_forward(
         shift_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     loss_sum = self.get_output_embeddings()(out.last_hidden_state, labels=shift_labels)
     ctx = ulysses_of(self)
-    group = ctx.group if ctx is not None else None
+    group = ctx.sp_group if ctx is not None else None
     n = num_items_in_batch if num_items_in_batch is not None else count_valid_tokens(shift_labels, group)
     loss = sp_token_mean(loss_sum, torch.as_tensor(n, device=loss_sum.device), group)
     return CausalLMOutputWithPast(

@@ -29,7 +29,8 @@ def tiny_llama(attn="sdpa", heads=4, kv=2):
 
 def fake_groups(sp: int = 2) -> ProcessGroups:
     # a stand-in group object: enough for tagging, never used for a collective here
-    return ProcessGroups(layout=ParallelLayout(sp, sp), rank=0, sp_group=object(), dp_group=None, world_group=None)
+    g = object()
+    return ProcessGroups(layout=ParallelLayout(sp, sp), rank=0, sp_group=g, dp_group=None, world_group=None, ulysses_group=g)
 
 
 def test_packed_segments_match_transformers() -> None:

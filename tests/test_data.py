@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.data import IGNORE_INDEX, prepare_batch, shard_batch, shard_for_sequence_parallel
+from lightning_ulysses.data import (
+    IGNORE_INDEX,
+    prepare_batch,
+    shard_batch,
+    shard_for_sequence_parallel,
+    shard_token_index,
+)
 
 
 def test_labels_are_shifted_over_the_full_sequence_before_sharding() -> None:
@@ -96,3 +102,32 @@ def test_bad_batches_are_rejected_with_the_fix(batch, error, fix) -> None:
 def test_pad_multiple_must_be_a_multiple_of_sp() -> None:
     with pytest.raises(ValueError, match="must be a multiple of sequence_parallel_size=4"):
         shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long)}, 0, 4, pad_to_multiple_of=6)
+
+
+def test_zigzag_ring_sharding_balances_chunks_and_keeps_every_token_once() -> None:
+    # sp 4 = ulysses 2 x ring 2: ring rank 0 owns chunks 0 and 3 of 4, ring rank 1 chunks 1 and 2;
+    # its Ulysses ranks take consecutive pieces of that segment.
+    index = shard_token_index(16, sp=4, ring=2)
+    assert index.tolist() == [[0, 1, 2, 3], [12, 13, 14, 15], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert sorted(index.flatten().tolist()) == list(range(16))
+    assert shard_token_index(8, sp=4, ring=1).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert shard_token_index(8, sp=2, ring=2, zigzag=False).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_ring_pads_to_twice_sp_and_shards_positions_and_labels_alike() -> None:
+    ids = torch.arange(1, 11).unsqueeze(0)  # 10 tokens, ring 2 needs a multiple of 4 -> 12
+    shards = [shard_for_sequence_parallel({"input_ids": ids}, r, 2, ring=2) for r in range(2)]
+    assert [s["input_ids"].shape[1] for s in shards] == [6, 6]
+    assert shards[0]["position_ids"].tolist() == [[0, 1, 2, 9, 10, 11]]
+    assert shards[1]["position_ids"].tolist() == [[3, 4, 5, 6, 7, 8]]
+    # label of token t is token t+1 wherever t lives; the last real token (position 9) and pads predict nothing
+    assert shards[0]["shift_labels"].tolist() == [[2, 3, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert shards[1]["shift_labels"].tolist() == [[5, 6, 7, 8, 9, 10]]
+
+
+def test_ring_rejects_packed_rows_and_bad_pad_multiple() -> None:
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="context_parallel_mode='ulysses_only'"):
+        shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long), "position_ids": pos}, 0, 2, ring=2)
+    with pytest.raises(ValueError, match=r"2 x sequence_parallel_size = 4 \(zigzag ring\)"):
+        shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long)}, 0, 2, pad_to_multiple_of=6, ring=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ulysses.layout import ParallelLayout, auto_sequence_parallel_size, heads_allow
+from lightning_ulysses.layout import ParallelLayout, auto_sequence_parallel_size, decompose_context_parallel, heads_allow
 
 
 @pytest.mark.parametrize(
@@ -48,8 +48,29 @@ def test_layout_groups_are_contiguous_sp_blocks_and_strided_dp() -> None:
         (dict(sequence_parallel_size=-2, world_size=4), "positive int or 'auto'"),
         (dict(sequence_parallel_size="four", world_size=4), "positive int or 'auto'"),
         (dict(sequence_parallel_size="auto", world_size=4), "pass an int instead"),
-        (dict(sequence_parallel_size=4, world_size=4, num_heads=6, num_kv_heads=6), "Valid degrees for world size 4: [1, 2]"),
-        (dict(sequence_parallel_size=2, world_size=2, num_heads=12, num_kv_heads=3), "num_key_value_heads % sp == 0"),
+        (
+            dict(sequence_parallel_size=4, world_size=4, num_heads=6, num_kv_heads=6, mode="ulysses_only"),
+            "Ulysses degrees that divide 4 and the heads allow: [1, 2]; use context_parallel_mode='auto'",
+        ),
+        (
+            dict(sequence_parallel_size=2, world_size=2, num_heads=12, num_kv_heads=3, mode="ulysses_only"),
+            "num_key_value_heads % sp == 0",
+        ),
+        (dict(sequence_parallel_size=4, world_size=4, num_heads=6, num_kv_heads=6, mode="sideways"), "must be one of"),
+        (
+            dict(sequence_parallel_size=4, world_size=4, num_heads=4, num_kv_heads=4, ulysses_size=2, ring_size=4),
+            "set sequence_parallel_size=8",
+        ),
+        (dict(sequence_parallel_size=4, world_size=4, num_heads=4, num_kv_heads=4, ring_size=3), "use one of [1, 2, 4]"),
+        (
+            dict(sequence_parallel_size=4, world_size=4, num_heads=9, num_kv_heads=3, ulysses_size=2),
+            "Ulysses degrees that divide 4 and the heads allow: [1]",
+        ),
+        (
+            dict(sequence_parallel_size=4, world_size=4, num_heads=9, num_kv_heads=3, mode="hybrid"),
+            "context_parallel_mode='hybrid' needs a Ulysses degree strictly between 1 and 4",
+        ),
+        (dict(sequence_parallel_size=2, world_size=2, num_heads=4, ulysses_size=0), "positive int or None"),
         (
             dict(sequence_parallel_size=2, world_size=2, num_heads=4, num_kv_heads=4, attn_implementation="eager"),
             "attn_implementation set to one of ['sdpa', 'flash_attention_2', 'flash_attention_3']",
@@ -66,8 +87,14 @@ def test_layout_groups_are_contiguous_sp_blocks_and_strided_dp() -> None:
         "sp_negative",
         "sp_not_a_number",
         "auto_without_heads",
-        "heads_not_divisible",
-        "kv_heads_not_compatible",
+        "heads_not_divisible_ulysses_only",
+        "kv_heads_not_compatible_ulysses_only",
+        "unknown_mode",
+        "manual_sizes_do_not_multiply",
+        "ring_size_does_not_divide",
+        "manual_ulysses_cannot_split_heads",
+        "hybrid_impossible",
+        "ulysses_size_zero",
         "eager_attention",
         "flex_attention_not_yet",
     ],
@@ -80,3 +107,33 @@ def test_invalid_layout_is_rejected_with_the_fix(kwargs, fix) -> None:
 
 def test_sp_one_accepts_any_attention() -> None:
     assert ParallelLayout.resolve(1, 2, 4, 4, "eager").dp == 2
+
+
+@pytest.mark.parametrize(
+    "sp, heads, kv, kwargs, expected",
+    [
+        (6, 9, 3, {}, (3, 2)),  # SmolLM2-135M-like: 9 heads on 6 GPUs -> ulysses 3 x ring 2
+        (4, 9, 3, {}, (1, 4)),  # 9 heads on 4 -> ring only
+        (4, 32, 8, {}, (4, 1)),  # Ulysses alone when the heads allow it
+        (8, 32, 8, dict(mode="hybrid"), (4, 2)),
+        (4, 32, 8, dict(mode="hybrid"), (2, 2)),
+        (4, 32, 8, dict(mode="ring_only"), (1, 4)),
+        (8, 32, 8, dict(ulysses_size=4, ring_size=2), (4, 2)),  # manual sp4 x rp2
+        (8, 32, 8, dict(ring_size=2), (4, 2)),
+        (16, 32, 8, dict(gpus_per_node=8), (8, 2)),  # the all-to-all stays inside an 8-GPU node
+        (16, 32, 8, {}, (16, 1)),
+    ],
+)
+def test_context_parallel_decomposition(sp, heads, kv, kwargs, expected) -> None:
+    assert decompose_context_parallel(sp, heads, kv, **kwargs) == expected
+    layout = ParallelLayout.resolve(sp, sp, heads, kv, "sdpa", **kwargs)
+    assert (layout.ulysses, layout.ring) == expected
+
+
+def test_hybrid_groups_nest_ulysses_blocks_in_rings_and_log_the_layout() -> None:
+    layout = ParallelLayout.resolve(4, 8, 8, 8, "sdpa", ulysses_size=2)  # sp 4 = 2 x 2, dp 2
+    assert layout.ulysses_group_ranks() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.ring_group_ranks() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert [layout.ring_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [layout.ulysses_rank(r) for r in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert "ulysses 2 x ring 2" in layout.describe()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from lightning_ulysses.data import shard_multiple, shard_token_index
 from tests.harness import run_workers
 
 # name -> (world size, case). heads=4: MHA kv=4, GQA kv=2, MQA kv=1 (kv < sp -> kv replication).
@@ -52,6 +53,31 @@ CASES = {
         dict(sp=2, stage=1, heads=4, kv_heads=2, packed=True, epochs=2, offload=True),
     ),
     "sp_auto_resolves_4_mha_zero3_packed": (4, dict(sp=4, sp_arg="auto", stage=3, heads=4, kv_heads=4, packed=True)),
+    # Ulysses x ring (issue #5): ring attention nested in the all-to-all, zigzag-sharded data
+    "ring_only_rp4_gqa_zero2": (4, dict(sp=4, stage=2, heads=4, kv_heads=2, mode="ring_only", ring=4)),
+    "hybrid_u2_r2_mqa_zero3_padded_tiled_offload": (
+        4,
+        dict(sp=4, stage=3, heads=4, kv_heads=1, mode="hybrid", ring=2, seq_len=13, padded=True, tile_tokens=3,
+             offload=True),
+    ),
+    "hybrid_u3_r2_nine_heads_auto_zero1": (
+        6,
+        dict(sp=6, stage=1, heads=9, kv_heads=3, ring=2, seq_len=24, hidden=36, head_dim=4, steps=2),
+    ),
+    # selective checkpointing keeps attention outputs (issue #4): with ZeRO-3 + offload + tiled MLP, and inside the ring
+    "sp2_gqa_zero3_save_attention_offload_tiled_mlp": (
+        2,
+        dict(sp=2, stage=3, heads=4, kv_heads=2, checkpoint_policy="save_attention", offload=True, tiled_mlp=True,
+             mlp_tile_tokens=3),
+    ),
+    "hybrid_u2_r2_gqa_zero2_save_attention": (
+        4,
+        dict(sp=4, stage=2, heads=4, kv_heads=2, mode="hybrid", ring=2, checkpoint_policy="save_attention"),
+    ),
+    "ring2_dp2_contiguous_mha_zero3_validate": (
+        4,
+        dict(sp=2, stage=3, heads=4, kv_heads=4, ring_size=2, ring=2, zigzag=False, validate=True),
+    ),
 }
 
 DEFAULTS = dict(seq_len=16, lr=0.5, steps=4)
@@ -67,14 +93,17 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
     case = {**DEFAULTS, **case}
     r = run_workers("parity.py", ws, case, tmp_path)
     sp, dp, bs, steps = case["sp"], ws // case["sp"], case.get("batch_size", 1), case["steps"]
-    assert r["layout"] == {"sp": sp, "dp": dp}
+    ring = case.get("ring", 1)
+    assert r["layout"] == {"sp": sp, "dp": dp, "ring": ring}
 
-    # each rank held only its contiguous shard of the (padded) sequence
-    padded = -(-case["seq_len"] // sp) * sp
+    # each rank held only its shard of the (padded) sequence: contiguous, or zigzag with a ring
+    multiple = shard_multiple(sp, ring, case.get("zigzag", True))
+    padded = -(-case["seq_len"] // multiple) * multiple
+    index = shard_token_index(padded, sp, ring, case.get("zigzag", True))
     for rank in range(ws):
         assert set(r["local_seq"][rank]) == {padded // sp}, f"rank {rank} did not train on a 1/{sp} shard"
         if not case.get("packed"):
-            assert set(r["first_pos"][rank]) == {(rank % sp) * padded // sp}
+            assert set(r["first_pos"][rank]) == {int(index[rank % sp][0])}
 
     # each epoch uses every sample exactly once, split over DP groups only (no epoch inflation), and
     # the sampler's set_epoch still reshuffles between epochs
@@ -112,6 +141,8 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
     tiled = case.get("tiled_loss", sp_on)
     for m in r["memory"]:
         assert m["tiled"] == tiled and m["checkpointing"] == (sp_on or case.get("offload", False))
+        if m["checkpointing"]:
+            assert m["policy"] == case.get("checkpoint_policy", "full"), m
         assert m["tiled_mlp"] == case.get("tiled_mlp", False)
         if case.get("offload"):
             layers = 2

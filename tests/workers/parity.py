@@ -26,6 +26,7 @@ import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.model_utils import checkpoint_policy_of  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
@@ -105,6 +106,7 @@ class Recorder(L.Callback):
                 "tiled": tiled_loss_enabled(pl_module.model),
                 "tiled_mlp": tiled_mlp_enabled(pl_module.model),
                 "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
+                "policy": checkpoint_policy_of(pl_module.model),
                 **self._offload_stats(pl_module.model),
             }
         )
@@ -225,6 +227,11 @@ def run(case: dict, out_path: str) -> None:
         tiled_mlp_tile_tokens=case.get("mlp_tile_tokens"),
         memory_efficient_rmsnorm=case.get("rmsnorm", False),
         seq_parallel_communication_data_type=case.get("comm_dtype"),
+        context_parallel_mode=case.get("mode", "auto"),
+        checkpoint_policy=case.get("checkpoint_policy", "full"),
+        ulysses_size=case.get("ulysses_size"),
+        ring_size=case.get("ring_size"),
+        ring_zigzag=case.get("zigzag", True),
     )
     module = CausalLMModule(
         model=build_model(case),
@@ -277,7 +284,7 @@ def run(case: dict, out_path: str) -> None:
         return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
     result = {
-        "layout": {"sp": layout.sp, "dp": layout.dp},
+        "layout": {"sp": layout.sp, "dp": layout.dp, "ring": layout.ring},
         "local_seq": [[s["local_seq"] for s in steps_] for steps_ in gathered],
         "first_pos": [[s["first_pos"] for s in steps_] for steps_ in gathered],
         "sp_losses": [[gathered[r][k]["loss"] for r in range(ws)] for k in range(steps)],
@@ -294,7 +301,7 @@ def run(case: dict, out_path: str) -> None:
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
-            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "checkpointing", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
+            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "checkpointing", "policy", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
             for k in range(steps)
         ],

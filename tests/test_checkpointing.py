@@ -1,0 +1,62 @@
+"""Gradient checkpointing policies: "save_attention" keeps attention-kernel outputs and never recomputes attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_ulysses.callbacks import GradientCheckpointing
+from lightning_ulysses.model_utils import attention_kernel_ops, checkpoint_policy_of, enable_gradient_checkpointing
+from lightning_ulysses.throughput import ModelDims, recompute_flops
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in attention_kernel_ops():
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("policy, recomputed", [(None, 0), ("full", 3), ("save_attention", 0)])
+def test_policy_decides_whether_backward_recomputes_attention(policy, recomputed) -> None:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = _model()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = _model()
+    if policy is not None:
+        enable_gradient_checkpointing(model, policy)
+    assert checkpoint_policy_of(model) == policy
+    loss = model(input_ids=ids, labels=ids).loss
+    counter = _CountAttention()
+    with counter:
+        loss.backward()
+    assert counter.calls == recomputed  # one attention kernel per layer when the whole layer is recomputed
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_save_attention_recomputes_only_the_dense_part() -> None:
+    dims = ModelDims(n_matmul_params=1000, layers=2, hidden=8)
+    assert recompute_flops(dims, 10, 100, attention=False) == 2 * 1000 * 10
+    assert recompute_flops(dims, 10, 100) == 2 * 1000 * 10 + 2 * 2 * 8 * 100
+
+
+def test_unknown_policy_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"one of \['full', 'save_attention'\]"):
+        GradientCheckpointing("save_everything")
