@@ -89,3 +89,22 @@ def test_heads_that_do_not_split_are_an_error_at_call_time() -> None:
     q = torch.randn(1, 6, 3, 8)
     with pytest.raises(ValueError, match="cannot split this layer's heads"):
         ctx(lambda *a, **k: None, torch.nn.Module(), q, q, q, None, position_ids=torch.arange(3)[None])
+
+
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(sliding_window=4), "sliding_window=4"),
+        (dict(dropout=0.1), "attention dropout=0.1"),
+        (dict(softcap=30.0), "logit softcapping"),
+    ],
+)
+def test_ring_refuses_what_causal_ring_kernels_cannot_do(kwargs, what) -> None:
+    g = object()
+    groups = ProcessGroups(layout=ParallelLayout(4, 4, ring=2), rank=0, sp_group=g, dp_group=None, world_group=None,
+                           ulysses_group=g, ring_group=g)
+    ctx = UlyssesAttention(groups)
+    q = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="context_parallel_mode='ulysses_only'") as err:
+        ctx._ring(torch.nn.Module(), q, q, q, kwargs)
+    assert what in str(err.value)

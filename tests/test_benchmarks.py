@@ -11,16 +11,24 @@ from tests.harness import ROOT, worker_env
 
 def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     outs = []
-    for path in ("ours", "alst"):
-        out = tmp_path / f"{path}.json"
+    runs = {
+        "ours": ["--path", "ours"],
+        "alst": ["--path", "alst"],
+        # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
+        "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
+                      "save_attention", "--offload"],
+    }
+    for label, extra in runs.items():
+        out = tmp_path / f"{label}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "benchmarks" / "alst_compare.py"), "--path", path, "--preset", "tiny", "--seq", "64",
+               str(ROOT / "benchmarks" / "alst_compare.py"), *extra, "--preset", "tiny", "--seq", "64",
                "--sp", "2", "--warmup", "1", "--steps", "1", "--out", str(out)]
         proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         r = json.loads(out.read_text())
-        assert r["path"] == path and r["step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["path"] == label and r["step_s"] > 0 and r["tokens_per_s"] > 0
         outs.append(str(out))
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alst_compare.py"), "--report", *outs],
                             env=worker_env(), capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and "| 64 | alst |" in report.stdout and "| 64 | ours |" in report.stdout
+    assert "| 64 | ours-ring | 2 x 1 |" in report.stdout

@@ -60,3 +60,15 @@ def test_save_attention_recomputes_only_the_dense_part() -> None:
 def test_unknown_policy_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"one of \['full', 'save_attention'\]"):
         GradientCheckpointing("save_everything")
+
+
+def test_module_and_offload_keep_a_chosen_policy() -> None:
+    """CausalLMModule(gradient_checkpointing=True) and ActivationOffload run after the policy was chosen."""
+    from lightning_ulysses import CausalLMModule
+    from lightning_ulysses.callbacks import ActivationOffload
+
+    module = CausalLMModule(model=_model(), gradient_checkpointing=True)
+    GradientCheckpointing("save_attention").apply(module.model, trainer=None)
+    ActivationOffload().apply(module.model, trainer=None)
+    module.on_fit_start()
+    assert checkpoint_policy_of(module.model) == "save_attention"
