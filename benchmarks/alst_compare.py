@@ -71,6 +71,16 @@ def random_tokens(seq: int, vocab: int, n: int, seed: int = 0) -> list[torch.Ten
     return [torch.randint(0, vocab, (seq,), generator=g) for _ in range(n)]
 
 
+def rss_note(phase: str) -> None:
+    """Current and peak host RSS of this rank at a phase (``--rss-trace``; rank 0 prints)."""
+    if os.environ.get("ALST_COMPARE_RSS_TRACE") != "1" or os.environ.get("RANK", "0") != "0":
+        return
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    gib = {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}
+    print(f"rss[{phase}] now {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB", flush=True)
+
+
 def cuda_sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -90,11 +100,19 @@ def run_ours(args, cfg) -> list[float]:
     lightning_ds_config = ds_config(args.zero_stage, True)
     del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
     timer = SequenceThroughput(warmup_steps=args.warmup)
+
+    class _RSS(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            rss_note("ours: strategy set up, engine initialised")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rss_note(f"ours: after step {batch_idx}")
+
     module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer_factory, dtype="bfloat16")
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=int(os.environ["WORLD_SIZE"]),
         precision="bf16-mixed", max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer, _RSS()],
         strategy=UlyssesDeepSpeedStrategy(
             sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl="torch",
             config=lightning_ds_config, gradient_checkpointing=True, checkpoint_policy=args.checkpoint_policy,
@@ -103,6 +121,22 @@ def run_ours(args, cfg) -> list[float]:
             context_parallel_mode=args.mode, ring_size=args.ring_size, ring_attention_backend=args.ring_backend,
         ),
     )
+    strategy = trainer.strategy
+    if os.environ.get("ALST_COMPARE_RSS_TRACE") == "1":
+        build, init = module.configure_model, strategy._setup_model_and_optimizer
+
+        def traced_build():
+            build()
+            rss_note("ours: configure_model done")
+
+        def traced_init(*a, **k):
+            rss_note("ours: before deepspeed.initialize")
+            out = init(*a, **k)
+            rss_note("ours: after deepspeed.initialize")
+            return out
+
+        module.configure_model, strategy._setup_model_and_optimizer = traced_build, traced_init
+    rss_note("ours: before fit")
     trainer.fit(module, DataLoader(data, batch_size=1))
     return [m["throughput/step_s"] for m in timer.history[args.warmup:]]
 
@@ -134,6 +168,7 @@ def run_alst(args, cfg) -> list[float]:
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=args.zero_stage == 3):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rss_note("alst: model built under zero.Init")
     engine, _, _, _ = deepspeed.initialize(config=config, model=model, model_parameters=model.parameters(),
                                            optimizer=optimizer_factory(model.parameters()), mpu=mpu)
     sp_group, sp_world, sp_rank = (groups._get_sequence_parallel_group(), groups._get_sequence_parallel_world_size(),
@@ -172,6 +207,7 @@ def run_alst(args, cfg) -> list[float]:
         cuda_sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+        rss_note(f"alst: after step {step}")
     dist.barrier()
     return times
 
@@ -271,6 +307,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="result.json")
+    p.add_argument("--rss-trace", action="store_true", help="print host RSS at setup phases (rank 0)")
     p.add_argument("--label", default=None, help="name of this run in the report (default: --path)")
     p.add_argument("--checkpoint-policy", default="full", choices=["full", "save_attention"], help="ours only")
     p.add_argument("--offload", action="store_true", help="ours: activation-checkpoint CPU offload")
@@ -286,6 +323,8 @@ def main() -> None:
         report(args.report, args.plot)
     else:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if args.rss_trace:
+            os.environ["ALST_COMPARE_RSS_TRACE"] = "1"
         run(args)
 
 
