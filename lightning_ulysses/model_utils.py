@@ -92,13 +92,33 @@ def checkpoint_kwargs(policy: str = "full") -> dict:
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, policy: str = "full") -> None:
-    """HF gradient checkpointing of every decoder layer with :func:`checkpoint_kwargs` (idempotent)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
+    """HF gradient checkpointing of every decoder layer with :func:`checkpoint_kwargs` (idempotent).
+
+    transformers >= 5.2x names it ``activation_checkpointing_enable`` (the old name warns); older 5.x
+    releases only have ``gradient_checkpointing_enable``.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
     setattr(model, _POLICY_ATTR, policy)
+
+
+def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any submodule checkpoints (what HF's ``is_activation/gradient_checkpointing`` test, without the
+    deprecation warning of the old name)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def checkpoint_policy_of(model: torch.nn.Module) -> Optional[str]:
     """``"full"`` / ``"save_attention"`` when checkpointing is on, else None."""
-    if not getattr(model, "is_gradient_checkpointing", False):
+    if not is_checkpointing(model):
         return None
     return getattr(model, _POLICY_ATTR, "full")

@@ -15,7 +15,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_ulysses.data import prepare_batch
 from lightning_ulysses.loss import sp_causal_lm_loss
-from lightning_ulysses.model_utils import checkpoint_policy_of, enable_gradient_checkpointing
+from lightning_ulysses.model_utils import (
+    checkpoint_policy_of,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+)
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 
 ModelSpec = Union[str, dict[str, Any], Any]
@@ -127,7 +131,7 @@ class CausalLMModule(LightningModule):
         if self.gradient_checkpointing is True and checkpoint_policy_of(self.model) is None:
             enable_gradient_checkpointing(self.model)
         elif self.gradient_checkpointing is False:
-            self.model.gradient_checkpointing_disable()
+            disable_gradient_checkpointing(self.model)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, batch = self.compute_loss(batch)

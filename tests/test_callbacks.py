@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_ulysses.callbacks import ActivationOffload, GradientCheckpointing, TiledLoss, TiledMLP
+from lightning_ulysses.model_utils import is_checkpointing
 from lightning_ulysses.offload import activation_offloader
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled
@@ -64,7 +65,7 @@ def test_callbacks_on_a_single_device_change_nothing_but_memory() -> None:
     plain, _ = fit_single_device([])
     tiled, module = fit_single_device([TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload()])
     assert tiled_loss_enabled(module.model) and tiled_mlp_enabled(module.model)
-    assert module.model.is_gradient_checkpointing, "ActivationOffload turns checkpointing on"
+    assert is_checkpointing(module.model), "ActivationOffload turns checkpointing on"
     assert activation_offloader(module.model).stats.offloaded >= 2
     assert tiled == pytest.approx(plain, abs=1e-5)
     assert plain[-1] < plain[0]
@@ -72,7 +73,7 @@ def test_callbacks_on_a_single_device_change_nothing_but_memory() -> None:
 
 def test_gradient_checkpointing_callback() -> None:
     _, module = fit_single_device([GradientCheckpointing()])
-    assert module.model.is_gradient_checkpointing
+    assert is_checkpointing(module.model)
 
 
 def test_checkpointing_is_non_reentrant_with_torch_default_early_stop() -> None:

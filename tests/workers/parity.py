@@ -26,7 +26,7 @@ import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
-from lightning_ulysses.model_utils import checkpoint_policy_of  # noqa: E402
+from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
@@ -105,7 +105,7 @@ class Recorder(L.Callback):
                 "logged": float(trainer.callback_metrics["train_loss"]),
                 "tiled": tiled_loss_enabled(pl_module.model),
                 "tiled_mlp": tiled_mlp_enabled(pl_module.model),
-                "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
+                "checkpointing": is_checkpointing(pl_module.model),
                 "policy": checkpoint_policy_of(pl_module.model),
                 **self._offload_stats(pl_module.model),
             }
