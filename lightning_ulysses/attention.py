@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
+from lightning_ulysses.data import packed_segments
 from lightning_ulysses.layout import SUPPORTED_ATTN_IMPLEMENTATIONS, ProcessGroups, heads_allow
-from lightning_ulysses.ring import ring_attention, select_kernel
+from lightning_ulysses.ring import RingGroup, ring_attention
 
 _CTX_ATTR = "_lightning_ulysses_attention"
 _DISPATCH_MARK = "_lightning_ulysses_dispatch"
@@ -85,19 +86,6 @@ def heads_to_seq(out: Tensor, sp: int, group: dist.ProcessGroup, comm_dtype=None
     return recv.permute(1, 2, 0, 3, 4).reshape(b, c, sp * hl, d)
 
 
-def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
-    """Segment id per token for packed rows (position ids restart), or None when no row is packed.
-
-    Same rule as transformers' ``find_packed_sequence_indices``: a new segment starts wherever the
-    position does not continue the previous one by +1.
-    """
-    first = position_ids[:, :1] - 1
-    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    if bool((seg[:, -1] == 0).all()):
-        return None
-    return seg
-
-
 def causal_mask(
     position_ids: Tensor, segments: Optional[Tensor], sliding_window: Optional[int]
 ) -> Tensor:
@@ -136,7 +124,7 @@ class UlyssesAttention:
         self.ring_group = groups.ring_group
         self.ring_zigzag = ring_zigzag
         self.ring_backend = ring_backend
-        select_kernel(torch.device("cpu"), torch.float32, ring_backend)  # validates the name early
+        self._ring_peers: Optional[RingGroup] = None  # neighbours, resolved once (attention calls are hot)
         self.comm_dtype = comm_dtype
         self.calls = 0
         self._pos_local: Optional[Tensor] = None
@@ -144,8 +132,6 @@ class UlyssesAttention:
         self._segments: Optional[Tensor] = None
 
     def _global_positions(self, local: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        if self.group is None:
-            return local, None
         if local is not self._pos_local:
             # [b, c] x sp -> [b, S]; rank order == sequence order (contiguous sharding)
             parts = [torch.empty_like(local) for _ in range(self.sp)]
@@ -181,13 +167,6 @@ class UlyssesAttention:
                 "causal masking is rebuilt from the global positions. Pass position_ids=batch['position_ids'] "
                 "(the strategy's data sharding creates them) to the model's forward."
             )
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        pos_global, segments = self._global_positions(position_ids)
-        if pos_global.shape[0] == 1 and query.shape[0] > 1:
-            pos_global = pos_global.expand(query.shape[0], -1)
-            segments = segments.expand(query.shape[0], -1) if segments is not None else None
-
         # GQA/MQA with fewer kv heads than ranks: replicate each kv head sp/hkv times so every rank
         # receives exactly the kv head its query heads use (their group boundaries line up).
         if hkv < sp:
@@ -199,9 +178,17 @@ class UlyssesAttention:
         else:
             q, k, v = query, key, value
         if self.ring_group is not None:
+            # ring layouts are causal over one sequence per row (the data layer refuses packing), so the
+            # global positions are not needed here: no gather
             out = self._ring(module, q, k, v, kwargs)  # [b, S_segment, h/sp, d]
             return (heads_to_seq(out, sp, self.group, self.comm_dtype) if self.group is not None else out), None
 
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        pos_global, segments = self._global_positions(position_ids)
+        if pos_global.shape[0] == 1 and query.shape[0] > 1:
+            pos_global = pos_global.expand(query.shape[0], -1)
+            segments = segments.expand(query.shape[0], -1) if segments is not None else None
         kwargs["position_ids"] = pos_global
         impl = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
         if impl == "sdpa":
@@ -244,8 +231,10 @@ class UlyssesAttention:
                 f"{', '.join(unsupported)}. Use context_parallel_mode='ulysses_only' with a sequence_parallel_size "
                 "the heads allow, or set attention_dropout=0 for training."
             )
+        if self._ring_peers is None:
+            self._ring_peers = RingGroup.of(self.ring_group)
         out = ring_attention(
-            q, k, v, self.ring_group, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend
+            q, k, v, self._ring_peers, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend
         )
         return out.transpose(1, 2)
 

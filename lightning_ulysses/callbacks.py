@@ -111,11 +111,10 @@ class ActivationOffload(_HFModelTransform):
         self.min_bytes = min_bytes
 
     def apply(self, model: Any, trainer: Trainer) -> None:
-        from lightning_ulysses.model_utils import checkpoint_policy_of
+        from lightning_ulysses.model_utils import enable_gradient_checkpointing
         from lightning_ulysses.offload import activation_offloader, enable_activation_offload
 
-        if checkpoint_policy_of(model) is None:
-            GradientCheckpointing().apply(model, trainer)
+        enable_gradient_checkpointing(model)
         if activation_offloader(model) is None:
             enable_activation_offload(model, self.min_bytes)
 

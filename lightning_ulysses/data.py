@@ -190,8 +190,21 @@ def shard_batch(
     return out
 
 
+def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
+    """Segment id per token for packed rows (position ids restart), or None when no row is packed.
+
+    Same rule as transformers' ``find_packed_sequence_indices``: a new segment starts wherever the
+    position does not continue the previous one by +1.
+    """
+    first = position_ids[:, :1] - 1
+    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    if bool((seg[:, -1] == 0).all()):
+        return None
+    return seg
+
+
 def _check_not_packed(position_ids: Tensor) -> None:
-    if bool((torch.diff(position_ids, dim=-1) != 1).any()):
+    if packed_segments(position_ids) is not None:
         raise ValueError(
             "Ring attention supports one causal sequence per row (right padding allowed), but position_ids restart "
             "inside a row (packed sequences). Use context_parallel_mode='ulysses_only' (Ulysses handles packing) or "
@@ -227,6 +240,7 @@ def shard_for_sequence_parallel(
 
 __all__ = [
     "IGNORE_INDEX",
+    "packed_segments",
     "prepare_batch",
     "shard_batch",
     "shard_for_sequence_parallel",

@@ -91,12 +91,17 @@ def checkpoint_kwargs(policy: str = "full") -> dict:
     return kwargs
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, policy: str = "full") -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] = None) -> None:
     """HF gradient checkpointing of every decoder layer with :func:`checkpoint_kwargs` (idempotent).
+
+    ``policy=None`` keeps the policy already in force (callers that only need checkpointing *on*, such
+    as the activation offload, must not undo a ``save_attention`` chosen elsewhere), else ``"full"``.
 
     transformers >= 5.2x names it ``activation_checkpointing_enable`` (the old name warns); older 5.x
     releases only have ``gradient_checkpointing_enable``.
     """
+    if policy is None:
+        policy = checkpoint_policy_of(model) or "full"
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:

@@ -15,11 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_ulysses.data import prepare_batch
 from lightning_ulysses.loss import sp_causal_lm_loss
-from lightning_ulysses.model_utils import (
-    checkpoint_policy_of,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
-)
+from lightning_ulysses.model_utils import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 
 ModelSpec = Union[str, dict[str, Any], Any]
@@ -127,8 +123,8 @@ class CausalLMModule(LightningModule):
 
     # ------------------------------------------------------------------------------- lightning
     def on_fit_start(self) -> None:
-        # runs after the callbacks' on_fit_start: keep a policy a GradientCheckpointing callback chose
-        if self.gradient_checkpointing is True and checkpoint_policy_of(self.model) is None:
+        # runs after the callbacks' on_fit_start; enable_gradient_checkpointing keeps a policy they chose
+        if self.gradient_checkpointing is True:
             enable_gradient_checkpointing(self.model)
         elif self.gradient_checkpointing is False:
             disable_gradient_checkpointing(self.model)

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_ulysses.model_utils import is_checkpointing
+
 
 @dataclass
 class OffloadStats:
@@ -157,7 +159,7 @@ class ActivationOffloader:
 
     # ---------------------------------------------------------------------- module hooks
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
-        if not (module.training and torch.is_grad_enabled() and _checkpointing_on(module)):
+        if not (module.training and torch.is_grad_enabled() and is_checkpointing(module)):
             return
         self._records = []  # a new step: indices restart (records of a live older graph still work)
         self.stats = OffloadStats()
@@ -168,10 +170,6 @@ class ActivationOffloader:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
-
-
-def _checkpointing_on(decoder: torch.nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
 
 
 _ATTR = "_lightning_ulysses_offload"

@@ -291,7 +291,7 @@ def ring_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    group: dist.ProcessGroup,
+    group: "dist.ProcessGroup | RingGroup",
     scale: Optional[float] = None,
     zigzag: bool = True,
     backend: str = "auto",
@@ -300,13 +300,13 @@ def ring_attention(
     divide the query heads) whose sequence is split over ``group`` in the contiguous or zigzag layout.
 
     Returns ``[b, h, s, d]`` in ``q``'s layout and dtype. Collective over ``group`` (every rank calls it
-    in the same order, forward and backward).
+    in the same order, forward and backward). Pass a :class:`RingGroup` to skip resolving the neighbours.
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}).")
     if zigzag and q.shape[2] % 2 != 0:
         raise ValueError(f"zigzag ring attention needs an even local length, got {q.shape[2]}.")
-    ring = RingGroup.of(group)
+    ring = group if isinstance(group, RingGroup) else RingGroup.of(group)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kernel = select_kernel(q.device, q.dtype, backend)
     if ring.size == 1:
