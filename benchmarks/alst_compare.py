@@ -81,6 +81,39 @@ def rss_note(phase: str) -> None:
     print(f"rss[{phase}] now {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB", flush=True)
 
 
+def start_rss_sampler() -> None:
+    """``--rss-trace``: sample host RSS every 20 ms on rank 0 and print, at exit, the Python stack of the
+    main thread at the moment of the highest sample (where a transient host allocation happens)."""
+    if os.environ.get("ALST_COMPARE_RSS_TRACE") != "1" or os.environ.get("RANK", "0") != "0":
+        return
+    import atexit
+    import sys
+    import threading
+    import traceback
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    main_id = threading.main_thread().ident
+    best = {"rss": 0, "stack": []}
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            if rss > best["rss"] + 2**26:  # a new high by > 64 MiB: remember where the main thread is
+                frame = sys._current_frames().get(main_id)
+                best["rss"] = rss
+                best["stack"] = traceback.format_stack(frame)[-14:] if frame is not None else []
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+    def dump() -> None:
+        print(f"rss-sampler: highest sample {best['rss'] / 2**30:.2f} GiB, main thread was at:", flush=True)
+        print("".join(best["stack"]), flush=True)
+
+    atexit.register(dump)
+
+
 def cuda_sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -99,6 +132,12 @@ def run_ours(args, cfg) -> list[float]:
     data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * dp)]
     lightning_ds_config = ds_config(args.zero_stage, True)
     del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
+    optimizer = optimizer_factory
+    if args.cpu_optimizer:  # ZeRO-Offload: fp32 master weights + Adam state in host memory, DeepSpeed's CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        lightning_ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        optimizer = lambda params: DeepSpeedCPUAdam(params, lr=1e-5)  # noqa: E731
     timer = SequenceThroughput(warmup_steps=args.warmup)
 
     class _RSS(L.Callback):
@@ -108,16 +147,17 @@ def run_ours(args, cfg) -> list[float]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rss_note(f"ours: after step {batch_idx}")
 
-    module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer_factory, dtype="bfloat16")
+    module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer, dtype="bfloat16")
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=int(os.environ["WORLD_SIZE"]),
         precision="bf16-mixed", max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer, _RSS()],
         strategy=UlyssesDeepSpeedStrategy(
-            sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl="torch",
+            sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl=args.loss_impl,
             config=lightning_ds_config, gradient_checkpointing=True, checkpoint_policy=args.checkpoint_policy,
             activation_checkpoint_cpu_offload=args.offload, tiled_mlp=args.tiled_mlp,
-            memory_efficient_rmsnorm=args.rmsnorm,
+            memory_efficient_rmsnorm=args.rmsnorm, memory_efficient_swiglu=args.swiglu,
+            memory_efficient_impl=args.kernel_impl,
             context_parallel_mode=args.mode, ring_size=args.ring_size, ring_attention_backend=args.ring_backend,
         ),
     )
@@ -171,6 +211,7 @@ def run_alst(args, cfg) -> list[float]:
     rss_note("alst: model built under zero.Init")
     engine, _, _, _ = deepspeed.initialize(config=config, model=model, model_parameters=model.parameters(),
                                            optimizer=optimizer_factory(model.parameters()), mpu=mpu)
+    rss_note("alst: after deepspeed.initialize")
     sp_group, sp_world, sp_rank = (groups._get_sequence_parallel_group(), groups._get_sequence_parallel_world_size(),
                                    groups._get_sequence_parallel_rank())
     tokens = random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * sp_world)
@@ -313,6 +354,13 @@ def main() -> None:
     p.add_argument("--offload", action="store_true", help="ours: activation-checkpoint CPU offload")
     p.add_argument("--tiled-mlp", action="store_true", help="ours: tiled MLP")
     p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")
+    p.add_argument("--swiglu", action="store_true", help="ours: memory-efficient SwiGLU")
+    p.add_argument("--kernel-impl", default="auto", choices=["auto", "torch", "liger"],
+                   help="ours: kernels of --rmsnorm/--swiglu (auto: Liger on CUDA when installed)")
+    p.add_argument("--loss-impl", default="torch", choices=["auto", "torch", "liger"],
+                   help="ours: tiled loss kernel (torch by default, like for like with the reference's tiles)")
+    p.add_argument("--cpu-optimizer", action="store_true",
+                   help="ours: ZeRO-3 optimizer offload to CPU with DeepSpeedCPUAdam (single-GPU max-length runs)")
     p.add_argument("--mode", default="auto", help="ours: context_parallel_mode (auto|hybrid|ulysses_only|ring_only)")
     p.add_argument("--ring-size", type=int, default=None, help="ours: ring degree (sp = ulysses x ring)")
     p.add_argument("--ring-backend", default="auto", help="ours: ring attention block kernel")
@@ -325,6 +373,7 @@ def main() -> None:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if args.rss_trace:
             os.environ["ALST_COMPARE_RSS_TRACE"] = "1"
+            start_rss_sampler()
         run(args)
 
 

@@ -7,7 +7,8 @@ init, bf16, sdpa. Each configuration adds one trick to the previous one:
     +tiled_loss   lightning_ulysses tiled lm_head + CE (torch implementation)
     +offload      activation-checkpoint CPU offload
     +tiled_mlp    tiled MLP
-    +rmsnorm      memory-efficient RMSNorm (input kept instead of an fp32 copy)
+    +rmsnorm      memory-efficient RMSNorm (input kept instead of an fp32 copy; Liger's kernel on CUDA)
+    (+swiglu      memory-efficient SwiGLU, for runs without tiled MLP: --configs "+swiglu (untiled)")
     (+liger_loss  the same stack with Liger's fused linear CE instead of the torch tiles)
 
 Measured: peak allocated memory of one forward+backward (after a warm-up step), the static part
@@ -52,9 +53,11 @@ def configure(model, tricks: set[str]) -> None:
     from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload
     from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm
     from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss
+    from lightning_ulysses.swiglu import disable_memory_efficient_swiglu, enable_memory_efficient_swiglu
     from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
 
     disable_tiled_loss(model)
+    disable_memory_efficient_swiglu(model)
     disable_activation_offload(model)
     disable_tiled_mlp(model)
     disable_memory_efficient_rmsnorm(model)
@@ -68,6 +71,8 @@ def configure(model, tricks: set[str]) -> None:
         enable_activation_offload(model)
     if "tiled_mlp" in tricks:
         enable_tiled_mlp(model)
+    if "swiglu" in tricks:
+        enable_memory_efficient_swiglu(model)
 
 
 def step(model, seq: int) -> dict:
@@ -157,6 +162,7 @@ def main() -> None:
         ("+tiled_mlp", {"tiled_loss", "offload", "tiled_mlp"}),
         ("+rmsnorm", {"tiled_loss", "offload", "tiled_mlp", "rmsnorm"}),
         ("full stack, liger loss", {"liger_loss", "offload", "tiled_mlp", "rmsnorm"}),
+        ("+swiglu (untiled)", {"tiled_loss", "offload", "rmsnorm", "swiglu"}),
     ]
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs]

@@ -96,8 +96,17 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows[: args.top]:
         print(f"| {r['site']} | {r['bytes'] / GiB:.3f} | {per_tok(r['bytes']) / 1024:.1f} | {r['count']} |")
+    # where the peak happened, and the sizes of what no Python frame claims (autograd-engine buffers:
+    # gradients in flight), in units of one bf16 [tokens, hidden] activation (the sizes name the tensors)
+    at_peak = [f"{f.get('filename', '').split('site-packages/')[-1].split('/work/')[-1]}:{f.get('line')} {f.get('name')}"
+               for f in trace[peak_at].get("frames", [])[:12]]
+    print("peak allocation made at:\n  " + "\n  ".join(at_peak))
+    unit = args.seq * model.config.hidden_size * 2
+    sizes = collections.Counter(round(ev["size"] / unit, 3) for ev in live.values() if site(ev.get("frames", [])) == "<autograd engine / other>")
+    print("unattributed live blocks (size in bf16 [tokens, hidden] units: count):",
+          ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:12]))
     with open(args.out, "w") as f:
-        json.dump({"seq": args.seq, "layers": args.layers, "tricks": args.tricks, "static_before": static_before,
+        json.dump({"at_peak": at_peak, "unattributed_sizes": {str(k): v for k, v in sizes.items()}, "seq": args.seq, "layers": args.layers, "tricks": args.tricks, "static_before": static_before,
                    "peak_in_step": peak_in_step, "rows": rows}, f, indent=1)
 
 

@@ -137,12 +137,44 @@ class TiledMLP(_HFModelTransform):
 
 class MemoryEfficientRMSNorm(_HFModelTransform):
     """Llama-style RMSNorms that keep their input, not an fp32 copy, for backward
-    (:mod:`lightning_ulysses.rmsnorm`)."""
+    (:mod:`lightning_ulysses.rmsnorm`).
+
+    Args:
+        impl: ``"auto"`` (Liger's kernel on CUDA when liger-kernel is installed, else torch),
+            ``"torch"`` or ``"liger"``.
+    """
+
+    def __init__(self, impl: str = "auto") -> None:
+        from lightning_ulysses.kernels import check_impl
+
+        check_impl(impl, "memory-efficient RMSNorm")
+        self.impl = impl
 
     def apply(self, model: Any, trainer: Trainer) -> None:
         from lightning_ulysses.rmsnorm import enable_memory_efficient_rmsnorm
 
-        enable_memory_efficient_rmsnorm(model)
+        enable_memory_efficient_rmsnorm(model, self.impl)
+
+
+class MemoryEfficientSwiGLU(_HFModelTransform):
+    """SiLU-gated MLPs that keep ``gate`` and ``up`` only, recomputing ``silu(gate)`` in backward
+    (:mod:`lightning_ulysses.swiglu`); combines with :class:`TiledMLP`.
+
+    Args:
+        impl: ``"auto"`` (Liger's fused kernel on CUDA when liger-kernel is installed, else torch),
+            ``"torch"`` or ``"liger"``.
+    """
+
+    def __init__(self, impl: str = "auto") -> None:
+        from lightning_ulysses.kernels import check_impl
+
+        check_impl(impl, "memory-efficient SwiGLU")
+        self.impl = impl
+
+    def apply(self, model: Any, trainer: Trainer) -> None:
+        from lightning_ulysses.swiglu import enable_memory_efficient_swiglu
+
+        enable_memory_efficient_swiglu(model, self.impl)
 
 
 class SequenceThroughput(Callback):

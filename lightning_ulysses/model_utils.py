@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -127,3 +127,21 @@ def checkpoint_policy_of(model: torch.nn.Module) -> Optional[str]:
     if not is_checkpointing(model):
         return None
     return getattr(model, _POLICY_ATTR, "full")
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and count the bytes autograd keeps for backward while it runs: ``(output, bytes)``.
+
+    Every tensor an op saves passes through the saved-tensor pack hook; views of one storage are
+    counted each time they are saved (an upper bound, exact for the ops measured here).
+    """
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total

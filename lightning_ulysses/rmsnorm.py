@@ -6,6 +6,10 @@ norms per layer), on top of the bf16 normalised output. This version saves the i
 unit, usually shared with what the next op saves anyway) and ``rstd`` (one fp32 per token), and
 recomputes the normalised values in backward. Same arithmetic as HF's forward; gradients equal to
 rounding (weight gradients are summed in fp32).
+
+On CUDA with liger-kernel installed (``impl="auto"``), Liger's RMSNorm kernel runs instead: the same
+saved tensors (input + rstd, "llama" casting) in one Triton pass each way, where the torch version
+loops over row chunks.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_ulysses.kernels import check_impl, use_liger
 from lightning_ulysses.module_swap import any_swapped, restore_class, swap_class
 
 KIND = "MemoryEfficient"
@@ -66,6 +71,11 @@ class RMSNormFunction(torch.autograd.Function):
 def _subclass(cls: type) -> type:
     class Sub(cls):  # type: ignore[misc, valid-type]
         def forward(self, hidden_states: Tensor) -> Tensor:
+            if use_liger(self._lightning_ulysses_rmsnorm_impl, hidden_states, "memory-efficient RMSNorm"):
+                from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+                # "llama" casting = HF's: fp32 statistics, normalised value cast to the input dtype, then * weight
+                return LigerRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", True)
             return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
     return Sub
@@ -81,11 +91,16 @@ def _is_llama_style_rmsnorm(m: torch.nn.Module) -> bool:
     )
 
 
-def enable_memory_efficient_rmsnorm(model: torch.nn.Module) -> int:
-    """Swap every Llama-style RMSNorm of ``model`` (idempotent). Returns how many were swapped."""
+def enable_memory_efficient_rmsnorm(model: torch.nn.Module, impl: str = "auto") -> int:
+    """Swap every Llama-style RMSNorm of ``model`` (idempotent). Returns how many were swapped.
+
+    ``impl``: ``"auto"`` (Liger's kernel on CUDA when installed, else torch), ``"torch"``, ``"liger"``.
+    """
+    check_impl(impl, "memory-efficient RMSNorm")
     norms = [m for m in model.modules() if _is_llama_style_rmsnorm(m) or getattr(type(m), "_lightning_ulysses_kind", None) == KIND]
     for m in norms:
         swap_class(m, KIND, _subclass)
+        m._lightning_ulysses_rmsnorm_impl = impl
     return len(norms)
 
 

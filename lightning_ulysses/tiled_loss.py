@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ulysses.data import IGNORE_INDEX
+from lightning_ulysses.kernels import check_impl, use_liger
 from lightning_ulysses.module_swap import is_swapped, restore_class, swap_class
 
 # fp32 elements of one logits tile: 2^28 = 1 GiB (and as much for its softmax/grad in backward)
@@ -104,27 +105,11 @@ def linear_cross_entropy_sum(
     """Sum of CE over valid tokens of ``hidden [..., H]`` / ``labels [...]``, tiled (or Liger-fused)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
-    if _use_liger(impl, h):
+    if use_liger(impl, h, "tiled loss"):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, y, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum").float()
     return TiledLinearCrossEntropy.apply(h, weight, bias, y, tile_size(h.shape[0], weight.shape[0], tile_tokens))
-
-
-def _use_liger(impl: str, h: Tensor) -> bool:
-    if impl == "torch":
-        return False
-    if impl not in ("auto", "liger"):
-        raise ValueError(f"tiled loss impl must be 'auto', 'torch' or 'liger', got {impl!r}.")
-    try:
-        import liger_kernel  # noqa: F401
-
-        available = h.is_cuda
-    except ImportError:
-        available = False
-    if impl == "liger" and not available:
-        raise RuntimeError("impl='liger' needs liger-kernel installed and a CUDA device; pip install 'lightning-ulysses[liger]'.")
-    return available
 
 
 # ------------------------------------------------------------------------------------ lm_head swap
@@ -207,6 +192,7 @@ def enable_tiled_loss(model: torch.nn.Module, tile_tokens: Optional[int] = None,
     """
     import types
 
+    check_impl(impl, "tiled loss")
     head = _check_supported(model)
     swap_class(head, KIND, _head_subclass)
     head._lightning_ulysses_tile_tokens = tile_tokens

@@ -104,7 +104,9 @@ KIND = "Tiled"
 def _mlp_subclass(cls: type) -> type:
     class Sub(cls):  # type: ignore[misc, valid-type]
         def _lightning_ulysses_tile_forward(self, x: Tensor) -> Tensor:
-            return super().forward(x)
+            from lightning_ulysses.swiglu import swiglu_mlp_forward, uses_memory_efficient_swiglu
+
+            return swiglu_mlp_forward(self, x) if uses_memory_efficient_swiglu(self) else super().forward(x)
 
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2:
@@ -147,8 +149,12 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: Optional[int] = None) 
 
 
 def disable_tiled_mlp(model: torch.nn.Module) -> None:
+    from lightning_ulysses.swiglu import route_forward, uses_memory_efficient_swiglu
+
     for m in model.modules():
         restore_class(m, KIND)
+        if uses_memory_efficient_swiglu(m):
+            route_forward(m)  # the untiled MLP keeps its fused SwiGLU
 
 
 def tiled_mlp_enabled(model: torch.nn.Module) -> bool:

@@ -27,11 +27,14 @@ CASES = {
     "sp1_zero2_tiled_loss_offload": (1, dict(sp=1, stage=2, heads=4, kv_heads=2, tiled_loss=True, tile_tokens=5, offload=True)),
     "sp2_mha_zero0_logits_loss": (2, dict(sp=2, stage=0, heads=4, kv_heads=4, tiled_loss=False)),
     "sp2_gqa_zero1": (2, dict(sp=2, stage=1, heads=4, kv_heads=2)),
-    "sp2_mqa_zero2_tiled_mlp_offload_rmsnorm": (
+    "sp2_mqa_zero2_tiled_mlp_offload_rmsnorm_swiglu": (
         2,
-        dict(sp=2, stage=2, heads=4, kv_heads=1, tiled_mlp=True, mlp_tile_tokens=3, offload=True, rmsnorm=True),
+        dict(sp=2, stage=2, heads=4, kv_heads=1, tiled_mlp=True, mlp_tile_tokens=3, offload=True, rmsnorm=True,
+             swiglu=True),
     ),
-    "sp2_gqa_zero3_reduce_scatter_tiled_offload": (2, dict(sp=2, stage=3, heads=4, kv_heads=2, tile_tokens=3, offload=True)),
+    "sp2_gqa_zero3_reduce_scatter_tiled_offload_swiglu": (
+        2, dict(sp=2, stage=3, heads=4, kv_heads=2, tile_tokens=3, offload=True, swiglu=True),
+    ),
     "sp2_mha_zero3_no_reduce_scatter": (
         2,
         dict(sp=2, stage=3, heads=4, kv_heads=4, zero={"reduce_scatter": False, "contiguous_gradients": True}),
@@ -42,7 +45,7 @@ CASES = {
     "sp2_dp2_mqa_zero3_validate_full_stack": (
         4,
         dict(sp=2, stage=3, heads=4, kv_heads=1, validate=True, tiled_mlp=True, mlp_tile_tokens=5, offload=True, tile_tokens=3,
-             rmsnorm=True),
+             rmsnorm=True, swiglu=True),
     ),
     "sp2_gqa_zero2_padded_batch2_needs_padding": (
         2,
@@ -144,6 +147,7 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
         if m["checkpointing"]:
             assert m["policy"] == case.get("checkpoint_policy", "full"), m
         assert m["tiled_mlp"] == case.get("tiled_mlp", False)
+        assert m["swiglu"] == case.get("swiglu", False) and m["rmsnorm"] == case.get("rmsnorm", False), m
         if case.get("offload"):
             layers = 2
             assert m["offloaded"] >= layers and m["restored"] == m["offloaded"] and m["live"] == 0, m

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_ulysses.model_utils import saved_tensor_bytes
 from lightning_ulysses.rmsnorm import (
     RMSNormFunction,
     disable_memory_efficient_rmsnorm,
@@ -39,22 +40,10 @@ def test_function_matches_hf_rmsnorm(dtype, tol, chunk_rows, monkeypatch) -> Non
 def test_saves_the_input_dtype_not_an_fp32_copy() -> None:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    def saved_bytes(fn) -> int:
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return total
-
     norm = LlamaRMSNorm(256).to(torch.bfloat16)
     x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
-    hf = saved_bytes(lambda: norm(x))
-    ours = saved_bytes(lambda: RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon))
+    hf = saved_tensor_bytes(lambda: norm(x))[1]
+    ours = saved_tensor_bytes(lambda: RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon))[1]
     # HF keeps fp32 x (4 B/unit) + bf16 output (2 B/unit); ours bf16 x (2 B/unit) + one fp32 per row
     assert ours <= 64 * 256 * 2 + 64 * 4 + 256 * 2
     assert hf >= 64 * 256 * 6

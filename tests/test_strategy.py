@@ -62,3 +62,28 @@ def test_sequence_parallel_without_a_transformers_model_names_the_fix() -> None:
     strategy._lightning_module = LightningModule()
     with pytest.raises(ValueError, match="could not find a transformers PreTrainedModel"):
         strategy._resolve_layout()
+
+
+def test_teardown_makes_no_host_copy_of_optimizer_state_or_module(monkeypatch) -> None:
+    import lightning.pytorch.strategies.strategy as base
+    import torch
+
+    from lightning.pytorch import LightningModule
+
+    from lightning_ulysses import UlyssesDeepSpeedStrategy
+
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1)
+    Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False)
+    module = LightningModule()
+    module.layer = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    module.layer(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    moved = []
+    monkeypatch.setattr(base, "_optimizers_to_device", lambda opts, device: moved.extend(opts))
+    monkeypatch.setattr(type(module), "cpu", lambda self: moved.append("module") or self)
+    strategy._lightning_module = module
+    strategy.optimizers = [opt]
+    strategy.teardown()
+    assert moved == []  # neither the optimizer state nor the module went through a host copy
+    assert strategy.optimizers == [opt] and "cpu" not in module.__dict__  # state as before, shadow removed

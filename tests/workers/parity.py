@@ -27,6 +27,8 @@ from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: 
 from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
 from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing  # noqa: E402
+from lightning_ulysses.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
+from lightning_ulysses.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
@@ -105,6 +107,8 @@ class Recorder(L.Callback):
                 "logged": float(trainer.callback_metrics["train_loss"]),
                 "tiled": tiled_loss_enabled(pl_module.model),
                 "tiled_mlp": tiled_mlp_enabled(pl_module.model),
+                "swiglu": memory_efficient_swiglu_enabled(pl_module.model),
+                "rmsnorm": memory_efficient_rmsnorm_enabled(pl_module.model),
                 "checkpointing": is_checkpointing(pl_module.model),
                 "policy": checkpoint_policy_of(pl_module.model),
                 **self._offload_stats(pl_module.model),
@@ -226,6 +230,7 @@ def run(case: dict, out_path: str) -> None:
         tiled_mlp=case.get("tiled_mlp", False),
         tiled_mlp_tile_tokens=case.get("mlp_tile_tokens"),
         memory_efficient_rmsnorm=case.get("rmsnorm", False),
+        memory_efficient_swiglu=case.get("swiglu", False),
         seq_parallel_communication_data_type=case.get("comm_dtype"),
         context_parallel_mode=case.get("mode", "auto"),
         checkpoint_policy=case.get("checkpoint_policy", "full"),
@@ -301,7 +306,7 @@ def run(case: dict, out_path: str) -> None:
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
-            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "checkpointing", "policy", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
+            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "checkpointing", "policy", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
             for k in range(steps)
         ],
