@@ -158,6 +158,8 @@ def run_ours(args, cfg) -> list[float]:
             activation_checkpoint_cpu_offload=args.offload, tiled_mlp=args.tiled_mlp,
             memory_efficient_rmsnorm=args.rmsnorm, memory_efficient_swiglu=args.swiglu,
             memory_efficient_impl=args.kernel_impl,
+            tiled_attention_backward=args.tiled_attention is not None,
+            tiled_attention_tile_tokens=args.tiled_attention or None,
             context_parallel_mode=args.mode, ring_size=args.ring_size, ring_attention_backend=args.ring_backend,
         ),
     )
@@ -355,6 +357,8 @@ def main() -> None:
     p.add_argument("--tiled-mlp", action="store_true", help="ours: tiled MLP")
     p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")
     p.add_argument("--swiglu", action="store_true", help="ours: memory-efficient SwiGLU")
+    p.add_argument("--tiled-attention", type=int, nargs="?", const=0, default=None, metavar="TILE_TOKENS",
+                   help="ours: tiled attention backward (optional tile tokens; default 16384)")
     p.add_argument("--kernel-impl", default="auto", choices=["auto", "torch", "liger"],
                    help="ours: kernels of --rmsnorm/--swiglu (auto: Liger on CUDA when installed)")
     p.add_argument("--loss-impl", default="torch", choices=["auto", "torch", "liger"],

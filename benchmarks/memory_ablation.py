@@ -10,6 +10,7 @@ init, bf16, sdpa. Each configuration adds one trick to the previous one:
     +rmsnorm      memory-efficient RMSNorm (input kept instead of an fp32 copy; Liger's kernel on CUDA)
     (+swiglu      memory-efficient SwiGLU, for runs without tiled MLP: --configs "+swiglu (untiled)")
     (+liger_loss  the same stack with Liger's fused linear CE instead of the torch tiles)
+    (+tiled_attn  attention backward on query x key tiles: "full stack + tiled attention")
 
 Measured: peak allocated memory of one forward+backward (after a warm-up step), the static part
 (weights + gradients), and the slope between lengths (GiB per 1K tokens): the activation cost the
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 GiB = 2**30
+ATTN_TILE_TOKENS = 16384  # --attn-tile
+FULL_STACK = {"liger_loss", "offload", "tiled_mlp", "rmsnorm", "swiglu", "tiled_attn"}
 
 
 def build(layers: int):
@@ -52,6 +55,7 @@ def build(layers: int):
 def configure(model, tricks: set[str]) -> None:
     from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload
     from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm
+    from lightning_ulysses.tiled_attention import disable_tiled_attention, enable_tiled_attention
     from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss
     from lightning_ulysses.swiglu import disable_memory_efficient_swiglu, enable_memory_efficient_swiglu
     from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
@@ -61,6 +65,9 @@ def configure(model, tricks: set[str]) -> None:
     disable_activation_offload(model)
     disable_tiled_mlp(model)
     disable_memory_efficient_rmsnorm(model)
+    disable_tiled_attention(model)
+    if "tiled_attn" in tricks:
+        enable_tiled_attention(model, ATTN_TILE_TOKENS)
     if "rmsnorm" in tricks:
         enable_memory_efficient_rmsnorm(model)
     if "tiled_loss" in tricks:
@@ -141,6 +148,7 @@ def check_loss_grads() -> list[dict]:
 
 
 def main() -> None:
+    global ATTN_TILE_TOKENS
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768, 65536])
@@ -149,8 +157,10 @@ def main() -> None:
     p.add_argument("--depth-check", type=int, default=8, help="layers for the per-layer growth check (0: skip)")
     p.add_argument("--configs", nargs="*", default=None, help="run only these configurations (names as printed)")
     p.add_argument("--no-warmup", action="store_true", help="measure the first step (long single runs)")
+    p.add_argument("--attn-tile", type=int, default=16384, help="tiled attention tile tokens")
     p.add_argument("--out", default="ablation.json")
     args = p.parse_args()
+    ATTN_TILE_TOKENS = args.attn_tile
     import lightning_ulysses  # noqa: F401  (allocator default)
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
@@ -163,6 +173,8 @@ def main() -> None:
         ("+rmsnorm", {"tiled_loss", "offload", "tiled_mlp", "rmsnorm"}),
         ("full stack, liger loss", {"liger_loss", "offload", "tiled_mlp", "rmsnorm"}),
         ("+swiglu (untiled)", {"tiled_loss", "offload", "rmsnorm", "swiglu"}),
+        ("full stack, liger loss, swiglu", FULL_STACK - {"tiled_attn"}),
+        ("full stack + tiled attention", FULL_STACK),
     ]
     if args.configs:
         configs = [c for c in configs if c[0] in args.configs]
@@ -178,7 +190,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     if args.depth_check:
         model = build(args.depth_check)
-        for name, tricks in (("+rmsnorm", {"tiled_loss", "offload", "tiled_mlp", "rmsnorm"}),):
+        for name, tricks in configs[-1:]:
             seq = args.seqlens[-1]
             r = {"config": name, "layers": args.depth_check, "seq": seq, **measure(model, tricks, seq)}
             print(json.dumps(r), flush=True)

@@ -26,6 +26,7 @@ from lightning_ulysses.module import CausalLMModule, build_causal_lm  # noqa: E4
 from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload  # noqa: E402
 from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm  # noqa: E402
 from lightning_ulysses.swiglu import disable_memory_efficient_swiglu, enable_memory_efficient_swiglu  # noqa: E402
+from lightning_ulysses.tiled_attention import disable_tiled_attention, enable_tiled_attention  # noqa: E402
 from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss  # noqa: E402
 from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp  # noqa: E402
 from lightning_ulysses.strategy import UlyssesDeepSpeedStrategy  # noqa: E402
@@ -47,11 +48,13 @@ __all__ = [
     "disable_activation_offload",
     "disable_memory_efficient_rmsnorm",
     "disable_memory_efficient_swiglu",
+    "disable_tiled_attention",
     "disable_tiled_loss",
     "disable_tiled_mlp",
     "enable_activation_offload",
     "enable_memory_efficient_rmsnorm",
     "enable_memory_efficient_swiglu",
+    "enable_tiled_attention",
     "enable_tiled_loss",
     "enable_tiled_mlp",
     "prepare_batch",

@@ -12,6 +12,8 @@ We wrap that entry (``sdpa``, ``flash_attention_2``...) once with a *dispatcher*
 :func:`apply_ulysses` carry one; any other model (a reference model, a teacher, an eval copy) has
 none and goes straight to the original kernel. Keeping the original key, instead of registering a
 new name, keeps every HF branch that tests ``_attn_implementation == "flash_attention_2"`` intact.
+The same dispatcher also honours a per-model replacement of the local kernel
+(:func:`set_local_attention`, used by :mod:`lightning_ulysses.tiled_attention`), with or without Ulysses.
 
 Unlike DeepSpeed's ``UlyssesSPAttentionHF``, batch size and sequence length are read from the
 tensors at every call (nothing is fixed at registration), and causality is re-derived from the
@@ -24,6 +26,7 @@ ring group instead of the HF kernel (ulysses == 1: no all-to-all at all).
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Optional
 
@@ -37,6 +40,9 @@ from lightning_ulysses.layout import SUPPORTED_ATTN_IMPLEMENTATIONS, ProcessGrou
 from lightning_ulysses.ring import RingGroup, ring_attention
 
 _CTX_ATTR = "_lightning_ulysses_attention"
+# a replacement for the local kernel (same signature as HF's, plus the original first): the tiled
+# attention backward. Under Ulysses it runs on the gathered sequence, without SP on the module's own.
+_LOCAL_ATTR = "_lightning_ulysses_local_attention"
 _DISPATCH_MARK = "_lightning_ulysses_dispatch"
 _install_lock = threading.Lock()
 
@@ -239,8 +245,13 @@ class UlyssesAttention:
         return out.transpose(1, 2)
 
 
-def _install_dispatcher(impl: str) -> None:
-    """Wrap the global HF attention function ``impl`` once per process (idempotent)."""
+def install_attention_dispatcher(impl: str) -> None:
+    """Wrap the global HF attention function ``impl`` once per process (idempotent).
+
+    The wrapper consults two attributes of the calling module: a local-kernel replacement
+    (:func:`set_local_attention`) and the Ulysses state (:func:`apply_ulysses`); modules with neither
+    get the original function.
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     with _install_lock:
@@ -249,10 +260,12 @@ def _install_dispatcher(impl: str) -> None:
             return
 
         def ulysses_dispatch(module, query, key, value, attention_mask, *args, **kwargs):
+            local = getattr(module, _LOCAL_ATTR, None)
+            core = original if local is None else functools.partial(local, original)
             ctx = getattr(module, _CTX_ATTR, None)
             if ctx is None:
-                return original(module, query, key, value, attention_mask, *args, **kwargs)
-            return ctx(original, module, query, key, value, attention_mask, *args, **kwargs)
+                return core(module, query, key, value, attention_mask, *args, **kwargs)
+            return ctx(core, module, query, key, value, attention_mask, *args, **kwargs)
 
         setattr(ulysses_dispatch, _DISPATCH_MARK, True)
         ulysses_dispatch.__wrapped__ = original  # type: ignore[attr-defined]
@@ -299,7 +312,7 @@ def apply_ulysses(
             f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)}."
         )
     remove_ulysses(model)
-    _install_dispatcher(impl)
+    install_attention_dispatcher(impl)
     ctx = UlyssesAttention(groups, comm_dtype=comm_dtype, ring_zigzag=ring_zigzag, ring_backend=ring_backend)
     # Every module that calls the attention interface reads ``self.config``; tagging all of them is
     # exact without knowing each architecture's attention class name.
@@ -322,8 +335,35 @@ def remove_ulysses(model: torch.nn.Module) -> None:
             delattr(m, _CTX_ATTR)
 
 
+def set_local_attention(model: torch.nn.Module, local: Optional[Callable]) -> None:
+    """Route ``model``'s attention kernel calls through ``local(original, module, q, k, v, mask, **kw)``
+    (``None`` removes it). Composes with :func:`apply_ulysses` in either order."""
+    if local is not None:
+        install_attention_dispatcher(model.config._attn_implementation)
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            if local is not None:
+                setattr(m, _LOCAL_ATTR, local)
+            elif hasattr(m, _LOCAL_ATTR):
+                delattr(m, _LOCAL_ATTR)
+
+
+def local_attention_of(model: torch.nn.Module) -> Optional[Callable]:
+    return getattr(model, _LOCAL_ATTR, None)
+
+
 def ulysses_of(model: torch.nn.Module) -> Optional[UlyssesAttention]:
     return getattr(model, _CTX_ATTR, None)
 
 
-__all__ = ["UlyssesAttention", "apply_ulysses", "remove_ulysses", "ulysses_of", "seq_to_heads", "heads_to_seq"]
+__all__ = [
+    "UlyssesAttention",
+    "apply_ulysses",
+    "heads_to_seq",
+    "install_attention_dispatcher",
+    "local_attention_of",
+    "remove_ulysses",
+    "seq_to_heads",
+    "set_local_attention",
+    "ulysses_of",
+]

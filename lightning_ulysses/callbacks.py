@@ -177,6 +177,30 @@ class MemoryEfficientSwiGLU(_HFModelTransform):
         enable_memory_efficient_swiglu(model, self.impl)
 
 
+class TiledAttentionBackward(_HFModelTransform):
+    """Attention whose backward runs on query x key tiles with the forward's output and log-sum-exp
+    (:mod:`lightning_ulysses.tiled_attention`): bounds the attention kernel's backward workspace, the
+    largest transient of a long-sequence step. Exact; ``sdpa`` models only.
+
+    Args:
+        tile_tokens: queries (and keys) per tile; default 16384.
+        backend: block kernel: ``"auto"`` (cuDNN on CUDA, the flash CPU op on CPU), ``"cudnn"``,
+            ``"flash"``, ``"cpu"``, ``"math"``.
+    """
+
+    def __init__(self, tile_tokens: Optional[int] = None, backend: str = "auto") -> None:
+        from lightning_ulysses.tiled_attention import TiledAttentionCore
+
+        TiledAttentionCore(tile_tokens or 1, backend)  # validates both at construction
+        self.tile_tokens = tile_tokens
+        self.backend = backend
+
+    def apply(self, model: Any, trainer: Trainer) -> None:
+        from lightning_ulysses.tiled_attention import enable_tiled_attention
+
+        enable_tiled_attention(model, self.tile_tokens, self.backend)
+
+
 class SequenceThroughput(Callback):
     """Logs tokens/s, model and hardware TFLOPS per GPU, MFU and peak GPU memory every step, and
     prints a summary at the end of training (formulas: :mod:`lightning_ulysses.throughput`).

@@ -19,7 +19,13 @@ plain tensors as well); run such forwards under ``torch.no_grad()`` (Lightning's
 
 On CUDA the device-to-host copies run on a side stream (``record_stream`` keeps the GPU memory until
 the copy is done, so compute never waits), and in backward the next layer's input is prefetched on
-that stream while the current layer recomputes.
+that stream. *When*: as soon as the current layer's attention backward is done, not when the layer's
+backward starts. The attention backward is the peak of a layer's backward (measured at 128K tokens on
+H200), so a prefetched input there costs one ``[tokens, hidden]`` activation of peak memory; after it,
+the q/k/v projection backward GEMMs still hide the copy. The trigger is an identity autograd node on
+each layer's query projection output (inserted in the original forward only; under non-reentrant
+checkpointing that is the graph backward walks, and it saves nothing, so recompute is unaffected).
+Models without a ``self_attn.q_proj`` fall back to prefetching when the layer's input is restored.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class OffloadStats:
     offloaded: int = 0
     restored: int = 0
     offloaded_bytes: int = 0
+    prefetch_points: int = 0  # times a layer's attention backward asked for the previous layer's input
     stored: list[tuple[tuple[int, ...], str]] = field(default_factory=list)  # (shape, device of the stored copy)
 
 
@@ -68,6 +75,8 @@ class ActivationOffloader:
         self._stream: Optional[torch.cuda.Stream] = None
         self._pool: dict[tuple, list[tuple[Tensor, Any]]] = {}
         self._context: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+        self._last_restored: Optional[_Offloaded] = None
+        self.prefetch_after_attention = False  # set when the q_proj trigger points are installed
 
     # ------------------------------------------------------------------------------ policy
     def wants(self, t: Tensor) -> bool:
@@ -150,18 +159,36 @@ class ActivationOffloader:
             out.record_stream(torch.cuda.current_stream(rec.device))
         self._release(rec, done)
         self.stats.restored += 1
-        # backward visits layers in reverse: start bringing back the one before while this one recomputes
+        self._last_restored = rec
+        if not self.prefetch_after_attention:
+            self._prefetch_before(rec)
+        return out
+
+    def _prefetch_before(self, rec: _Offloaded) -> None:
+        """Start bringing back the input saved just before ``rec`` (backward visits layers in reverse)."""
         if rec.device.type == "cuda" and 0 < rec.index <= len(self._records):
             prev = self._records[rec.index - 1]()
             if prev is not None and prev.host is not None and prev.prefetched is None:
                 prev.prefetched = self._to_device(prev)
-        return out
+
+    def prefetch_point(self) -> None:
+        """Called from backward once a layer's attention gradient is done (see the module docstring)."""
+        self.stats.prefetch_points += 1
+        if self._last_restored is not None:
+            self._prefetch_before(self._last_restored)
+
+    def _mark(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        # original forward only (our hooks' context is open): the recompute's graph is never walked
+        if self._context is not None and isinstance(output, Tensor) and output.requires_grad:
+            return _PrefetchPoint.apply(output, self)
+        return None
 
     # ---------------------------------------------------------------------- module hooks
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
         if not (module.training and torch.is_grad_enabled() and is_checkpointing(module)):
             return
         self._records = []  # a new step: indices restart (records of a live older graph still work)
+        self._last_restored = None
         self.stats = OffloadStats()
         self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._context.__enter__()
@@ -170,6 +197,29 @@ class ActivationOffloader:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
+
+
+class _PrefetchPoint(torch.autograd.Function):
+    """Identity in forward; in backward (after the attention that consumed it) asks for the next input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offloader: ActivationOffloader) -> Tensor:
+        ctx.offloader = offloader
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.offloader.prefetch_point()
+        return grad, None
+
+
+def _query_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each decoder layer's ``self_attn.q_proj``, or [] if some layer has none (then: early prefetch)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    projs = [getattr(getattr(layer, "self_attn", None), "q_proj", None) for layer in layers]
+    return projs if projs and all(isinstance(p, torch.nn.Module) for p in projs) else []
 
 
 _ATTR = "_lightning_ulysses_offload"
@@ -185,6 +235,9 @@ def enable_activation_offload(model: torch.nn.Module, min_bytes: int = 0) -> Act
         decoder.register_forward_pre_hook(offloader._enter),
         decoder.register_forward_hook(offloader._exit, always_call=True),
     ]
+    projections = _query_projections(model)
+    handles += [proj.register_forward_hook(offloader._mark) for proj in projections]
+    offloader.prefetch_after_attention = bool(projections)
     setattr(model, _ATTR, (offloader, handles))
     return offloader
 

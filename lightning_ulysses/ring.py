@@ -22,8 +22,8 @@ Layouts (:func:`lightning_ulysses.data.shard_token_index` shards the data the sa
   block from a later rank ``j > i`` is seen in full by our second half only. Every rank then
   computes the same amount: one causal block plus ``R - 1`` half-size blocks.
 
-Kernels return the log-sum-exp and take it back in backward: torch's flash / cuDNN SDPA ops on CUDA,
-the flash CPU op on CPU, and a plain matmul fallback for anything else (fp32 on CUDA).
+The block kernels (:mod:`lightning_ulysses.attention_kernels`) return the log-sum-exp and take it back
+in backward: torch's cuDNN / flash SDPA ops on CUDA, the flash CPU op on CPU, a matmul fallback otherwise.
 """
 
 from __future__ import annotations
@@ -36,120 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-RING_BACKENDS = ("auto", "cudnn", "flash", "cpu", "math")
+from lightning_ulysses.attention_kernels import KERNEL_BACKENDS, AttentionKernel, expand_kv, reduce_kv, select_kernel
 
-
-# ------------------------------------------------------------------------------------------- kernels
-class _Kernel:
-    """One attention block that returns ``(out, lse [b, h, s_q] fp32, aux)`` and differentiates with a given lse."""
-
-    name = "base"
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Any]:
-        raise NotImplementedError
-
-    def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, aux: Any, causal: bool, scale: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
-
-
-class _CPUKernel(_Kernel):
-    name = "cpu"
-
-    def forward(self, q, k, v, causal, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, lse, None
-
-    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale
-        )
-
-
-class _FlashKernel(_Kernel):
-    name = "flash"
-
-    def forward(self, q, k, v, causal, scale):
-        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
-        )
-        return out, lse, (cq, ck, mq, mk, seed, offset)
-
-    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        cq, ck, mq, mk, seed, offset = aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale
-        )
-        return dq, dk, dv
-
-
-class _CuDNNKernel(_Kernel):
-    name = "cudnn"
-
-    def forward(self, q, k, v, causal, scale):
-        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale
-        )
-        b, h, s = q.shape[:3]
-        # cuDNN's stats may carry a trailing singleton dim; the merge works on [b, h, s].
-        return out, lse.reshape(b, h, s), (lse.shape, cq, ck, mq, mk, seed, offset)
-
-    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        shape, cq, ck, mq, mk, seed, offset = aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.reshape(shape), seed, offset, None, cq, ck, mq, mk, 0.0, causal, scale=scale
-        )
-        return dq, dk, dv
-
-
-class _MathKernel(_Kernel):
-    """Reference kernel (fp32 scores); any device and dtype. O(s_q * s_k) memory per block."""
-
-    name = "math"
-
-    @staticmethod
-    def _scores(q, k, causal, scale):
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        if causal:
-            sq, sk = q.shape[-2], k.shape[-2]
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)  # top-left aligned, like SDPA
-            s = s.masked_fill(mask, float("-inf"))
-        return s
-
-    def forward(self, q, k, v, causal, scale):
-        s = self._scores(q, k, causal, scale)
-        lse = torch.logsumexp(s, dim=-1)
-        out = torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype)
-        return out, lse, None
-
-    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        p = torch.exp(self._scores(q, k, causal, scale) - lse[..., None])
-        do = dout.float()
-        dv = torch.matmul(p.transpose(-1, -2), do)
-        dp = torch.matmul(do, v.float().transpose(-1, -2))
-        ds = p * (dp - (do * out.float()).sum(-1, keepdim=True))
-        dq = torch.matmul(ds, k.float()) * scale
-        dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-_KERNELS = {"cpu": _CPUKernel, "flash": _FlashKernel, "cudnn": _CuDNNKernel, "math": _MathKernel}
-
-
-def select_kernel(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> _Kernel:
-    """The block kernel for ``device``/``dtype``: ``auto`` = cuDNN for 16-bit CUDA tensors (measured
-    ~2x flash for GQA shapes on H200), the flash CPU op on CPU, the matmul fallback otherwise."""
-    if backend not in RING_BACKENDS:
-        raise ValueError(f"ring attention backend must be one of {list(RING_BACKENDS)}, got {backend!r}.")
-    if backend == "auto":
-        if device.type == "cuda":
-            backend = "cudnn" if dtype in (torch.float16, torch.bfloat16) and torch.backends.cudnn.is_available() else "math"
-        elif device.type == "cpu":
-            backend = "cpu"
-        else:
-            backend = "math"
-    return _KERNELS[backend]()
+RING_BACKENDS = KERNEL_BACKENDS
 
 
 # ------------------------------------------------------------------------------------------ the ring
@@ -189,18 +78,6 @@ def _wait(works: list) -> None:
         w.wait()
 
 
-def _expand(x: Tensor, groups: int) -> Tensor:
-    """[b, hkv, s, d] -> [b, hkv * groups, s, d] (GQA: query head i uses kv head i // groups)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _reduce(dx: Tensor, groups: int) -> Tensor:
-    if groups == 1:
-        return dx
-    b, h, s, d = dx.shape
-    return dx.view(b, h // groups, groups, s, d).sum(2)
-
-
 def _blocks(step: int, rank: int, size: int, zigzag: bool, s: int) -> Optional[tuple[slice, slice, bool]]:
     """Which local query rows attend to which rows of the block held at ``step``: (q rows, kv rows, causal)."""
     full = slice(0, s)
@@ -225,7 +102,7 @@ def _ring_steps(kv: Tensor, ring: RingGroup, zigzag: bool, s: int):
 
 
 def _kv_block(kv: Tensor, cols: slice, groups: int) -> tuple[Tensor, Tensor]:
-    return _expand(kv[0][:, :, cols], groups).contiguous(), _expand(kv[1][:, :, cols], groups).contiguous()
+    return expand_kv(kv[0][:, :, cols], groups).contiguous(), expand_kv(kv[1][:, :, cols], groups).contiguous()
 
 
 def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor) -> None:
@@ -238,7 +115,7 @@ def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor) -> None:
 
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: _Kernel):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: AttentionKernel):
         groups = q.shape[1] // k.shape[1]
         s = q.shape[2]
         kv = torch.stack([k, v]).contiguous()
@@ -279,8 +156,8 @@ class _RingAttentionFunction(torch.autograd.Function):
                 qb, ob, lb, dob = (t[:, :, rows].contiguous() for t in (q, out, lse, dout))
                 dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), causal, scale)
                 dq[:, :, rows] += dqb.float()
-                dkv[0][:, :, cols] += _reduce(dkb.float(), groups)
-                dkv[1][:, :, cols] += _reduce(dvb.float(), groups)
+                dkv[0][:, :, cols] += reduce_kv(dkb.float(), groups)
+                dkv[1][:, :, cols] += reduce_kv(dvb.float(), groups)
             # the accumulator follows its block to the next rank; after ring.size hops it is home
             dkv, dkv_works = ring.shift(dkv)
             _wait(dkv_works)

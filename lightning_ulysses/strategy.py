@@ -66,6 +66,11 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             recomputed in backward): one ``[tokens, intermediate]`` tensor less per layer.
         memory_efficient_impl: kernels of those two: ``"auto"`` (Liger's Triton kernels on CUDA when
             liger-kernel is installed, else torch), ``"torch"``, ``"liger"``.
+        tiled_attention_backward: run the attention backward on query x key tiles of
+            ``tiled_attention_tile_tokens`` (default 16384) with the forward's output and log-sum-exp,
+            instead of the kernel's whole-sequence backward whose workspace (fp32 dQ + head-expanded
+            dK/dV) is the largest transient at long sequences. ``sdpa`` models; ring attention's
+            backward is blockwise already (the option does not change it).
         activation_checkpoint_cpu_offload: keep checkpointed layer inputs in CPU memory until backward.
         expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
         stage, ...: everything else is :class:`lightning.pytorch.strategies.DeepSpeedStrategy`'s.
@@ -98,6 +103,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         memory_efficient_rmsnorm: bool = False,
         memory_efficient_swiglu: bool = False,
         memory_efficient_impl: str = "auto",
+        tiled_attention_backward: bool = False,
+        tiled_attention_tile_tokens: Optional[int] = None,
         activation_checkpoint_cpu_offload: bool = False,
         expandable_segments: bool = True,
         stage: int = 3,
@@ -167,6 +174,10 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.memory_efficient_swiglu = memory_efficient_swiglu
         check_impl(memory_efficient_impl, "memory_efficient")
         self.memory_efficient_impl = memory_efficient_impl
+        if tiled_attention_tile_tokens is not None and tiled_attention_tile_tokens < 1:
+            raise ValueError(f"tiled_attention_tile_tokens must be a positive int, got {tiled_attention_tile_tokens}.")
+        self.tiled_attention_backward = tiled_attention_backward
+        self.tiled_attention_tile_tokens = tiled_attention_tile_tokens
         self.activation_checkpoint_cpu_offload = activation_checkpoint_cpu_offload
         self.groups: Optional[ProcessGroups] = None
 
@@ -259,6 +270,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             wanted.append(callbacks.MemoryEfficientRMSNorm(self.memory_efficient_impl))
         if self.memory_efficient_swiglu:
             wanted.append(callbacks.MemoryEfficientSwiGLU(self.memory_efficient_impl))
+        if self.tiled_attention_backward:
+            wanted.append(callbacks.TiledAttentionBackward(self.tiled_attention_tile_tokens))
         if self.activation_checkpoint_cpu_offload:
             wanted.append(callbacks.ActivationOffload())
         for cb in wanted:

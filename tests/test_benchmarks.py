@@ -17,6 +17,8 @@ def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
         # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
         "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
                       "save_attention", "--offload"],
+        "ours-tiled-attention": ["--path", "ours", "--label", "ours-tiled-attention", "--checkpoint-policy", "save_attention",
+                                 "--tiled-attention", "16"],
     }
     for label, extra in runs.items():
         out = tmp_path / f"{label}.json"

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_ulysses.callbacks import ActivationOffload, GradientCheckpointing, TiledLoss, TiledMLP
+from lightning_ulysses.callbacks import ActivationOffload, GradientCheckpointing, TiledAttentionBackward, TiledLoss, TiledMLP
 from lightning_ulysses.model_utils import is_checkpointing
 from lightning_ulysses.offload import activation_offloader
+from lightning_ulysses.tiled_attention import tiled_attention_of
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled
 from tests.harness import run_workers
@@ -63,8 +64,11 @@ def fit_single_device(callbacks) -> tuple[list[float], PlainLM]:
 
 def test_callbacks_on_a_single_device_change_nothing_but_memory() -> None:
     plain, _ = fit_single_device([])
-    tiled, module = fit_single_device([TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload()])
+    tiled, module = fit_single_device(
+        [TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload(), TiledAttentionBackward(tile_tokens=5)]
+    )
     assert tiled_loss_enabled(module.model) and tiled_mlp_enabled(module.model)
+    assert tiled_attention_of(module.model).calls >= 2
     assert is_checkpointing(module.model), "ActivationOffload turns checkpointing on"
     assert activation_offloader(module.model).stats.offloaded >= 2
     assert tiled == pytest.approx(plain, abs=1e-5)

@@ -27,6 +27,7 @@ def test_config_instantiates(path: Path, tmp_path) -> None:
     assert isinstance(strategy, UlyssesDeepSpeedStrategy)
     if path.stem == "llama3_8b_long_context":
         assert strategy.tiled_mlp and strategy.activation_checkpoint_cpu_offload and strategy.tiled_loss
+        assert strategy.tiled_attention_backward
         assert strategy.memory_efficient_rmsnorm
         assert strategy.pad_to_multiple_of == 1024
 

@@ -81,3 +81,21 @@ def test_disable_removes_the_hooks() -> None:
     disable_activation_offload(model)
     assert activation_offloader(model) is None
     model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8))).loss.backward()
+
+
+def test_prefetch_waits_for_each_layers_attention_backward() -> None:
+    """The previous layer's input is requested once per layer, after its attention backward, for the
+    input restored last (the layer being differentiated); nothing is requested in forward."""
+    model = checkpointed()
+    off = enable_activation_offload(model)
+    assert off.prefetch_after_attention
+    requested: list[int] = []
+    real = off._prefetch_before
+    off._prefetch_before = lambda rec: (requested.append(rec.index), real(rec))
+    ids = torch.randint(0, 64, (2, 24))
+    out = model(input_ids=ids, labels=ids)
+    assert off.stats.prefetch_points == 0 and requested == []
+    out.loss.backward()
+    layers = len(model.model.layers)
+    assert off.stats.prefetch_points == layers
+    assert requested == sorted(requested, reverse=True) and len(requested) == layers  # layer by layer, in reverse

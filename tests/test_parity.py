@@ -24,13 +24,15 @@ from tests.harness import run_workers
 # tiled_loss=False cover the plain logits path, tile_tokens=k forces several tiles, offload=True the
 # activation-checkpoint CPU offload.
 CASES = {
-    "sp1_zero2_tiled_loss_offload": (1, dict(sp=1, stage=2, heads=4, kv_heads=2, tiled_loss=True, tile_tokens=5, offload=True)),
+    "sp1_zero2_tiled_loss_offload_tiled_attention": (
+        1, dict(sp=1, stage=2, heads=4, kv_heads=2, tiled_loss=True, tile_tokens=5, offload=True, attn_tile_tokens=4),
+    ),
     "sp2_mha_zero0_logits_loss": (2, dict(sp=2, stage=0, heads=4, kv_heads=4, tiled_loss=False)),
     "sp2_gqa_zero1": (2, dict(sp=2, stage=1, heads=4, kv_heads=2)),
     "sp2_mqa_zero2_tiled_mlp_offload_rmsnorm_swiglu": (
         2,
         dict(sp=2, stage=2, heads=4, kv_heads=1, tiled_mlp=True, mlp_tile_tokens=3, offload=True, rmsnorm=True,
-             swiglu=True),
+             swiglu=True, attn_tile_tokens=3),
     ),
     "sp2_gqa_zero3_reduce_scatter_tiled_offload_swiglu": (
         2, dict(sp=2, stage=3, heads=4, kv_heads=2, tile_tokens=3, offload=True, swiglu=True),
@@ -68,10 +70,10 @@ CASES = {
         dict(sp=6, stage=1, heads=9, kv_heads=3, ring=2, seq_len=24, hidden=36, head_dim=4, steps=2),
     ),
     # selective checkpointing keeps attention outputs (issue #4): with ZeRO-3 + offload + tiled MLP, and inside the ring
-    "sp2_gqa_zero3_save_attention_offload_tiled_mlp": (
+    "sp2_gqa_zero3_save_attention_offload_tiled_mlp_tiled_attention": (
         2,
         dict(sp=2, stage=3, heads=4, kv_heads=2, checkpoint_policy="save_attention", offload=True, tiled_mlp=True,
-             mlp_tile_tokens=3),
+             mlp_tile_tokens=3, attn_tile_tokens=4),
     ),
     "hybrid_u2_r2_gqa_zero2_save_attention": (
         4,
@@ -148,9 +150,14 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
             assert m["policy"] == case.get("checkpoint_policy", "full"), m
         assert m["tiled_mlp"] == case.get("tiled_mlp", False)
         assert m["swiglu"] == case.get("swiglu", False) and m["rmsnorm"] == case.get("rmsnorm", False), m
+        if case.get("attn_tile_tokens") is None:
+            assert m["tiled_attn_calls"] is None
+        else:  # the tiled backward really served the layers (2 layers; more with recompute)
+            assert m["tiled_attn_calls"] >= 2, m
         if case.get("offload"):
             layers = 2
             assert m["offloaded"] >= layers and m["restored"] == m["offloaded"] and m["live"] == 0, m
+            assert m["prefetch_points"] == layers, m  # each layer's attention backward asked for the next input
             assert m["stored_devices"] == ["cpu"] and m["stored_last_dims"] == [32], m
         else:
             assert m["offloaded"] is None

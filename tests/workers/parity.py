@@ -30,6 +30,7 @@ from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing
 from lightning_ulysses.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
 from lightning_ulysses.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
+from lightning_ulysses.tiled_attention import tiled_attention_of  # noqa: E402
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 
@@ -109,6 +110,8 @@ class Recorder(L.Callback):
                 "tiled_mlp": tiled_mlp_enabled(pl_module.model),
                 "swiglu": memory_efficient_swiglu_enabled(pl_module.model),
                 "rmsnorm": memory_efficient_rmsnorm_enabled(pl_module.model),
+                # cumulative calls that took the tiled-backward path (None: option off)
+                "tiled_attn_calls": getattr(tiled_attention_of(pl_module.model), "calls", None),
                 "checkpointing": is_checkpointing(pl_module.model),
                 "policy": checkpoint_policy_of(pl_module.model),
                 **self._offload_stats(pl_module.model),
@@ -124,6 +127,7 @@ class Recorder(L.Callback):
         return {
             "offloaded": off.stats.offloaded,
             "restored": off.stats.restored,
+            "prefetch_points": off.stats.prefetch_points,
             "live": off.live_records,
             "stored_devices": sorted({d for _, d in off.stats.stored}),
             "stored_last_dims": sorted({shape[-1] for shape, _ in off.stats.stored}),
@@ -231,6 +235,8 @@ def run(case: dict, out_path: str) -> None:
         tiled_mlp_tile_tokens=case.get("mlp_tile_tokens"),
         memory_efficient_rmsnorm=case.get("rmsnorm", False),
         memory_efficient_swiglu=case.get("swiglu", False),
+        tiled_attention_backward=case.get("attn_tile_tokens") is not None,
+        tiled_attention_tile_tokens=case.get("attn_tile_tokens"),
         seq_parallel_communication_data_type=case.get("comm_dtype"),
         context_parallel_mode=case.get("mode", "auto"),
         checkpoint_policy=case.get("checkpoint_policy", "full"),
@@ -306,7 +312,7 @@ def run(case: dict, out_path: str) -> None:
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
-            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "checkpointing", "policy", "offloaded", "restored", "live", "stored_devices", "stored_last_dims")}
+            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
             for k in range(steps)
         ],
