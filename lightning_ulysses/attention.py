@@ -17,7 +17,9 @@ The same dispatcher also honours a per-model replacement of the local kernel
 
 Unlike DeepSpeed's ``UlyssesSPAttentionHF``, batch size and sequence length are read from the
 tensors at every call (nothing is fixed at registration), and causality is re-derived from the
-*global* position ids, so packed sequences (position ids restarting at 0) stay correct.
+*global* position ids, so packed sequences (position ids restarting at 0) stay correct; with ``sdpa``
+a packed row runs one kernel call per segment (:func:`lightning_ulysses.tiled_attention.packed_causal_attention`)
+instead of a dense ``[S, S]`` mask, which would take S^2 bytes per row (64 GiB at 256K tokens).
 
 With a ring dimension (``sp = ulysses x ring``) the all-to-all runs over the Ulysses group only and
 gathers one ring *segment*; :func:`lightning_ulysses.ring.ring_attention` then attends across the
@@ -136,6 +138,7 @@ class UlyssesAttention:
         self._pos_local: Optional[Tensor] = None
         self._pos_global: Optional[Tensor] = None
         self._segments: Optional[Tensor] = None
+        self._bounds: Optional[list] = None  # per row (start, end) of packed segments, computed on first use
 
     def _global_positions(self, local: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         if local is not self._pos_local:
@@ -145,6 +148,7 @@ class UlyssesAttention:
             self._pos_local = local
             self._pos_global = torch.cat(parts, dim=1)
             self._segments = packed_segments(self._pos_global)
+            self._bounds = None
         return self._pos_global, self._segments
 
     def __call__(
@@ -201,6 +205,10 @@ class UlyssesAttention:
             window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
             if window is not None and window >= q.shape[2]:
                 window = None
+            if segments is not None and window is None and _plain_causal(module, kwargs):
+                # packed rows: one kernel call per segment instead of an [S, S] mask (S^2 bytes per row)
+                out = self._packed(module, q, k, v, kwargs)
+                return heads_to_seq(out, sp, self.group, self.comm_dtype), None
             # HF built a mask for the *local* shard; it is meaningless for the gathered sequence.
             mask = causal_mask(pos_global, segments, window) if (segments is not None or window) else None
         else:
@@ -218,6 +226,19 @@ class UlyssesAttention:
                 module.num_key_value_groups = restore
         return heads_to_seq(out, sp, self.group, self.comm_dtype), weights
 
+
+    def _packed(self, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
+        from lightning_ulysses.tiled_attention import packed_causal_attention, segment_bounds
+
+        if self._bounds is None:
+            self._bounds = segment_bounds(self._segments)  # the same for every layer of this forward
+        bounds = self._bounds if len(self._bounds) == q.shape[0] else self._bounds * q.shape[0]
+        local = getattr(module, _LOCAL_ATTR, None)  # the tiled backward, if enabled, tiles long segments
+        out = packed_causal_attention(
+            q, k, v, bounds, scale=kwargs.get("scaling"), tile_tokens=getattr(local, "tile_tokens", None),
+            backend=getattr(local, "backend", "auto"),
+        )
+        return out.transpose(1, 2)  # [b, S, h/sp, d], as HF kernels return
 
     def _ring(self, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
         """Ring attention over the gathered segment; refuses what its causal-only kernels cannot do."""
@@ -243,6 +264,16 @@ class UlyssesAttention:
             q, k, v, self._ring_peers, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend
         )
         return out.transpose(1, 2)
+
+
+def _plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
+    """No dropout, logit softcapping or attention sinks: what the per-segment kernels compute exactly."""
+    return (
+        getattr(module, "is_causal", True)
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+    )
 
 
 def install_attention_dispatcher(impl: str) -> None:

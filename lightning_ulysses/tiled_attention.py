@@ -174,6 +174,43 @@ def tiled_attention(
     return _TiledBackwardAttention.apply(q, k, v, scale, tile_tokens, kernel, native)
 
 
+def segment_bounds(segments: Tensor) -> list[list[tuple[int, int]]]:
+    """``[b, S]`` segment ids (:func:`lightning_ulysses.data.packed_segments`) -> per row the
+    ``(start, end)`` of each segment. One device-to-host copy of a ``[b, S]`` bool tensor."""
+    s = segments.shape[1]
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    rows = []
+    for row in starts.cpu():
+        first = row.nonzero().flatten().tolist()
+        rows.append(list(zip(first, first[1:] + [s])))
+    return rows
+
+
+def packed_causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bounds: list[list[tuple[int, int]]],
+    scale: Optional[float] = None,
+    tile_tokens: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Causal attention inside each packed segment of each row (``[b, h, S, d]``; ``bounds`` from
+    :func:`segment_bounds`), one kernel call per segment: the same result as SDPA with the
+    block-diagonal causal mask, without materialising that ``[S, S]`` mask (S^2 bytes per row: 64 GiB
+    at 256K tokens) or running a masked kernel. ``tile_tokens`` tiles the backward of long segments.
+    """
+    rows = []
+    for i, segments in enumerate(bounds):
+        parts = []
+        for a, b in segments:
+            qs, ks, vs = (t[i : i + 1, :, a:b].contiguous() for t in (q, k, v))
+            parts.append(tiled_attention(qs, ks, vs, scale, tile_tokens or max(1, b - a), backend))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 class TiledAttentionCore:
     """A local kernel for transformers' ``sdpa`` interface: :func:`tiled_attention` where it is exact,
     the original kernel everywhere else. Signature: ``(original, module, q, k, v, mask, **kwargs)``."""
@@ -240,6 +277,8 @@ def tiled_attention_of(model: torch.nn.Module) -> Optional[TiledAttentionCore]:
 __all__ = [
     "DEFAULT_TILE_TOKENS",
     "TiledAttentionCore",
+    "packed_causal_attention",
+    "segment_bounds",
     "disable_tiled_attention",
     "enable_tiled_attention",
     "tiled_attention",

@@ -162,6 +162,9 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
         else:
             assert m["offloaded"] is None
 
+    # packed rows run one kernel call per segment: no dense [S, S] mask (S^2 bytes per row) is built
+    assert r["dense_masks"] == 0
+
     if case.get("validate"):
         assert abs(r["val_loss"] - r["ref_val_loss"]) <= tol
         assert abs(r["test_loss"] - r["ref_val_loss"]) <= tol

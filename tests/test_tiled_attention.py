@@ -161,3 +161,28 @@ def test_kernel_probe_inside_selective_checkpointing_does_not_shift_the_saved_ou
             torch.testing.assert_close(g[n], g_ref[n], rtol=1e-5, atol=1e-6, msg=n)
     finally:
         mod._native_gqa.cache_clear()
+
+
+def test_packed_rows_equal_sdpa_with_the_block_diagonal_mask() -> None:
+    """One kernel call per segment (two rows, different packings, a 1-token segment, tiled long
+    segments) equals SDPA under the dense block-causal mask the Ulysses path used to build."""
+    from lightning_ulysses.attention import causal_mask
+    from lightning_ulysses.data import packed_segments
+    from lightning_ulysses.tiled_attention import packed_causal_attention, segment_bounds
+
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 0, 0, 1],
+                        [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+    segments = packed_segments(pos)
+    bounds = segment_bounds(segments)
+    assert bounds[0] == [(0, 12), (12, 17), (17, 18), (18, 20)] and bounds[1] == [(0, 3), (3, 20)]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 20, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 20, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 20, 8, generator=g, requires_grad=True)
+    dout = torch.randn(2, 4, 20, 8, generator=g)
+    mask = causal_mask(pos, segments, None)
+    ref = _grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask, enable_gqa=True), q, k, v, dout)
+    for tile in (None, 3):
+        ours = _grads(lambda *t: packed_causal_attention(*t, bounds, tile_tokens=tile), q, k, v, dout)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} tile={tile}")

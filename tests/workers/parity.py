@@ -31,6 +31,19 @@ from lightning_ulysses.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: 
 from lightning_ulysses.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
 from lightning_ulysses.tiled_attention import tiled_attention_of  # noqa: E402
+import lightning_ulysses.attention as ulysses_attention  # noqa: E402
+
+# count dense [S, S] masks the Ulysses path builds (packed rows must not need one)
+DENSE_MASKS = [0]
+_causal_mask = ulysses_attention.causal_mask
+
+
+def _counting_causal_mask(*args, **kwargs):
+    DENSE_MASKS[0] += 1
+    return _causal_mask(*args, **kwargs)
+
+
+ulysses_attention.causal_mask = _counting_causal_mask
 from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 
@@ -295,6 +308,7 @@ def run(case: dict, out_path: str) -> None:
         return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
     result = {
+        "dense_masks": DENSE_MASKS[0],
         "layout": {"sp": layout.sp, "dp": layout.dp, "ring": layout.ring},
         "local_seq": [[s["local_seq"] for s in steps_] for steps_ in gathered],
         "first_pos": [[s["first_pos"] for s in steps_] for steps_ in gathered],

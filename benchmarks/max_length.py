@@ -1,0 +1,136 @@
+"""Longest sequence one configuration trains: predict it from the memory slope, confirm it with one step.
+
+For one configuration of ``benchmarks/alst_compare.py`` (ours or the raw ALST reference, any options), on
+the GPUs of this machine:
+
+1. one step at each of two probe lengths; the peak GPU memory (max over ranks) of each;
+2. a straight line through them, ``peak(S) = a + b * S``, gives ``S_max = (budget - a) / b``, rounded
+   down to ``--multiple``;
+3. one step at ``S_max``: if it fails (OOM, crash or the per-attempt time limit), bisect between the
+   longest success and the shortest failure with at most ``--attempts`` more steps.
+
+Every attempt is its own ``torchrun`` process (an OOM cannot poison the next one, a hung rank is killed
+by the time limit). Prints a markdown line and writes every attempt to a JSON file.
+
+    python benchmarks/max_length.py --nproc 4 --label ours-sp4 --out max_ours.json -- \\
+        --path ours --preset llama3-8b --sp 4 --checkpoint-policy full --offload --tiled-mlp --rmsnorm --swiglu \\
+        --loss-impl auto --tiled-attention
+
+Attention cost grows with ``S^2``: at a million tokens one step of a 32-layer 8B model takes far longer
+than a short run; ``--layers`` (passed through) lowers depth for the prediction and the step, which is
+exact for the activation part of our stack (flat in depth) but not for the reference's (it grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+GiB = 2**30
+
+
+def attempt(nproc: int, seq: int, passthrough: list[str], timeout_s: float, workdir: Path) -> dict:
+    """One timed step (no warm-up) at ``seq`` tokens; ``ok`` is False on OOM, crash or time-out."""
+    out = workdir / f"attempt_{seq}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).with_name("alst_compare.py")), *passthrough, "--seq", str(seq), "--warmup", "0",
+           "--steps", "1", "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"seq": seq, "ok": False, "reason": f"time-out after {timeout_s:.0f} s"}
+    if not out.exists():
+        tail = (proc.stdout + proc.stderr)[-400:].replace("\n", " ")
+        return {"seq": seq, "ok": False, "reason": f"exit {proc.returncode}: {tail}"}
+    r = json.loads(out.read_text())
+    ok = "step_s" in r and "oom" not in r
+    return {"seq": seq, "ok": ok, "peak_gib": r.get("peak_gib"), "step_s": r.get("step_s"),
+            "reason": None if ok else ("OOM" if "oom" in r else "no step time")}
+
+
+def predict(p1: tuple[int, float], p2: tuple[int, float], budget_gib: float, multiple: int) -> int:
+    """Length at which the line through two (length, peak GiB) points reaches ``budget_gib``."""
+    (s1, m1), (s2, m2) = sorted([p1, p2])
+    slope = (m2 - m1) / (s2 - s1)
+    if slope <= 0:
+        raise ValueError(f"peak memory did not grow between {s1} and {s2} tokens ({m1:.2f} -> {m2:.2f} GiB); "
+                         "choose probe lengths further apart.")
+    reach = s2 + (budget_gib - m2) / slope
+    return max(multiple, int(reach // multiple * multiple))
+
+
+def search(run: Callable[[int], dict], probes: tuple[int, int], budget_gib: float, multiple: int,
+           attempts: int) -> dict:
+    """Probe, predict, confirm, bisect. ``run(seq)`` returns an attempt dict (see :func:`attempt`)."""
+    log = [run(s) for s in probes]
+    bad = [a for a in log if not a["ok"]]
+    if bad:
+        return {"attempts": log, "max_ok": None, "predicted": None,
+                "error": f"a probe length failed ({bad[0]['seq']}: {bad[0]['reason']}); use shorter probes"}
+    predicted = predict((log[0]["seq"], log[0]["peak_gib"]), (log[1]["seq"], log[1]["peak_gib"]), budget_gib, multiple)
+    lo, hi = max(probes), None  # longest known success, shortest known failure
+    if predicted <= lo:
+        return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": None}
+    seq = predicted
+    for _ in range(attempts + 1):
+        a = run(seq)
+        log.append(a)
+        if a["ok"]:
+            lo = seq
+            if hi is None:  # the prediction held: one confirming step is the answer (longer may fit too)
+                break
+        else:
+            hi = seq
+        if hi is not None and hi - lo <= multiple:
+            break
+        seq = (lo + hi) // 2 // multiple * multiple if hi is not None else lo
+        if seq <= lo:
+            break
+    return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": hi}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--probes", type=int, nargs=2, default=[65536, 131072])
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="usable GPU memory per device (default: the device's total minus --headroom-gib)")
+    p.add_argument("--headroom-gib", type=float, default=3.0)
+    p.add_argument("--multiple", type=int, default=32768, help="lengths are multiples of this")
+    p.add_argument("--attempts", type=int, default=3, help="bisection steps after the predicted length fails")
+    p.add_argument("--timeout-s", type=float, default=540.0, help="time limit per attempt")
+    p.add_argument("--label", default="run")
+    p.add_argument("--out", default="max_length.json")
+    p.add_argument("passthrough", nargs=argparse.REMAINDER, help="-- then alst_compare.py options (not --seq)")
+    args = p.parse_args()
+    passthrough = [a for a in args.passthrough if a != "--"]
+    if "--seq" in passthrough:
+        p.error("--seq is chosen by the search; do not pass it through")
+    budget = args.budget_gib
+    if budget is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("no CUDA device: give --budget-gib")
+        budget = torch.cuda.get_device_properties(0).total_memory / GiB - args.headroom_gib
+    with tempfile.TemporaryDirectory() as tmp:
+        result = search(lambda s: attempt(args.nproc, s, passthrough, args.timeout_s, Path(tmp)),
+                        tuple(args.probes), budget, args.multiple, args.attempts)
+    result.update(label=args.label, budget_gib=budget, nproc=args.nproc, options=passthrough)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    ok = [a for a in result["attempts"] if a["ok"]]
+    longest = max(ok, key=lambda a: a["seq"]) if ok else None
+    print("| config | GPUs | predicted | longest step that ran | its peak GiB | its step s | first failure |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.label} | {args.nproc} | {result.get('predicted') or '-'} | {result.get('max_ok') or '-'} | "
+          f"{longest['peak_gib']:.1f} | {longest['step_s']:.1f} | {result.get('first_failure') or '-'} |" if longest else
+          f"| {args.label} | {args.nproc} | - | none | | | {result.get('error', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""benchmarks/max_length.py: prediction from two probes, confirmation, bisection (logic only; GPU runs in docs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.max_length import predict, search
+
+K = 1024
+
+
+def fake(peak_of, budget: float):
+    calls: list[int] = []
+
+    def run(seq: int) -> dict:
+        calls.append(seq)
+        peak = peak_of(seq)
+        if peak > budget:
+            return {"seq": seq, "ok": False, "reason": "OOM"}
+        return {"seq": seq, "ok": True, "peak_gib": peak, "step_s": seq / 1e5}
+
+    return run, calls
+
+
+def test_prediction_is_the_line_through_the_probes_rounded_down() -> None:
+    assert predict((64 * K, 10 + 6.4), (128 * K, 10 + 12.8), budget_gib=110.0, multiple=32 * K) == 992 * K  # 1000K, rounded down
+    with pytest.raises(ValueError, match="did not grow"):
+        predict((64 * K, 12.0), (128 * K, 12.0), 100.0, 32 * K)
+
+
+def test_linear_memory_is_confirmed_with_one_step() -> None:
+    run, calls = fake(lambda s: 10 + 0.1 * s / K, budget=110.0)
+    r = search(run, (64 * K, 128 * K), 110.0, 32 * K, attempts=3)
+    assert r["predicted"] == r["max_ok"] == 1000 * K // (32 * K) * (32 * K)
+    assert calls == [64 * K, 128 * K, r["predicted"]]
+
+
+def test_a_prediction_that_fails_is_bisected_within_the_attempts() -> None:
+    # memory grows faster than the probes suggest: the line overshoots
+    run, calls = fake(lambda s: 10 + 0.1 * s / K + 2e-5 * (s / K) ** 2, budget=110.0)
+    r = search(run, (64 * K, 128 * K), 110.0, 32 * K, attempts=4)
+    assert r["first_failure"] is not None and r["max_ok"] < r["predicted"]
+    ok = [a["seq"] for a in r["attempts"] if a["ok"]]
+    assert max(ok) == r["max_ok"] and len(calls) <= 2 + 5
+
+
+def test_a_failing_probe_is_reported_not_extrapolated() -> None:
+    run, _ = fake(lambda s: 10 + 0.1 * s / K, budget=15.0)
+    r = search(run, (64 * K, 128 * K), 15.0, 32 * K, attempts=3)
+    assert r["max_ok"] is None and "probe length failed" in r["error"]
