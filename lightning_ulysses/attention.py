@@ -205,7 +205,7 @@ class UlyssesAttention:
             window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
             if window is not None and window >= q.shape[2]:
                 window = None
-            if segments is not None and window is None and _plain_causal(module, kwargs):
+            if segments is not None and window is None and plain_causal(module, kwargs):
                 # packed rows: one kernel call per segment instead of an [S, S] mask (S^2 bytes per row)
                 out = self._packed(module, q, k, v, kwargs)
                 return heads_to_seq(out, sp, self.group, self.comm_dtype), None
@@ -266,10 +266,13 @@ class UlyssesAttention:
         return out.transpose(1, 2)
 
 
-def _plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
-    """No dropout, logit softcapping or attention sinks: what the per-segment kernels compute exactly."""
-    return (
-        getattr(module, "is_causal", True)
+def plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether an HF attention call (its module and kwargs) asks for plain causal attention: causal, no
+    dropout, no logit softcapping, no attention sinks. What the LSE block kernels compute exactly (the
+    packed-row path here, :class:`lightning_ulysses.tiled_attention.TiledAttentionCore`)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(
+        (getattr(module, "is_causal", True) if is_causal is None else is_causal)
         and not kwargs.get("dropout")
         and kwargs.get("softcap") is None
         and kwargs.get("s_aux") is None
@@ -393,6 +396,7 @@ __all__ = [
     "heads_to_seq",
     "install_attention_dispatcher",
     "local_attention_of",
+    "plain_causal",
     "remove_ulysses",
     "seq_to_heads",
     "set_local_attention",

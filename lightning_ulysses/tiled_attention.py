@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_ulysses.attention import local_attention_of, set_local_attention
+from lightning_ulysses.attention import local_attention_of, plain_causal, set_local_attention
 from lightning_ulysses.attention_kernels import AttentionKernel, expand_kv, reduce_kv, select_kernel
 
 DEFAULT_TILE_TOKENS = 16384
@@ -224,15 +224,10 @@ class TiledAttentionCore:
         self.calls = 0  # how many calls took the tiled path (tests, benchmarks)
 
     def serves(self, module: torch.nn.Module, q: Tensor, k: Tensor, mask: Optional[Tensor], kwargs: dict) -> bool:
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         return (
             mask is None  # a mask means packing, padding or a sliding window: not plain causal
-            and is_causal
+            and plain_causal(module, kwargs)
             and q.shape[2] == k.shape[2] > 1
-            and not kwargs.get("dropout")
-            and kwargs.get("softcap") is None
-            and kwargs.get("s_aux") is None
             and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad)
         )
