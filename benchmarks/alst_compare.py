@@ -10,7 +10,10 @@ One process group per (path, sequence length), launched by torchrun:
   bf16, sdpa, non-reentrant checkpointing, our tiled loss (torch tiles, like-for-like with the reference).
 * ``alst``: what the DeepSpeed ALST tutorial / ArcticTraining do: ``UlyssesSPAttentionHF.register_with_transformers``,
   ``deepspeed.initialize(mpu=...)``, ``UlyssesSPDataLoaderAdapter``, ``TiledFusedLogitsLoss`` and the
-  all-gather-weighted SP loss, same checkpointing and optimizer (fused torch AdamW on CUDA).
+  all-gather-weighted SP loss, same checkpointing and optimizer (fused torch AdamW on CUDA). The rest of
+  DeepSpeed 0.19.8's released memory stack is there for trick-for-trick memory comparisons: ``--tiled-mlp``
+  (its ``TiledMLP`` on every decoder MLP) and ``--offload`` (its ``checkpoint_in_cpu`` activation offload via
+  ``deepspeed.checkpointing``); the same flags switch on our own implementations on the ``ours`` path.
 
 Each run: ``--warmup`` untimed steps, then ``--steps`` timed steps; median step time, tokens/s, model TFLOPS/GPU
 (6·N·S + 6·L·S²·H, N without the input embedding), peak GPU memory (max over ranks), peak host RSS.
@@ -210,6 +213,22 @@ def run_alst(args, cfg) -> list[float]:
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=args.zero_stage == 3):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.tiled_mlp:
+        patched = _alst_tiled_mlp(model, args.zero_stage == 3)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"alst: DeepSpeed TiledMLP on {patched} decoder MLPs", flush=True)
+    if args.offload:
+        if device.type != "cuda":
+            # its blocking (non-CUDA) path copies the layer input "to CPU" (a no-op there), then empties the
+            # input's storage, which is that same storage: the recompute would see an empty tensor
+            raise SystemExit("--offload on the alst path needs CUDA: DeepSpeed's checkpoint_in_cpu cannot offload "
+                             "from CPU to CPU (leave --offload off for CPU runs of the reference)")
+        # DeepSpeed's own activation-checkpoint CPU offload: its checkpoint function with `checkpoint_in_cpu`
+        # copies each checkpointed layer input to host memory (async engine on CUDA) and back for backward.
+        deepspeed.checkpointing.configure(None, checkpoint_in_cpu=True)
+        model._set_gradient_checkpointing(True, deepspeed.checkpointing.non_reentrant_checkpoint)
+        if os.environ.get("RANK", "0") == "0":
+            print("alst: DeepSpeed checkpoint_in_cpu activation offload on", flush=True)
     rss_note("alst: model built under zero.Init")
     engine, _, _, _ = deepspeed.initialize(config=config, model=model, model_parameters=model.parameters(),
                                            optimizer=optimizer_factory(model.parameters()), mpu=mpu)
@@ -255,6 +274,31 @@ def run_alst(args, cfg) -> list[float]:
     return times
 
 
+def _alst_tiled_mlp(model, zero3: bool) -> int:
+    """DeepSpeed's released ``TiledMLP`` on every decoder MLP, as its docstring and ArcticTraining apply it:
+    ``ceil(seqlen / hidden)`` shards, agreed over all ranks (a rank with fewer shards would desynchronise
+    ZeRO-3's parameter gathers), the MLP's weights passed as ``compute_params`` under ZeRO-3."""
+    import types
+
+    import deepspeed.comm as dist
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def mlp_forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def tiled_forward(self, x):
+        shards = torch.tensor(math.ceil(x.shape[1] / x.shape[2]), device=x.device)
+        dist.all_reduce(shards, op=dist.ReduceOp.MAX)
+        params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight] if zero3 else None
+        return TiledMLP.apply(mlp_forward, self, x, int(shards.item()), params)
+
+    patched = 0
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(tiled_forward, layer.mlp)
+        patched += 1
+    return patched
+
+
 # --------------------------------------------------------------------------------------------- driver
 def run(args) -> None:
     import torch.distributed as tdist
@@ -287,6 +331,8 @@ def run(args) -> None:
         s = args.seq
         result["tokens_per_s"] = dp * s / result["step_s"]
         result["model_tflops_per_gpu"] = model_flops(dims, dp * s, dp * s * s) / result["step_s"] / result["world"] / 1e12
+        if args.peak_tflops:
+            result["mfu"] = result["model_tflops_per_gpu"] / args.peak_tflops
     if not tdist.is_initialized() or tdist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -309,15 +355,17 @@ def report(paths: list[str], plot: str | None) -> None:
     rows.sort(key=lambda r: (r["seq"], r["path"]))
     print(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['preset']} ({rows[0]['layers']} layers), "
           f"ZeRO-{rows[0]['zero_stage']}, world {rows[0]['world']}")
-    print("| seq | path | sp x dp | step s | tokens/s | tokens/s/GPU | model TFLOPS/GPU | peak GiB (max rank) | host RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| seq | path | sp x dp | step s | tokens/s | tokens/s/GPU | model TFLOPS/GPU | MFU | peak GiB (max rank) | host RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         layout = f"{r['sp']} x {r['world'] // r['sp']}"
         if "oom" in r:
-            print(f"| {r['seq']:,} | {r['path']} | {layout} | OOM | | | | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
+            print(f"| {r['seq']:,} | {r['path']} | {layout} | OOM | | | | | {r['peak_gib']:.1f} | {r['host_rss_gib']:.1f} |")
             continue
+        mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
         print(f"| {r['seq']:,} | {r['path']} | {layout} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / r['world']:,.0f} | {r['model_tflops_per_gpu']:.0f} | {r['peak_gib']:.1f} | "
+              f"{r['tokens_per_s'] / r['world']:,.0f} | {r['model_tflops_per_gpu']:.0f} | "
+              f"{mfu} | {r['peak_gib']:.1f} | "
               f"{r['host_rss_gib']:.1f} |")
     if plot:
         import matplotlib
@@ -353,8 +401,11 @@ def main() -> None:
     p.add_argument("--rss-trace", action="store_true", help="print host RSS at setup phases (rank 0)")
     p.add_argument("--label", default=None, help="name of this run in the report (default: --path)")
     p.add_argument("--checkpoint-policy", default="full", choices=["full", "save_attention"], help="ours only")
-    p.add_argument("--offload", action="store_true", help="ours: activation-checkpoint CPU offload")
-    p.add_argument("--tiled-mlp", action="store_true", help="ours: tiled MLP")
+    p.add_argument("--offload", action="store_true",
+                   help="activation-checkpoint CPU offload (ours: lightning_ulysses.offload; alst: DeepSpeed's "
+                        "checkpoint_in_cpu through deepspeed.checkpointing)")
+    p.add_argument("--tiled-mlp", action="store_true",
+                   help="tiled MLP (ours: lightning_ulysses.tiled_mlp; alst: DeepSpeed's TiledMLP)")
     p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")
     p.add_argument("--swiglu", action="store_true", help="ours: memory-efficient SwiGLU")
     p.add_argument("--tiled-attention", type=int, nargs="?", const=0, default=None, metavar="TILE_TOKENS",
@@ -368,6 +419,8 @@ def main() -> None:
     p.add_argument("--mode", default="auto", help="ours: context_parallel_mode (auto|hybrid|ulysses_only|ring_only)")
     p.add_argument("--ring-size", type=int, default=None, help="ours: ring degree (sp = ulysses x ring)")
     p.add_argument("--ring-backend", default="auto", help="ours: ring attention block kernel")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 matmul peak per GPU for MFU, ideally measured on the same machine (H200: 786)")
     p.add_argument("--report", nargs="+")
     p.add_argument("--plot", default=None)
     args = p.parse_args()

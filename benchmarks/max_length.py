@@ -3,11 +3,15 @@
 For one configuration of ``benchmarks/alst_compare.py`` (ours or the raw ALST reference, any options), on
 the GPUs of this machine:
 
-1. one step at each of two probe lengths; the peak GPU memory (max over ranks) of each;
+1. at each of two probe lengths, a warm-up step and a measured step (the steady-state peak: the first
+   step runs without Adam's moment buffers, which torch creates at the first ``optimizer.step()``); the
+   peak GPU memory (max over ranks) of each;
 2. a straight line through them, ``peak(S) = a + b * S``, gives ``S_max = (budget - a) / b``, rounded
    down to ``--multiple``;
-3. one step at ``S_max``: if it fails (OOM, crash or the per-attempt time limit), bisect between the
-   longest success and the shortest failure with at most ``--attempts`` more steps.
+3. the same at ``S_max``: if it fails (OOM or crash), bisect between the longest success and the shortest
+   failure with at most ``--attempts`` more runs. When the probes' step times (fitted as ``a*S + b*S^2``)
+   say a run at ``S_max`` would not finish within ``--timeout-s``, or one does time out, the prediction is
+   reported as unconfirmed: a run cut off by the clock says nothing about memory.
 
 Every attempt is its own ``torchrun`` process (an OOM cannot poison the next one, a hung rank is killed
 by the time limit). Prints a markdown line and writes every attempt to a JSON file.
@@ -34,16 +38,26 @@ from typing import Callable, Optional
 GiB = 2**30
 
 
+def attempt_command(nproc: int, seq: int, passthrough: list[str], out: Path) -> list[str]:
+    """One warm-up step and one measured step at ``seq`` tokens.
+
+    The warm-up step is not optional: torch's Adam creates its two moment buffers at the first
+    ``optimizer.step()`` (DeepSpeed ZeRO-3 keeps that laziness), so a first step's forward/backward runs
+    without them and its peak is too low by the optimizer state (15 GiB per H200 for an 8B model at SP=4,
+    measured 2026-11-22); every later step carries them."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(Path(__file__).with_name("alst_compare.py")), *passthrough, "--seq", str(seq), "--warmup", "1",
+            "--steps", "1", "--out", str(out)]
+
+
 def attempt(nproc: int, seq: int, passthrough: list[str], timeout_s: float, workdir: Path) -> dict:
-    """One timed step (no warm-up) at ``seq`` tokens; ``ok`` is False on OOM, crash or time-out."""
+    """Steady-state peak at ``seq`` tokens; ``ok`` is False on OOM or crash, None on time-out (unknown)."""
     out = workdir / f"attempt_{seq}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).with_name("alst_compare.py")), *passthrough, "--seq", str(seq), "--warmup", "0",
-           "--steps", "1", "--out", str(out)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(attempt_command(nproc, seq, passthrough, out), capture_output=True, text=True,
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"seq": seq, "ok": False, "reason": f"time-out after {timeout_s:.0f} s"}
+        return {"seq": seq, "ok": None, "reason": f"time-out after {timeout_s:.0f} s"}
     if not out.exists():
         tail = (proc.stdout + proc.stderr)[-400:].replace("\n", " ")
         return {"seq": seq, "ok": False, "reason": f"exit {proc.returncode}: {tail}"}
@@ -51,6 +65,14 @@ def attempt(nproc: int, seq: int, passthrough: list[str], timeout_s: float, work
     ok = "step_s" in r and "oom" not in r
     return {"seq": seq, "ok": ok, "peak_gib": r.get("peak_gib"), "step_s": r.get("step_s"),
             "reason": None if ok else ("OOM" if "oom" in r else "no step time")}
+
+
+def step_time_at(p1: tuple[int, float], p2: tuple[int, float], seq: int) -> float:
+    """Step time at ``seq`` from two (length, seconds) probes, as ``a*S + b*S^2`` (dense + causal attention)."""
+    (s1, t1), (s2, t2) = sorted([p1, p2])
+    b = (t2 / s2 - t1 / s1) / (s2 - s1)
+    a = t1 / s1 - b * s1
+    return max(a, 0.0) * seq + max(b, 0.0) * seq * seq
 
 
 def predict(p1: tuple[int, float], p2: tuple[int, float], budget_gib: float, multiple: int) -> int:
@@ -65,10 +87,10 @@ def predict(p1: tuple[int, float], p2: tuple[int, float], budget_gib: float, mul
 
 
 def search(run: Callable[[int], dict], probes: tuple[int, int], budget_gib: float, multiple: int,
-           attempts: int) -> dict:
+           attempts: int, timeout_s: Optional[float] = None) -> dict:
     """Probe, predict, confirm, bisect. ``run(seq)`` returns an attempt dict (see :func:`attempt`)."""
     log = [run(s) for s in probes]
-    bad = [a for a in log if not a["ok"]]
+    bad = [a for a in log if a["ok"] is not True]
     if bad:
         return {"attempts": log, "max_ok": None, "predicted": None,
                 "error": f"a probe length failed ({bad[0]['seq']}: {bad[0]['reason']}); use shorter probes"}
@@ -76,10 +98,21 @@ def search(run: Callable[[int], dict], probes: tuple[int, int], budget_gib: floa
     lo, hi = max(probes), None  # longest known success, shortest known failure
     if predicted <= lo:
         return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": None}
+    if timeout_s is not None:
+        # attention makes a step at S cost ~S^2: at millions of tokens one step takes hours, and a step cut
+        # off by the time limit says nothing about memory; report the prediction as unconfirmed instead
+        est = step_time_at((log[0]["seq"], log[0]["step_s"]), (log[1]["seq"], log[1]["step_s"]), predicted)
+        if 2 * est > timeout_s:  # warm-up + measured step
+            return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": None,
+                    "unconfirmed": f"one step at {predicted} tokens would take ~{est:.0f} s, over the "
+                                   f"{timeout_s:.0f} s limit for two"}
     seq = predicted
     for _ in range(attempts + 1):
         a = run(seq)
         log.append(a)
+        if a["ok"] is None:  # timed out: memory unknown, stop rather than mistake slowness for OOM
+            return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": hi,
+                    "unconfirmed": f"{seq} tokens: {a['reason']}"}
         if a["ok"]:
             lo = seq
             if hi is None:  # the prediction held: one confirming step is the answer (longer may fit too)
@@ -120,15 +153,16 @@ def main() -> None:
         budget = torch.cuda.get_device_properties(0).total_memory / GiB - args.headroom_gib
     with tempfile.TemporaryDirectory() as tmp:
         result = search(lambda s: attempt(args.nproc, s, passthrough, args.timeout_s, Path(tmp)),
-                        tuple(args.probes), budget, args.multiple, args.attempts)
+                        tuple(args.probes), budget, args.multiple, args.attempts, args.timeout_s)
     result.update(label=args.label, budget_gib=budget, nproc=args.nproc, options=passthrough)
     Path(args.out).write_text(json.dumps(result, indent=1))
     ok = [a for a in result["attempts"] if a["ok"]]
     longest = max(ok, key=lambda a: a["seq"]) if ok else None
-    print("| config | GPUs | predicted | longest step that ran | its peak GiB | its step s | first failure |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | GPUs | predicted | longest step that ran | its peak GiB | its step s | first failure | note |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.label} | {args.nproc} | {result.get('predicted') or '-'} | {result.get('max_ok') or '-'} | "
-          f"{longest['peak_gib']:.1f} | {longest['step_s']:.1f} | {result.get('first_failure') or '-'} |" if longest else
+          f"{longest['peak_gib']:.1f} | {longest['step_s']:.1f} | {result.get('first_failure') or '-'} | "
+          f"{result.get('unconfirmed', '')} |" if longest else
           f"| {args.label} | {args.nproc} | - | none | | | {result.get('error', '')} |")
 
 

@@ -12,8 +12,10 @@ from tests.harness import ROOT, worker_env
 def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     outs = []
     runs = {
-        "ours": ["--path", "ours"],
+        "ours": ["--path", "ours", "--peak-tflops", "1e-6"],  # MFU against a given (measured) peak
         "alst": ["--path", "alst"],
+        # DeepSpeed's released TiledMLP on the reference path (its checkpoint_in_cpu offload needs CUDA)
+        "alst-tiled-mlp": ["--path", "alst", "--label", "alst-tiled-mlp", "--tiled-mlp"],
         # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
         "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
                       "save_attention", "--offload"],
@@ -34,3 +36,4 @@ def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
                             env=worker_env(), capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and "| 64 | alst |" in report.stdout and "| 64 | ours |" in report.stdout
     assert "| 64 | ours-ring | 2 x 1 |" in report.stdout
+    assert json.loads((tmp_path / "ours.json").read_text())["mfu"] > 0 and "%" in report.stdout

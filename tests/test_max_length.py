@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.max_length import predict, search
+from pathlib import Path
+
+from benchmarks.max_length import attempt_command, predict, search, step_time_at
 
 K = 1024
 
 
-def fake(peak_of, budget: float):
+def fake(peak_of, budget: float, step_of=lambda s: s / 1e5):
     calls: list[int] = []
 
     def run(seq: int) -> dict:
@@ -17,7 +19,7 @@ def fake(peak_of, budget: float):
         peak = peak_of(seq)
         if peak > budget:
             return {"seq": seq, "ok": False, "reason": "OOM"}
-        return {"seq": seq, "ok": True, "peak_gib": peak, "step_s": seq / 1e5}
+        return {"seq": seq, "ok": True, "peak_gib": peak, "step_s": step_of(seq)}
 
     return run, calls
 
@@ -48,3 +50,28 @@ def test_a_failing_probe_is_reported_not_extrapolated() -> None:
     run, _ = fake(lambda s: 10 + 0.1 * s / K, budget=15.0)
     r = search(run, (64 * K, 128 * K), 15.0, 32 * K, attempts=3)
     assert r["max_ok"] is None and "probe length failed" in r["error"]
+
+
+def test_every_attempt_measures_the_steady_state_step() -> None:
+    # a first step runs without Adam's moment buffers (created at the first optimizer.step): its peak is too low
+    cmd = attempt_command(4, 131072, ["--path", "ours"], Path("out.json"))
+    assert cmd[cmd.index("--warmup") + 1] == "1" and cmd[cmd.index("--steps") + 1] == "1"
+    assert cmd[cmd.index("--seq") + 1] == "131072" and "--nproc_per_node=4" in cmd
+
+
+def test_a_prediction_too_slow_to_confirm_is_reported_unconfirmed() -> None:
+    # probes' step times follow a*S + b*S^2 (1 s and 4 s); a ~10M-token step would take hours
+    run, calls = fake(lambda s: 10 + 0.01 * s / K, budget=110.0, step_of=lambda s: (s / (64 * K)) ** 2)
+    r = search(run, (64 * K, 128 * K), 110.0, 32 * K, attempts=3, timeout_s=540.0)
+    assert calls == [64 * K, 128 * K] and r["max_ok"] == 128 * K and "over the 540 s limit" in r["unconfirmed"]
+    assert abs(step_time_at((1000, 1.0 + 1.0), (2000, 2.0 + 4.0), 4000) - (4.0 + 16.0)) < 1e-9
+
+
+def test_a_time_out_is_not_taken_for_an_oom() -> None:
+    def run(seq: int) -> dict:
+        if seq > 128 * K:
+            return {"seq": seq, "ok": None, "reason": "time-out after 540 s"}
+        return {"seq": seq, "ok": True, "peak_gib": 10 + 0.1 * seq / K, "step_s": 1.0}
+
+    r = search(run, (64 * K, 128 * K), 110.0, 32 * K, attempts=3)
+    assert r["first_failure"] is None and r["max_ok"] == 128 * K and "time-out" in r["unconfirmed"]

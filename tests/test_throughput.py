@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lightning_ulysses.callbacks import SequenceThroughput
-from lightning_ulysses.throughput import ModelDims, model_flops, recompute_flops
+import torch
+
+from lightning_ulysses.throughput import ModelDims, model_flops, peak_flops_per_gpu, recompute_flops
 from tests.test_callbacks import fit_single_device
 
 
@@ -39,3 +41,11 @@ def test_callback_logs_tokens_and_tflops_every_step(capsys) -> None:
         # 2 sequences of 20 tokens per step
         assert m["throughput/tokens_per_sec"] * m["throughput/step_s"] == pytest.approx(40)
     assert "throughput (median of 3 steps)" in capsys.readouterr().out
+
+
+def test_chips_lightning_lacks_still_get_an_mfu_peak() -> None:
+    from lightning_ulysses.throughput import chip_bf16_tflops
+
+    assert chip_bf16_tflops("NVIDIA H200") == 989.4 and chip_bf16_tflops("NVIDIA H200 NVL") is None
+    assert chip_bf16_tflops("NVIDIA H100 80GB HBM3") is None  # Lightning's own table has it
+    assert peak_flops_per_gpu(torch.device("cpu"), peak_tflops=786.0) == 786e12
