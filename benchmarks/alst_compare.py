@@ -158,6 +158,7 @@ def run_ours(args, cfg) -> list[float]:
         strategy=UlyssesDeepSpeedStrategy(
             sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl=args.loss_impl,
             config=lightning_ds_config, gradient_checkpointing=True, checkpoint_policy=args.checkpoint_policy,
+            save_attention_layers=args.save_attention_layers,
             activation_checkpoint_cpu_offload=args.offload, tiled_mlp=args.tiled_mlp,
             memory_efficient_rmsnorm=args.rmsnorm, memory_efficient_swiglu=args.swiglu,
             memory_efficient_impl=args.kernel_impl,
@@ -401,6 +402,8 @@ def main() -> None:
     p.add_argument("--rss-trace", action="store_true", help="print host RSS at setup phases (rank 0)")
     p.add_argument("--label", default=None, help="name of this run in the report (default: --path)")
     p.add_argument("--checkpoint-policy", default="full", choices=["full", "save_attention"], help="ours only")
+    p.add_argument("--save-attention-layers", type=int, default=None,
+                   help="ours, with --checkpoint-policy save_attention: only this many layers keep attention outputs")
     p.add_argument("--offload", action="store_true",
                    help="activation-checkpoint CPU offload (ours: lightning_ulysses.offload; alst: DeepSpeed's "
                         "checkpoint_in_cpu through deepspeed.checkpointing)")

@@ -66,18 +66,24 @@ class GradientCheckpointing(_HFModelTransform):
         policy: ``"full"`` recomputes the whole layer in backward; ``"save_attention"`` keeps the
             attention kernel's output and log-sum-exp from the forward (selective checkpointing), so
             attention is not recomputed: faster at long sequences for one attention output per layer.
+        save_attention_layers: with ``"save_attention"``, keep the attention outputs of the first this many
+            decoder layers only (the rest recompute attention): a dial between the speed of keeping them
+            all and the memory of keeping none. ``None``: every layer.
     """
 
-    def __init__(self, policy: str = "full") -> None:
+    def __init__(self, policy: str = "full", save_attention_layers: Optional[int] = None) -> None:
         from lightning_ulysses.model_utils import checkpoint_kwargs
 
         checkpoint_kwargs(policy)  # validates the name at construction
+        if save_attention_layers is not None and policy != "save_attention":
+            raise ValueError(f"save_attention_layers={save_attention_layers} needs policy='save_attention'.")
         self.policy = policy
+        self.save_attention_layers = save_attention_layers
 
     def apply(self, model: Any, trainer: Trainer) -> None:
         from lightning_ulysses.model_utils import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model, self.policy)
+        enable_gradient_checkpointing(model, self.policy, self.save_attention_layers)
 
 
 class TiledLoss(_HFModelTransform):
@@ -231,10 +237,11 @@ class SequenceThroughput(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after every callback's on_fit_start: the checkpointing callback may have changed the policy
-        from lightning_ulysses.model_utils import checkpoint_policy_of, find_hf_model
+        from lightning_ulysses.model_utils import checkpoint_policy_of, find_hf_model, saved_attention_fraction
 
         model = find_hf_model(pl_module)
         self._checkpointing = checkpoint_policy_of(model) if model is not None else None
+        self._recomputed_attention = 1.0 - saved_attention_fraction(model) if model is not None else 1.0
 
     def _sync(self, device: Any) -> None:
         if getattr(device, "type", None) == "cuda":
@@ -261,7 +268,7 @@ class SequenceThroughput(Callback):
         flops = model_flops(self._dims, tokens, sq) if self._dims else 0.0
         recompute = 0.0
         if self._dims and self._checkpointing:
-            recompute = recompute_flops(self._dims, tokens, sq, attention=self._checkpointing == "full")
+            recompute = recompute_flops(self._dims, tokens, sq, attention=self._recomputed_attention)
         hw = flops + recompute
         metrics = {
             "throughput/tokens_per_sec": tokens / dt,

@@ -29,6 +29,8 @@ def attention_spec(model: torch.nn.Module) -> tuple[int, int, Optional[str]]:
 
 CHECKPOINT_POLICIES = ("full", "save_attention")
 _POLICY_ATTR = "_lightning_ulysses_checkpoint_policy"
+_SAVE_LAYERS_ATTR = "_lightning_ulysses_save_attention_layers"
+_KEEP = object()  # "leave the layer count already in force"
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,22 +93,57 @@ def checkpoint_kwargs(policy: str = "full") -> dict:
     return kwargs
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] = None) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] = None,
+                                  save_attention_layers: Any = _KEEP) -> None:
     """HF gradient checkpointing of every decoder layer with :func:`checkpoint_kwargs` (idempotent).
 
     ``policy=None`` keeps the policy already in force (callers that only need checkpointing *on*, such
     as the activation offload, must not undo a ``save_attention`` chosen elsewhere), else ``"full"``.
+
+    ``save_attention_layers=N`` (with ``save_attention``): only the first ``N`` decoder layers keep their
+    attention outputs, the others recompute attention like ``"full"``. The kept outputs are all alive at
+    the end of the forward, so the memory they cost is ``N`` attention outputs whichever layers keep them,
+    and each layer left out gives back one (and costs one attention recompute). ``None``: every layer.
+    Left out, the count already in force is kept.
 
     transformers >= 5.2x names it ``activation_checkpointing_enable`` (the old name warns); older 5.x
     releases only have ``gradient_checkpointing_enable``.
     """
     if policy is None:
         policy = checkpoint_policy_of(model) or "full"
+    if save_attention_layers is _KEEP:
+        save_attention_layers = getattr(model, _SAVE_LAYERS_ATTR, None)
+    if save_attention_layers is not None and (not isinstance(save_attention_layers, int) or save_attention_layers < 0):
+        raise ValueError(f"save_attention_layers must be a layer count >= 0 or None, got {save_attention_layers!r}.")
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
     setattr(model, _POLICY_ATTR, policy)
+    setattr(model, _SAVE_LAYERS_ATTR, save_attention_layers)
+    if policy == "save_attention" and save_attention_layers is not None:
+        from torch.utils.checkpoint import checkpoint
+
+        # HF gave every layer the same checkpoint function; the layers past N get the full policy's
+        full = functools.partial(checkpoint, **checkpoint_kwargs("full"))
+        for layer in checkpointed_layers(model)[save_attention_layers:]:
+            layer._gradient_checkpointing_func = full
+
+
+def checkpointed_layers(model: torch.nn.Module) -> list:
+    """The repeated decoder blocks HF checkpoints one by one (``GradientCheckpointingLayer``), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def saved_attention_fraction(model: torch.nn.Module) -> float:
+    """Share of decoder layers whose attention outputs are kept (1.0 under ``save_attention`` for all)."""
+    if checkpoint_policy_of(model) != "save_attention":
+        return 0.0
+    n = getattr(model, _SAVE_LAYERS_ATTR, None)
+    layers = len(checkpointed_layers(model))
+    return 1.0 if n is None or layers == 0 else min(n, layers) / layers
 
 
 def disable_gradient_checkpointing(model: torch.nn.Module) -> None:

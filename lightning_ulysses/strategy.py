@@ -58,6 +58,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             checkpointing) keeps each layer's attention output + log-sum-exp so attention is not
             recomputed -- faster at long sequences, one attention output per layer more memory
             (pair it with ``activation_checkpoint_cpu_offload``). Implies gradient checkpointing.
+        save_attention_layers: with ``checkpoint_policy="save_attention"``, only the first this many decoder
+            layers keep their attention outputs (the rest recompute attention); lowers the policy's memory
+            by one attention output per layer left out. ``None``: every layer.
         tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits;
             ``None``: on when sp > 1. ``tiled_loss_tile_tokens`` / ``tiled_loss_impl`` tune it.
         tiled_mlp: compute each layer's MLP in token tiles (``tiled_mlp_tile_tokens``, default hidden size).
@@ -95,6 +98,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         seq_parallel_communication_data_type: Optional[str] = None,
         gradient_checkpointing: Optional[bool] = None,
         checkpoint_policy: str = "full",
+        save_attention_layers: Optional[int] = None,
         tiled_loss: Optional[bool] = None,
         tiled_loss_tile_tokens: Optional[int] = None,
         tiled_loss_impl: str = "auto",
@@ -164,7 +168,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                 f"checkpoint_policy={checkpoint_policy!r} selects what gradient checkpointing recomputes, but "
                 "gradient_checkpointing=False; drop one of the two."
             )
+        if save_attention_layers is not None and (checkpoint_policy != "save_attention" or save_attention_layers < 0):
+            raise ValueError(
+                f"save_attention_layers={save_attention_layers!r} chooses how many layers keep attention outputs "
+                "under checkpoint_policy='save_attention' (a count >= 0); set that policy or drop the option."
+            )
         self.checkpoint_policy = checkpoint_policy
+        self.save_attention_layers = save_attention_layers
         self.tiled_loss = tiled_loss
         self.tiled_loss_tile_tokens = tiled_loss_tile_tokens
         self.tiled_loss_impl = tiled_loss_impl
@@ -261,7 +271,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         if checkpointing is None:
             checkpointing = layout.sp_enabled or self.checkpoint_policy != "full"
         if checkpointing:
-            wanted.append(callbacks.GradientCheckpointing(self.checkpoint_policy))
+            wanted.append(callbacks.GradientCheckpointing(self.checkpoint_policy, self.save_attention_layers))
         if self.tiled_loss if self.tiled_loss is not None else layout.sp_enabled:
             wanted.append(callbacks.TiledLoss(self.tiled_loss_tile_tokens, self.tiled_loss_impl))
         if self.tiled_mlp:

@@ -8,7 +8,8 @@ Formulas (per optimizer step, summed over the step's sequences of full length ``
   ``PV``: ``4 * S^2 * H`` per layer forward, halved by causality, times 3 for forward+backward);
 * hardware FLOPs adds what full activation checkpointing recomputes (one more forward:
   ``2 * N_mm * S + 2 * L * S^2 * H``) when gradient checkpointing is on, or only its dense part
-  (``2 * N_mm * S``) under the ``save_attention`` policy;
+  (``2 * N_mm * S``) under the ``save_attention`` policy (plus the attention of the layers that do not
+  keep their outputs, with ``save_attention_layers``);
 * MFU = model FLOPs/s per GPU / the chip's bf16 dense peak (Lightning's ``get_available_flops``, or
   ``peak_tflops`` when given, e.g. a measured matmul ceiling).
 
@@ -45,10 +46,12 @@ def model_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:
     return 6.0 * dims.n_matmul_params * tokens + 6.0 * dims.layers * dims.hidden * sum_sq_len
 
 
-def recompute_flops(dims: ModelDims, tokens: float, sum_sq_len: float, attention: bool = True) -> float:
-    """Extra FLOPs of one recomputed forward: full checkpointing, or without attention (``save_attention``)."""
+def recompute_flops(dims: ModelDims, tokens: float, sum_sq_len: float, attention: float = 1.0) -> float:
+    """Extra FLOPs of one recomputed forward: full checkpointing (``attention=1``), or with the attention of
+    only that share of the layers recomputed (``save_attention``: 0, or ``1 - kept/layers`` when only some
+    layers keep their attention outputs)."""
     dense = 2.0 * dims.n_matmul_params * tokens
-    return dense + (2.0 * dims.layers * dims.hidden * sum_sq_len if attention else 0.0)
+    return dense + 2.0 * dims.layers * dims.hidden * sum_sq_len * float(attention)
 
 
 # bf16 dense peaks (spec sheet, TFLOP/s) of chips Lightning's table lacks. The H200 has the H100 SXM's tensor

@@ -7,7 +7,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_ulysses.callbacks import GradientCheckpointing
-from lightning_ulysses.model_utils import attention_kernel_ops, checkpoint_policy_of, enable_gradient_checkpointing
+from lightning_ulysses.model_utils import (
+    attention_kernel_ops,
+    checkpoint_policy_of,
+    enable_gradient_checkpointing,
+    saved_attention_fraction,
+)
 from lightning_ulysses.throughput import ModelDims, recompute_flops
 
 
@@ -72,3 +77,53 @@ def test_module_and_offload_keep_a_chosen_policy() -> None:
     ActivationOffload().apply(module.model, trainer=None)
     module.on_fit_start()
     assert checkpoint_policy_of(module.model) == "save_attention"
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 3])
+def test_save_attention_in_some_layers_recomputes_the_others(keep) -> None:
+    """save_attention_layers=N: the first N layers keep attention outputs, the others recompute attention;
+    gradients are those of no checkpointing either way."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = _model()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = _model()
+    enable_gradient_checkpointing(model, "save_attention", save_attention_layers=keep)
+    assert checkpoint_policy_of(model) == "save_attention" and saved_attention_fraction(model) == keep / 3
+    loss = model(input_ids=ids, labels=ids).loss
+    counter = _CountAttention()
+    with counter:
+        loss.backward()
+    assert counter.calls == 3 - keep
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_layer_count_survives_offload_and_the_module() -> None:
+    from lightning_ulysses import CausalLMModule
+    from lightning_ulysses.callbacks import ActivationOffload
+
+    module = CausalLMModule(model=_model(), gradient_checkpointing=True)
+    GradientCheckpointing("save_attention", save_attention_layers=1).apply(module.model, trainer=None)
+    ActivationOffload().apply(module.model, trainer=None)
+    module.on_fit_start()
+    assert saved_attention_fraction(module.model) == 1 / 3
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    loss = module.model(input_ids=ids, labels=ids).loss
+    counter = _CountAttention()
+    with counter:
+        loss.backward()
+    assert counter.calls == 2
+
+
+def test_save_attention_layers_needs_the_policy_and_a_count() -> None:
+    from lightning_ulysses import UlyssesDeepSpeedStrategy
+
+    with pytest.raises(ValueError, match="needs policy='save_attention'"):
+        GradientCheckpointing("full", save_attention_layers=2)
+    with pytest.raises(ValueError, match="set that policy or drop the option"):
+        UlyssesDeepSpeedStrategy(save_attention_layers=2)
+    with pytest.raises(ValueError, match="a count >= 0"):
+        UlyssesDeepSpeedStrategy(checkpoint_policy="save_attention", save_attention_layers=-1)
+    with pytest.raises(ValueError, match="layer count >= 0"):
+        enable_gradient_checkpointing(_model(), "save_attention", save_attention_layers=1.5)
+    assert recompute_flops(ModelDims(1000, 2, 8), 10, 100, attention=0.5) == 2 * 1000 * 10 + 2 * 8 * 100

@@ -70,10 +70,11 @@ CASES = {
         dict(sp=6, stage=1, heads=9, kv_heads=3, ring=2, seq_len=24, hidden=36, head_dim=4, steps=2),
     ),
     # selective checkpointing keeps attention outputs (issue #4): with ZeRO-3 + offload + tiled MLP, and inside the ring
-    "sp2_gqa_zero3_save_attention_offload_tiled_mlp_tiled_attention": (
+    # (one of the two layers keeps its attention outputs, the other recomputes attention: save_attention_layers)
+    "sp2_gqa_zero3_save_attention_1_layer_offload_tiled_mlp_tiled_attention": (
         2,
-        dict(sp=2, stage=3, heads=4, kv_heads=2, checkpoint_policy="save_attention", offload=True, tiled_mlp=True,
-             mlp_tile_tokens=3, attn_tile_tokens=4),
+        dict(sp=2, stage=3, heads=4, kv_heads=2, checkpoint_policy="save_attention", save_attention_layers=1,
+             offload=True, tiled_mlp=True, mlp_tile_tokens=3, attn_tile_tokens=4),
     ),
     "hybrid_u2_r2_gqa_zero2_save_attention": (
         4,
@@ -148,6 +149,8 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
         assert m["tiled"] == tiled and m["checkpointing"] == (sp_on or case.get("offload", False))
         if m["checkpointing"]:
             assert m["policy"] == case.get("checkpoint_policy", "full"), m
+            if m["policy"] == "save_attention":
+                assert m["saved_attention"] == case.get("save_attention_layers", 2) / 2, m  # 2 layers
         assert m["tiled_mlp"] == case.get("tiled_mlp", False)
         assert m["swiglu"] == case.get("swiglu", False) and m["rmsnorm"] == case.get("rmsnorm", False), m
         if case.get("attn_tile_tokens") is None:

@@ -26,7 +26,7 @@ import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
-from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing  # noqa: E402
+from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
 from lightning_ulysses.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
 from lightning_ulysses.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
 from lightning_ulysses.offload import activation_offloader  # noqa: E402
@@ -127,6 +127,7 @@ class Recorder(L.Callback):
                 "tiled_attn_calls": getattr(tiled_attention_of(pl_module.model), "calls", None),
                 "checkpointing": is_checkpointing(pl_module.model),
                 "policy": checkpoint_policy_of(pl_module.model),
+                "saved_attention": saved_attention_fraction(pl_module.model),
                 **self._offload_stats(pl_module.model),
             }
         )
@@ -253,6 +254,7 @@ def run(case: dict, out_path: str) -> None:
         seq_parallel_communication_data_type=case.get("comm_dtype"),
         context_parallel_mode=case.get("mode", "auto"),
         checkpoint_policy=case.get("checkpoint_policy", "full"),
+        save_attention_layers=case.get("save_attention_layers"),
         ulysses_size=case.get("ulysses_size"),
         ring_size=case.get("ring_size"),
         ring_zigzag=case.get("zigzag", True),
@@ -326,7 +328,7 @@ def run(case: dict, out_path: str) -> None:
         "logged": [gathered[0][k]["logged"] for k in range(steps)],
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
-            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
+            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "saved_attention", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
             for k in range(steps)
         ],
