@@ -72,11 +72,10 @@ class GradientCheckpointing(_HFModelTransform):
     """
 
     def __init__(self, policy: str = "full", save_attention_layers: Optional[int] = None) -> None:
-        from lightning_ulysses.model_utils import checkpoint_kwargs
+        from lightning_ulysses.model_utils import check_save_attention_layers, checkpoint_kwargs
 
         checkpoint_kwargs(policy)  # validates the name at construction
-        if save_attention_layers is not None and policy != "save_attention":
-            raise ValueError(f"save_attention_layers={save_attention_layers} needs policy='save_attention'.")
+        check_save_attention_layers(policy, save_attention_layers)
         self.policy = policy
         self.save_attention_layers = save_attention_layers
 

@@ -111,10 +111,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
     """
     if policy is None:
         policy = checkpoint_policy_of(model) or "full"
-    if save_attention_layers is _KEEP:
-        save_attention_layers = getattr(model, _SAVE_LAYERS_ATTR, None)
-    if save_attention_layers is not None and (not isinstance(save_attention_layers, int) or save_attention_layers < 0):
-        raise ValueError(f"save_attention_layers must be a layer count >= 0 or None, got {save_attention_layers!r}.")
+    if save_attention_layers is _KEEP:  # a count only means something under the policy it was chosen for
+        save_attention_layers = getattr(model, _SAVE_LAYERS_ATTR, None) if policy == "save_attention" else None
+    check_save_attention_layers(policy, save_attention_layers)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
@@ -128,6 +127,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
         full = functools.partial(checkpoint, **checkpoint_kwargs("full"))
         for layer in checkpointed_layers(model)[save_attention_layers:]:
             layer._gradient_checkpointing_func = full
+
+
+def check_save_attention_layers(policy: str, save_attention_layers: Optional[int]) -> None:
+    """The one validation of ``save_attention_layers`` (strategy, callback and model function share it)."""
+    if save_attention_layers is None:
+        return
+    if policy != "save_attention":
+        raise ValueError(
+            f"save_attention_layers={save_attention_layers!r} needs policy='save_attention' (the strategy's "
+            "checkpoint_policy): it chooses how many layers keep attention outputs; set that policy or drop the option."
+        )
+    if isinstance(save_attention_layers, bool) or not isinstance(save_attention_layers, int) or save_attention_layers < 0:
+        raise ValueError(f"save_attention_layers must be a layer count >= 0 or None, got {save_attention_layers!r}.")
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list:

@@ -29,7 +29,7 @@ from lightning_ulysses.kernels import check_impl
 from lightning_ulysses.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, ProcessGroups, SPSize
 from lightning_ulysses.ring import RING_BACKENDS
 from lightning_ulysses.loss import deepspeed_loss_scale
-from lightning_ulysses.model_utils import attention_spec, checkpoint_kwargs, find_hf_model
+from lightning_ulysses.model_utils import attention_spec, check_save_attention_layers, checkpoint_kwargs, find_hf_model
 
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -168,11 +168,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                 f"checkpoint_policy={checkpoint_policy!r} selects what gradient checkpointing recomputes, but "
                 "gradient_checkpointing=False; drop one of the two."
             )
-        if save_attention_layers is not None and (checkpoint_policy != "save_attention" or save_attention_layers < 0):
-            raise ValueError(
-                f"save_attention_layers={save_attention_layers!r} chooses how many layers keep attention outputs "
-                "under checkpoint_policy='save_attention' (a count >= 0); set that policy or drop the option."
-            )
+        check_save_attention_layers(checkpoint_policy, save_attention_layers)
         self.checkpoint_policy = checkpoint_policy
         self.save_attention_layers = save_attention_layers
         self.tiled_loss = tiled_loss

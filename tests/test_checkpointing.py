@@ -122,8 +122,17 @@ def test_save_attention_layers_needs_the_policy_and_a_count() -> None:
         GradientCheckpointing("full", save_attention_layers=2)
     with pytest.raises(ValueError, match="set that policy or drop the option"):
         UlyssesDeepSpeedStrategy(save_attention_layers=2)
-    with pytest.raises(ValueError, match="a count >= 0"):
+    with pytest.raises(ValueError, match="layer count >= 0"):
         UlyssesDeepSpeedStrategy(checkpoint_policy="save_attention", save_attention_layers=-1)
     with pytest.raises(ValueError, match="layer count >= 0"):
         enable_gradient_checkpointing(_model(), "save_attention", save_attention_layers=1.5)
     assert recompute_flops(ModelDims(1000, 2, 8), 10, 100, attention=0.5) == 2 * 1000 * 10 + 2 * 8 * 100
+
+
+def test_choosing_full_later_drops_the_layer_count() -> None:
+    model = _model()
+    enable_gradient_checkpointing(model, "save_attention", save_attention_layers=1)
+    enable_gradient_checkpointing(model, "full")
+    assert saved_attention_fraction(model) == 0.0
+    enable_gradient_checkpointing(model, "save_attention")
+    assert saved_attention_fraction(model) == 1.0
