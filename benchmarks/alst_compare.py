@@ -28,6 +28,8 @@ import math
 import os
 import resource
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -53,16 +55,42 @@ def hf_config(preset: str, seq: int, layers: int | None):
     return AutoConfig.for_model(model_type, max_position_embeddings=max(seq, 8192), tie_word_embeddings=False, **spec)
 
 
-def ds_config(zero_stage: int, bf16: bool) -> dict:
+def ds_config(zero_stage: int, bf16: bool, zero_options: Optional[dict] = None) -> dict:
+    """The one DeepSpeed config of both paths; ``zero_options`` (``--zero-option``) go into
+    ``zero_optimization``.
+
+    Why ZeRO-3's trace options matter here: ZeRO-3 records the module order of the first step and then
+    keeps a parameter gathered when its next use is within ``stage3_max_reuse_distance`` elements
+    (default 1e9, ~4.6 Llama-3-8B layers) and prefetches along the trace. The last layers' forward is
+    followed closely by their recompute in backward, so they stay gathered into backward, where activation
+    memory peaks: +1.5 GiB for Llama-3-8B at SP=2 (measured, ``--memory-profile``). The reference path
+    records no trace (it calls the inner model, as ArcticTraining does, so the top module's hooks that end
+    ZeRO-3's steps never fire) and releases every layer after use; ``stage3_max_reuse_distance=0
+    stage3_prefetch_bucket_size=0`` makes ours do the same."""
+    zero = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
+    zero.update(zero_options or {})
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_scatter": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
     }
+
+
+def zero_options(pairs: list[str]) -> dict:
+    """``--zero-option KEY=VALUE`` pairs as a dict; values parsed as JSON where they can be (numbers, bools)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--zero-option takes KEY=VALUE (a zero_optimization field), got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def optimizer_factory(params):
@@ -122,6 +150,105 @@ def cuda_sync() -> None:
         torch.cuda.synchronize()
 
 
+def gathered_zero3_params(model: Optional[torch.nn.Module]) -> Optional[int]:
+    """Elements of ZeRO-3 partitioned (not persistent) parameters gathered right now; None without ZeRO-3.
+    At the end of forward this is what ZeRO-3's prefetch holds into backward (see :func:`ds_config`)."""
+    if model is None or not any(hasattr(p, "ds_status") for p in model.parameters()):
+        return None
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(p.ds_numel for p in model.parameters()
+               if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False))
+
+
+class StepMemoryProfile:
+    """``--memory-profile``: where the first measured step's GPU memory goes, on rank 0, written to
+    ``<out>.memory.json`` and printed: the peak and the end-of-phase allocation of forward (with the loss),
+    backward and the optimizer step, and the allocator's trace of each summarised at the phase's peak by
+    allocation site (:func:`benchmarks.memory_peak.peak_summary`). Where two paths'
+    peaks differ, this says in which phase and which tensors (the issue's profile requirement).
+
+    Backward is traced without stacks (its blocks are known by size): recording Python stacks there makes
+    torch 2.11 lose the exception that stops a checkpoint's recompute early inside ZeRO-3's linear Function
+    (``SystemError ... returned NULL``), and early stop must stay on under ZeRO-3 (see
+    ``model_utils.checkpoint_kwargs``). Peak counters are reset
+    per phase, so a profiled run's ``peak_gib`` is the profiled and later steps' only."""
+
+    def __init__(self, enabled: bool, out: str) -> None:
+        # on CPU only the phases' order is recorded (no allocator to trace): the hook plumbing stays testable
+        self.enabled = enabled and os.environ.get("RANK", "0") == "0"
+        self.cuda = torch.cuda.is_available()
+        self.out = str(Path(out).with_suffix("")) + ".memory.json"
+        self.phases: list[dict] = []
+        self.active = False
+        self.model: Optional[torch.nn.Module] = None  # the ZeRO-3 model, for gathered_zero3_params
+
+    def _record(self, on: bool, stacks: bool = True) -> Optional[list[dict]]:
+        if not self.cuda:
+            return [] if not on else None
+        if on:
+            if stacks:
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+            else:  # events only, no tracebacks: the backward's blocks are known by size alone
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None)
+            return None
+        trace = torch.cuda.memory._snapshot()["device_traces"][0]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return trace
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self.active = True
+        self.before = None
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        self._record(True)
+
+    def phase(self, name: str) -> None:
+        """End of phase ``name`` ("forward", "backward" or "optimizer step") of the profiled step."""
+        if not self.active:
+            return
+        from benchmarks.memory_peak import peak_summary
+
+        row: dict = {"phase": name, "peak": None, "end": None, "gathered_params": gathered_zero3_params(self.model)}
+        if self.cuda:
+            torch.cuda.synchronize()
+            row.update(peak=torch.cuda.max_memory_allocated(), end=torch.cuda.memory_allocated())
+        row.update(peak_summary(self._record(False), top=12))
+        self.phases.append(row)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if name != "optimizer step":
+            self._record(True, stacks=name != "forward")  # backward (recorded from the end of forward): no stacks
+        if name == "optimizer step":
+            self.active = self.enabled = False
+            self.report()
+
+    def report(self) -> None:
+        Path(self.out).write_text(json.dumps({"allocated_before": self.before, "phases": self.phases}, indent=1))
+        if not self.cuda:
+            print("--memory-profile: no CUDA device, only the phases' order was recorded", flush=True)
+            return
+        gib = lambda b: b / 2**30  # noqa: E731
+        print(f"memory profile (rank 0), allocated before the step: {gib(self.before):.2f} GiB")
+        print("| phase | peak GiB | allocated at its end GiB | ZeRO-3 parameters gathered at its end |\n|---|---|---|---|")
+        for r in self.phases:
+            print(f"| {r['phase']} | {gib(r['peak']):.2f} | {gib(r['end']):.2f} | {r['gathered_params'] or 0:,} |")
+        for r in self.phases:
+            if "rows" in r:
+                print(f"{r['phase']}: live at its peak, allocated within it (+{gib(r['peak_in_step']):.2f} GiB):")
+                for row in r["rows"]:
+                    print(f"  {gib(row['bytes']):7.3f} GiB  {row['count']:5d}  {row['site']}")
+                sizes = sorted(r["unattributed_sizes"].items(), key=lambda kv: -int(kv[0]) * kv[1])[:10]
+                print("  blocks without a library frame, MiB x count: "
+                      + ", ".join(f"{int(k) / 2**20:.1f} x {v}" for k, v in sizes))
+                print("  peak allocation made at: " + " <- ".join(r["at_peak"][:6]))
+        print("", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------- ours
 def run_ours(args, cfg) -> list[float]:
     import lightning as L
@@ -133,7 +260,7 @@ def run_ours(args, cfg) -> list[float]:
 
     dp = int(os.environ["WORLD_SIZE"]) // args.sp
     data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * dp)]
-    lightning_ds_config = ds_config(args.zero_stage, True)
+    lightning_ds_config = ds_config(args.zero_stage, True, zero_options(args.zero_option))
     del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
     optimizer = optimizer_factory
     if args.cpu_optimizer:  # ZeRO-Offload: fp32 master weights + Adam state in host memory, DeepSpeed's CPU Adam
@@ -143,11 +270,25 @@ def run_ours(args, cfg) -> list[float]:
         optimizer = lambda params: DeepSpeedCPUAdam(params, lr=1e-5)  # noqa: E731
     timer = SequenceThroughput(warmup_steps=args.warmup)
 
+    profile = StepMemoryProfile(args.memory_profile, args.out)
+
     class _RSS(L.Callback):
         def on_fit_start(self, trainer, pl_module):
             rss_note("ours: strategy set up, engine initialised")
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                profile.model = pl_module.model
+                profile.start()
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            profile.phase("forward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after backward, before engine.step
+            profile.phase("backward")
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            profile.phase("optimizer step")
             rss_note(f"ours: after step {batch_idx}")
 
     module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer, dtype="bfloat16")
@@ -210,7 +351,7 @@ def run_alst(args, cfg) -> list[float]:
         model_name_or_path=types.SimpleNamespace(config=cfg), core_attn_implementation="sdpa",
         sequence_parallel_size=args.sp, micro_batch_size=1, seq_length_is_variable=True,
     )
-    config = ds_config(args.zero_stage, True)
+    config = ds_config(args.zero_stage, True, zero_options(args.zero_option))
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=args.zero_stage == 3):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -249,10 +390,14 @@ def run_alst(args, cfg) -> list[float]:
         return self.loss_function(logits=logits, labels=None, shift_labels=y, vocab_size=vocab)
 
     times = []
+    profile = StepMemoryProfile(args.memory_profile, args.out)
+    profile.model = unwrapped
     for step, batch in enumerate(dl):
         if step >= args.warmup + args.steps:
             break
         batch = {k: v.to(engine.device) for k, v in batch.items()}
+        if step == args.warmup:
+            profile.start()
         cuda_sync()
         t0 = time.perf_counter()
         hidden = unwrapped.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
@@ -265,8 +410,11 @@ def run_alst(args, cfg) -> list[float]:
         good = (shift_labels != -100).view(-1).sum()
         goods = torch.distributed.nn.functional.all_gather(good, group=sp_group)
         loss = sum(losses[r] * goods[r] for r in range(sp_world)) / max(sum(goods), 1)
+        profile.phase("forward")
         engine.backward(loss)
+        profile.phase("backward")
         engine.step()
+        profile.phase("optimizer step")
         cuda_sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -396,6 +544,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=65536)
     p.add_argument("--sp", type=int, default=4)
     p.add_argument("--zero-stage", type=int, default=3)
+    p.add_argument("--zero-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a zero_optimization field for both paths, e.g. stage3_max_reuse_distance=0 (repeatable; "
+                        "see ds_config for why)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="result.json")
@@ -424,6 +575,9 @@ def main() -> None:
     p.add_argument("--ring-backend", default="auto", help="ours: ring attention block kernel")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="bf16 matmul peak per GPU for MFU, ideally measured on the same machine (H200: 786)")
+    p.add_argument("--memory-profile", action="store_true",
+                   help="record the allocator over the first measured step (rank 0, CUDA) and write where the "
+                        "peak's memory lives to <out>.memory.json (slows that step)")
     p.add_argument("--report", nargs="+")
     p.add_argument("--plot", default=None)
     args = p.parse_args()

@@ -7,7 +7,8 @@ the GPUs of this machine:
    step runs without Adam's moment buffers, which torch creates at the first ``optimizer.step()``); the
    peak GPU memory (max over ranks) of each;
 2. a straight line through them, ``peak(S) = a + b * S``, gives ``S_max = (budget - a) / b``, rounded
-   down to ``--multiple``;
+   down to ``--multiple``; the same line through the probes' host RSS against the host RAM per rank
+   (activation offload moves the per-token cost to host memory) may end the sequence first;
 3. the same at ``S_max``: if it fails (OOM or crash), bisect between the longest success and the shortest
    failure with at most ``--attempts`` more runs. When the probes' step times (fitted as ``a*S + b*S^2``)
    say a run at ``S_max`` would not finish within ``--timeout-s``, or one does time out, the prediction is
@@ -63,8 +64,8 @@ def attempt(nproc: int, seq: int, passthrough: list[str], timeout_s: float, work
         return {"seq": seq, "ok": False, "reason": f"exit {proc.returncode}: {tail}"}
     r = json.loads(out.read_text())
     ok = "step_s" in r and "oom" not in r
-    return {"seq": seq, "ok": ok, "peak_gib": r.get("peak_gib"), "step_s": r.get("step_s"),
-            "reason": None if ok else ("OOM" if "oom" in r else "no step time")}
+    return {"seq": seq, "ok": ok, "peak_gib": r.get("peak_gib"), "host_gib": r.get("host_rss_gib"),
+            "step_s": r.get("step_s"), "reason": None if ok else ("OOM" if "oom" in r else "no step time")}
 
 
 def step_time_at(p1: tuple[int, float], p2: tuple[int, float], seq: int) -> float:
@@ -86,15 +87,43 @@ def predict(p1: tuple[int, float], p2: tuple[int, float], budget_gib: float, mul
     return max(multiple, int(reach // multiple * multiple))
 
 
+def host_bound(log: list[dict], host_budget_gib: Optional[float], multiple: int) -> Optional[int]:
+    """Length at which the probes' host RSS (max over ranks) reaches ``host_budget_gib`` per rank; None when
+    there is no budget, no RSS, or RSS does not grow with length (nothing offloaded).
+
+    Activation offload moves the per-token cost to host memory: our checkpointed layer inputs are
+    ``2 * hidden * layers`` bytes per local token in pinned memory (256 KiB for Llama-3-8B), so on a node
+    whose ranks share the host RAM, host memory and not GPU memory can end the sequence first."""
+    if host_budget_gib is None or any(a.get("host_gib") is None for a in log[:2]):
+        return None
+    (s1, h1), (s2, h2) = sorted((a["seq"], a["host_gib"]) for a in log[:2])
+    if h2 <= h1:
+        return None
+    return predict((s1, h1), (s2, h2), host_budget_gib, multiple)
+
+
 def search(run: Callable[[int], dict], probes: tuple[int, int], budget_gib: float, multiple: int,
-           attempts: int, timeout_s: Optional[float] = None) -> dict:
-    """Probe, predict, confirm, bisect. ``run(seq)`` returns an attempt dict (see :func:`attempt`)."""
+           attempts: int, timeout_s: Optional[float] = None, host_budget_gib: Optional[float] = None) -> dict:
+    """Probe, predict, confirm, bisect. ``run(seq)`` returns an attempt dict (see :func:`attempt`).
+
+    The prediction is the shorter of the GPU-memory line and the host-RAM line (``host_budget_gib`` per
+    rank, see :func:`host_bound`); ``bound`` says which one ends it."""
     log = [run(s) for s in probes]
     bad = [a for a in log if a["ok"] is not True]
     if bad:
         return {"attempts": log, "max_ok": None, "predicted": None,
                 "error": f"a probe length failed ({bad[0]['seq']}: {bad[0]['reason']}); use shorter probes"}
-    predicted = predict((log[0]["seq"], log[0]["peak_gib"]), (log[1]["seq"], log[1]["peak_gib"]), budget_gib, multiple)
+    gpu = predict((log[0]["seq"], log[0]["peak_gib"]), (log[1]["seq"], log[1]["peak_gib"]), budget_gib, multiple)
+    host = host_bound(log, host_budget_gib, multiple)
+    predicted, bound = (host, "host RAM") if host is not None and host < gpu else (gpu, "GPU memory")
+    result = search_from(run, log, predicted, probes, multiple, attempts, timeout_s)
+    result.update(bound=bound, predicted_gpu=gpu, predicted_host=host)
+    return result
+
+
+def search_from(run: Callable[[int], dict], log: list[dict], predicted: int, probes: tuple[int, int], multiple: int,
+                attempts: int, timeout_s: Optional[float]) -> dict:
+    """Confirm ``predicted`` with one step, bisect on failure (see :func:`search`)."""
     lo, hi = max(probes), None  # longest known success, shortest known failure
     if predicted <= lo:
         return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": None}
@@ -127,6 +156,14 @@ def search(run: Callable[[int], dict], probes: tuple[int, int], budget_gib: floa
     return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": hi}
 
 
+def host_mem_total_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GiB
+    raise RuntimeError("no MemTotal in /proc/meminfo: give --host-budget-gib")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=1)
@@ -134,6 +171,9 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=None,
                    help="usable GPU memory per device (default: the device's total minus --headroom-gib)")
     p.add_argument("--headroom-gib", type=float, default=3.0)
+    p.add_argument("--host-budget-gib", type=float, default=None,
+                   help="host RAM per rank (default: this machine's MemTotal minus --host-headroom-gib, over --nproc)")
+    p.add_argument("--host-headroom-gib", type=float, default=16.0)
     p.add_argument("--multiple", type=int, default=32768, help="lengths are multiples of this")
     p.add_argument("--attempts", type=int, default=3, help="bisection steps after the predicted length fails")
     p.add_argument("--timeout-s", type=float, default=540.0, help="time limit per attempt")
@@ -151,19 +191,24 @@ def main() -> None:
         if not torch.cuda.is_available():
             p.error("no CUDA device: give --budget-gib")
         budget = torch.cuda.get_device_properties(0).total_memory / GiB - args.headroom_gib
+    host_budget = args.host_budget_gib
+    if host_budget is None:
+        host_budget = (host_mem_total_gib() - args.host_headroom_gib) / args.nproc
     with tempfile.TemporaryDirectory() as tmp:
         result = search(lambda s: attempt(args.nproc, s, passthrough, args.timeout_s, Path(tmp)),
-                        tuple(args.probes), budget, args.multiple, args.attempts, args.timeout_s)
-    result.update(label=args.label, budget_gib=budget, nproc=args.nproc, options=passthrough)
+                        tuple(args.probes), budget, args.multiple, args.attempts, args.timeout_s, host_budget)
+    result.update(label=args.label, budget_gib=budget, host_budget_gib=host_budget, nproc=args.nproc,
+                  options=passthrough)
     Path(args.out).write_text(json.dumps(result, indent=1))
     ok = [a for a in result["attempts"] if a["ok"]]
     longest = max(ok, key=lambda a: a["seq"]) if ok else None
-    print("| config | GPUs | predicted | longest step that ran | its peak GiB | its step s | first failure | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.label} | {args.nproc} | {result.get('predicted') or '-'} | {result.get('max_ok') or '-'} | "
-          f"{longest['peak_gib']:.1f} | {longest['step_s']:.1f} | {result.get('first_failure') or '-'} | "
-          f"{result.get('unconfirmed', '')} |" if longest else
-          f"| {args.label} | {args.nproc} | - | none | | | {result.get('error', '')} |")
+    print("| config | GPUs | predicted | bound by | longest step that ran | its peak GiB | its host RSS GiB | its step s | "
+          "first failure | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.label} | {args.nproc} | {result.get('predicted') or '-'} | {result.get('bound', '-')} | "
+          f"{result.get('max_ok') or '-'} | {longest['peak_gib']:.1f} | {longest.get('host_gib') or 0:.1f} | "
+          f"{longest['step_s']:.1f} | {result.get('first_failure') or '-'} | {result.get('unconfirmed', '')} |"
+          if longest else f"| {args.label} | {args.nproc} | - | - | none | | | | | {result.get('error', '')} |")
 
 
 if __name__ == "__main__":

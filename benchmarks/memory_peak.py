@@ -20,7 +20,8 @@ from benchmarks.memory_ablation import GiB, build, configure
 
 def site(frames: list[dict]) -> str:
     """The innermost frame in model/library code (frames come innermost first)."""
-    for keep in (("lightning_ulysses/", "transformers/"), ("torch/nn/", "torch/autograd/", "torch/utils/")):
+    for keep in (("lightning_ulysses/", "transformers/", "deepspeed/", "lightning/", "benchmarks/"),
+                 ("torch/nn/", "torch/autograd/", "torch/utils/", "torch/optim/")):
         for f in frames:
             name = f.get("filename", "")
             if any(k in name for k in keep):
@@ -43,6 +44,29 @@ def replay(trace: list[dict], stop: int = -1) -> tuple[int, int, dict[int, dict]
         if i == stop:
             break
     return peak, peak_at, live
+
+
+def frame_text(f: dict) -> str:
+    return f"{f.get('filename', '').split('site-packages/')[-1].split('/work/')[-1]}:{f.get('line')} {f.get('name')}"
+
+
+def peak_summary(trace: list[dict], top: int = 20) -> dict:
+    """The peak of a recorded allocator trace: its height over what was live when recording began, the live
+    allocations at that moment grouped by :func:`site`, the Python stack of the allocation that made it, and
+    the sizes of the blocks no library frame claims (autograd-engine buffers: gradients in flight)."""
+    peak, peak_at, _ = replay(trace)
+    _, _, live = replay(trace, stop=peak_at)
+    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for ev in live.values():
+        g = groups[site(ev.get("frames", []))]
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(({"site": k, "bytes": v[0], "count": v[1]} for k, v in groups.items()), key=lambda r: -r["bytes"])
+    unattributed = collections.Counter(ev["size"] for ev in live.values()
+                                       if site(ev.get("frames", [])) == "<autograd engine / other>")
+    at_peak = [frame_text(f) for f in trace[peak_at].get("frames", [])[:12]] if trace else []
+    return {"peak_in_step": peak, "rows": rows[:top], "at_peak": at_peak,
+            "unattributed_sizes": dict(unattributed.most_common(top))}
 
 
 def main() -> None:
@@ -79,30 +103,22 @@ def main() -> None:
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    trace = snap["device_traces"][0]
-    peak_in_step, peak_at, _ = replay(trace)
-    _, _, live = replay(trace, stop=peak_at)
-    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for ev in live.values():
-        g = groups[site(ev.get("frames", []))]
-        g[0] += ev["size"]
-        g[1] += 1
-    rows = sorted(({"site": k, "bytes": v[0], "count": v[1]} for k, v in groups.items()), key=lambda r: -r["bytes"])
+    summary = peak_summary(snap["device_traces"][0], args.top)
+    peak_in_step, rows, at_peak = summary["peak_in_step"], summary["rows"], summary["at_peak"]
     per_tok = lambda b: b / args.seq  # noqa: E731
     print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.seq} tokens, tricks {args.tricks}")
     print(f"allocated before the step (weights, no grads): {static_before / GiB:.2f} GiB; "
           f"allocated during the step at its peak: {peak_in_step / GiB:.2f} GiB = {per_tok(peak_in_step) / 1024:.1f} KiB/token")
     print("| allocation site | live GiB at peak | KiB / token | tensors |")
     print("|---|---|---|---|")
-    for r in rows[: args.top]:
+    for r in rows:
         print(f"| {r['site']} | {r['bytes'] / GiB:.3f} | {per_tok(r['bytes']) / 1024:.1f} | {r['count']} |")
-    # where the peak happened, and the sizes of what no Python frame claims (autograd-engine buffers:
-    # gradients in flight), in units of one bf16 [tokens, hidden] activation (the sizes name the tensors)
-    at_peak = [f"{f.get('filename', '').split('site-packages/')[-1].split('/work/')[-1]}:{f.get('line')} {f.get('name')}"
-               for f in trace[peak_at].get("frames", [])[:12]]
     print("peak allocation made at:\n  " + "\n  ".join(at_peak))
+    # unattributed sizes in units of one bf16 [tokens, hidden] activation (the sizes name the tensors)
     unit = args.seq * model.config.hidden_size * 2
-    sizes = collections.Counter(round(ev["size"] / unit, 3) for ev in live.values() if site(ev.get("frames", [])) == "<autograd engine / other>")
+    sizes = collections.Counter()
+    for size, n in summary["unattributed_sizes"].items():
+        sizes[round(size / unit, 3)] += n
     print("unattributed live blocks (size in bf16 [tokens, hidden] units: count):",
           ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:12]))
     with open(args.out, "w") as f:

@@ -75,8 +75,12 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], tile):
             h = hidden[s : s + tile]
             y = labels[s : s + tile]
-            # d CE_sum / d logits = softmax - onehot on valid rows, 0 on ignored rows; times upstream grad
-            g = torch.softmax(F.linear(h, weight, bias).float(), dim=-1)  # [t, V]
+            # d CE_sum / d logits = softmax - onehot on valid rows, 0 on ignored rows; times upstream grad.
+            # The softmax runs in place on the fp32 tile: torch.softmax would hold a second [t, V] fp32 tile
+            # (1 GiB at the default tile) at the start of backward, where every checkpoint is still live
+            g = F.linear(h, weight, bias).float()  # [t, V]
+            g.sub_(g.amax(dim=-1, keepdim=True)).exp_()
+            g.div_(g.sum(dim=-1, keepdim=True))
             valid = y != IGNORE_INDEX
             rows = torch.nonzero(valid, as_tuple=True)[0]
             g[rows, y[rows]] -= 1.0
@@ -84,8 +88,11 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
             g = g.to(weight.dtype)  # the unfused path runs these matmuls in the weight dtype too
             if need_h:
                 grad_h[s : s + tile] = g @ weight  # [t, V] @ [V, H]
-            if need_w:
-                grad_w += (g.t() @ h).to(acc_dtype)  # [V, t] @ [t, H]
+            if need_w:  # [V, t] @ [t, H] into the accumulator: no [V, H] temporary (1 GiB for Llama-3-8B)
+                if acc_dtype == g.dtype:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w += (g.t() @ h).to(acc_dtype)
             if grad_b is not None:
                 grad_b += g.float().sum(0)
         return (

@@ -12,15 +12,16 @@ from tests.harness import ROOT, worker_env
 def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     outs = []
     runs = {
-        "ours": ["--path", "ours", "--peak-tflops", "1e-6"],  # MFU against a given (measured) peak
-        "alst": ["--path", "alst"],
+        "ours": ["--path", "ours", "--peak-tflops", "1e-6", "--memory-profile"],  # MFU against a given (measured) peak
+        "alst": ["--path", "alst", "--memory-profile"],  # on CPU: only the phases' order (the hooks' plumbing)
         # DeepSpeed's released TiledMLP on the reference path (its checkpoint_in_cpu offload needs CUDA)
         "alst-tiled-mlp": ["--path", "alst", "--label", "alst-tiled-mlp", "--tiled-mlp"],
         # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
         "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
                       "save_attention", "--offload"],
         "ours-tiled-attention": ["--path", "ours", "--label", "ours-tiled-attention", "--checkpoint-policy", "save_attention",
-                                 "--tiled-attention", "16"],
+                                 "--tiled-attention", "16", "--zero-option", "stage3_max_reuse_distance=0",
+                                 "--zero-option", "stage3_prefetch_bucket_size=0"],
     }
     for label, extra in runs.items():
         out = tmp_path / f"{label}.json"
@@ -37,3 +38,26 @@ def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     assert report.returncode == 0 and "| 64 | alst |" in report.stdout and "| 64 | ours |" in report.stdout
     assert "| 64 | ours-ring | 2 x 1 |" in report.stdout
     assert json.loads((tmp_path / "ours.json").read_text())["mfu"] > 0 and "%" in report.stdout
+    for label in ("ours", "alst"):  # --memory-profile: the measured step's three phases, in order
+        phases = json.loads((tmp_path / f"{label}.memory.json").read_text())["phases"]
+        assert [p["phase"] for p in phases] == ["forward", "backward", "optimizer step"]
+        assert all(p["gathered_params"] == 0 for p in phases)  # the tiny model's parameters are all persistent
+
+
+def test_memory_profile_finds_the_peak_and_what_is_live_there() -> None:
+    from benchmarks.memory_peak import peak_summary
+
+    def ev(action, addr, size, filename):
+        return {"action": action, "addr": addr, "size": size, "frames": [{"filename": filename, "line": 1, "name": "f"}]}
+
+    trace = [ev("alloc", 1, 100, "/x/site-packages/transformers/models/llama/modeling_llama.py"),
+             ev("alloc", 2, 300, "/work/main/lightning_ulysses/loss.py"),
+             ev("alloc", 3, 50, "/x/site-packages/deepspeed/runtime/zero/stage3.py"),  # the peak: 450
+             ev("free_requested", 2, 300, "/work/main/lightning_ulysses/loss.py"),
+             ev("alloc", 4, 200, "/x/site-packages/deepspeed/runtime/zero/stage3.py"),  # 350: below the peak
+             ev("free_requested", 99, 1000, "/x/elsewhere.py")]  # freed, allocated before recording: ignored
+    s = peak_summary(trace)
+    assert s["peak_in_step"] == 450 and s["at_peak"][0].startswith("deepspeed/runtime/zero/stage3.py:1")
+    assert [(r["site"].split(":")[0], r["bytes"]) for r in s["rows"]] == [
+        ("main/lightning_ulysses/loss.py", 300), ("transformers/models/llama/modeling_llama.py", 100),
+        ("deepspeed/runtime/zero/stage3.py", 50)]

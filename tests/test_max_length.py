@@ -75,3 +75,17 @@ def test_a_time_out_is_not_taken_for_an_oom() -> None:
 
     r = search(run, (64 * K, 128 * K), 110.0, 32 * K, attempts=3)
     assert r["first_failure"] is None and r["max_ok"] == 128 * K and "time-out" in r["unconfirmed"]
+
+
+def test_host_ram_can_end_the_sequence_first() -> None:
+    # activation offload: flat GPU memory per token, 0.25 GiB of pinned host memory per 1K tokens per rank
+    def run(seq: int) -> dict:
+        return {"seq": seq, "ok": True, "peak_gib": 40 + 0.01 * seq / K, "host_gib": 3 + 0.25 * seq / K, "step_s": 1.0}
+
+    r = search(run, (64 * K, 128 * K), 137.0, 32 * K, attempts=0, host_budget_gib=120.0)
+    assert r["bound"] == "host RAM" and r["predicted"] == r["predicted_host"] == 448 * K  # (120 - 3) / 0.25 = 468K
+    assert r["predicted_gpu"] == 9696 * K
+    # no budget, or RSS that does not grow (nothing offloaded): the GPU line alone
+    assert search(run, (64 * K, 128 * K), 137.0, 32 * K, attempts=0)["bound"] == "GPU memory"
+    flat = lambda s: {**run(s), "host_gib": 5.0}  # noqa: E731
+    assert search(flat, (64 * K, 128 * K), 137.0, 32 * K, attempts=0, host_budget_gib=1.0)["bound"] == "GPU memory"
