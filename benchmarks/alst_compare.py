@@ -300,7 +300,8 @@ def run_ours(args, cfg) -> list[float]:
             sequence_parallel_size=args.sp, stage=args.zero_stage, tiled_loss=True, tiled_loss_impl=args.loss_impl,
             config=lightning_ds_config, gradient_checkpointing=True, checkpoint_policy=args.checkpoint_policy,
             save_attention_layers=args.save_attention_layers,
-            activation_checkpoint_cpu_offload=args.offload, tiled_mlp=args.tiled_mlp,
+            activation_checkpoint_cpu_offload=args.offload,
+            activation_checkpoint_cpu_offload_keep_layers=args.offload_keep_layers, tiled_mlp=args.tiled_mlp,
             memory_efficient_rmsnorm=args.rmsnorm, memory_efficient_swiglu=args.swiglu,
             memory_efficient_impl=args.kernel_impl,
             tiled_attention_backward=args.tiled_attention is not None,
@@ -558,6 +559,8 @@ def main() -> None:
     p.add_argument("--offload", action="store_true",
                    help="activation-checkpoint CPU offload (ours: lightning_ulysses.offload; alst: DeepSpeed's "
                         "checkpoint_in_cpu through deepspeed.checkpointing)")
+    p.add_argument("--offload-keep-layers", type=int, default=0,
+                   help="ours, with --offload: the first this many layer inputs stay on the GPU (host RAM bound runs)")
     p.add_argument("--tiled-mlp", action="store_true",
                    help="tiled MLP (ours: lightning_ulysses.tiled_mlp; alst: DeepSpeed's TiledMLP)")
     p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")

@@ -110,10 +110,19 @@ class ActivationOffload(_HFModelTransform):
 
     Turns gradient checkpointing on if it is off (there is nothing to offload without it); a policy
     already chosen (``save_attention``) is kept.
+
+    Args:
+        min_bytes: smaller layer inputs stay on the GPU.
+        keep_layers: the first this many layer inputs stay on the GPU (host RAM is shared by a node's ranks
+            and can end the sequence before GPU memory does; each kept input moves ``2 * hidden`` bytes per
+            local token from host to GPU memory).
     """
 
-    def __init__(self, min_bytes: int = 0) -> None:
+    def __init__(self, min_bytes: int = 0, keep_layers: int = 0) -> None:
+        if keep_layers < 0:
+            raise ValueError(f"keep_layers must be >= 0 (layer inputs left on the GPU), got {keep_layers}.")
         self.min_bytes = min_bytes
+        self.keep_layers = keep_layers
 
     def apply(self, model: Any, trainer: Trainer) -> None:
         from lightning_ulysses.model_utils import enable_gradient_checkpointing
@@ -121,7 +130,7 @@ class ActivationOffload(_HFModelTransform):
 
         enable_gradient_checkpointing(model)
         if activation_offloader(model) is None:
-            enable_activation_offload(model, self.min_bytes)
+            enable_activation_offload(model, self.min_bytes, self.keep_layers)
 
 
 class TiledMLP(_HFModelTransform):

@@ -45,6 +45,7 @@ class OffloadStats:
     """What the hooks did in the current/last step (reset at every forward)."""
 
     offloaded: int = 0
+    kept: int = 0  # wanted tensors left on the device (``keep_first``)
     restored: int = 0
     offloaded_bytes: int = 0
     prefetch_points: int = 0  # times a layer's attention backward asked for the previous layer's input
@@ -65,9 +66,18 @@ class _Offloaded:
 class ActivationOffloader:
     """The pack/unpack pair and its bookkeeping, for one model."""
 
-    def __init__(self, hidden_size: int, min_bytes: int = 0) -> None:
+    def __init__(self, hidden_size: int, min_bytes: int = 0, keep_first: int = 0) -> None:
+        if keep_first < 0:
+            raise ValueError(f"keep_first (layer inputs left on the GPU) must be >= 0, got {keep_first}.")
         self.hidden_size = hidden_size
         self.min_bytes = min_bytes
+        # the first keep_first layer inputs of each forward stay where they are: when host RAM, not GPU
+        # memory, is the limit (every offloaded input costs 2 * hidden bytes per token of pinned memory, and
+        # the ranks of a node share it), spare GPU memory holds some of them. Which ones does not change the
+        # peak (backward starts with all of them live either way); the first ones are the last restored, so
+        # the offloaded remainder keeps its prefetch order.
+        self.keep_first = keep_first
+        self._kept = 0
         self.stats = OffloadStats()
         # weak: a record lives exactly as long as the autograd graph that saved it (a forward whose
         # graph is dropped without backward must not keep host copies alive)
@@ -113,6 +123,11 @@ class ActivationOffloader:
     # ------------------------------------------------------------------------------ hooks
     def pack(self, t: Tensor) -> Any:
         if not self.wants(t):
+            return t
+        if self._kept < self.keep_first:
+            self._kept += 1
+            self.stats.kept += 1
+            self.stats.stored.append((tuple(t.shape), str(t.device)))
             return t
         host = self._host_buffer(t)
         ready = None
@@ -188,6 +203,7 @@ class ActivationOffloader:
         if not (module.training and torch.is_grad_enabled() and is_checkpointing(module)):
             return
         self._records = []  # a new step: indices restart (records of a live older graph still work)
+        self._kept = 0
         self._last_restored = None
         self.stats = OffloadStats()
         self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -225,12 +241,15 @@ def _query_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 _ATTR = "_lightning_ulysses_offload"
 
 
-def enable_activation_offload(model: torch.nn.Module, min_bytes: int = 0) -> ActivationOffloader:
-    """Offload ``model``'s checkpointed layer inputs to CPU (idempotent; needs gradient checkpointing on)."""
+def enable_activation_offload(model: torch.nn.Module, min_bytes: int = 0, keep_first: int = 0) -> ActivationOffloader:
+    """Offload ``model``'s checkpointed layer inputs to CPU (idempotent; needs gradient checkpointing on).
+
+    ``keep_first``: this many layer inputs (the first layers') stay on the GPU, for when host RAM ends the
+    sequence before GPU memory does."""
     disable_activation_offload(model)
     decoder = getattr(model, "base_model", model)
     hidden = model.config.get_text_config().hidden_size
-    offloader = ActivationOffloader(hidden, min_bytes)
+    offloader = ActivationOffloader(hidden, min_bytes, keep_first)
     handles = [
         decoder.register_forward_pre_hook(offloader._enter),
         decoder.register_forward_hook(offloader._exit, always_call=True),

@@ -75,6 +75,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             dK/dV) is the largest transient at long sequences. ``sdpa`` models; ring attention's
             backward is blockwise already (the option does not change it).
         activation_checkpoint_cpu_offload: keep checkpointed layer inputs in CPU memory until backward.
+        activation_checkpoint_cpu_offload_keep_layers: with offload, the first this many layer inputs stay on
+            the GPU: each moves ``2 * hidden`` bytes per local token from pinned host memory (shared by the
+            node's ranks, often the limit at millions of tokens) to GPU memory.
         expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
         stage, ...: everything else is :class:`lightning.pytorch.strategies.DeepSpeedStrategy`'s.
 
@@ -110,6 +113,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         tiled_attention_backward: bool = False,
         tiled_attention_tile_tokens: Optional[int] = None,
         activation_checkpoint_cpu_offload: bool = False,
+        activation_checkpoint_cpu_offload_keep_layers: int = 0,
         expandable_segments: bool = True,
         stage: int = 3,
         offload_optimizer: bool = False,
@@ -184,7 +188,14 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError(f"tiled_attention_tile_tokens must be a positive int, got {tiled_attention_tile_tokens}.")
         self.tiled_attention_backward = tiled_attention_backward
         self.tiled_attention_tile_tokens = tiled_attention_tile_tokens
+        if activation_checkpoint_cpu_offload_keep_layers < 0:
+            raise ValueError("activation_checkpoint_cpu_offload_keep_layers must be >= 0 (layer inputs left on the "
+                             f"GPU), got {activation_checkpoint_cpu_offload_keep_layers}.")
+        if activation_checkpoint_cpu_offload_keep_layers and not activation_checkpoint_cpu_offload:
+            raise ValueError("activation_checkpoint_cpu_offload_keep_layers only applies with offload: set "
+                             "activation_checkpoint_cpu_offload=True (or leave keep_layers at 0).")
         self.activation_checkpoint_cpu_offload = activation_checkpoint_cpu_offload
+        self.activation_checkpoint_cpu_offload_keep_layers = activation_checkpoint_cpu_offload_keep_layers
         self.groups: Optional[ProcessGroups] = None
 
     # ----------------------------------------------------------------------------------- layout
@@ -279,7 +290,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         if self.tiled_attention_backward:
             wanted.append(callbacks.TiledAttentionBackward(self.tiled_attention_tile_tokens))
         if self.activation_checkpoint_cpu_offload:
-            wanted.append(callbacks.ActivationOffload())
+            wanted.append(callbacks.ActivationOffload(keep_layers=self.activation_checkpoint_cpu_offload_keep_layers))
         for cb in wanted:
             if not any(isinstance(existing, type(cb)) for existing in trainer.callbacks):
                 trainer.callbacks.append(cb)

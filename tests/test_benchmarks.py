@@ -18,7 +18,7 @@ def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
         "alst-tiled-mlp": ["--path", "alst", "--label", "alst-tiled-mlp", "--tiled-mlp"],
         # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
         "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
-                      "save_attention", "--offload"],
+                      "save_attention", "--offload", "--offload-keep-layers", "1"],
         "ours-tiled-attention": ["--path", "ours", "--label", "ours-tiled-attention", "--checkpoint-policy", "save_attention",
                                  "--tiled-attention", "16", "--zero-option", "stage3_max_reuse_distance=0",
                                  "--zero-option", "stage3_prefetch_bucket_size=0"],

@@ -99,3 +99,25 @@ def test_prefetch_waits_for_each_layers_attention_backward() -> None:
     layers = len(model.model.layers)
     assert off.stats.prefetch_points == layers
     assert requested == sorted(requested, reverse=True) and len(requested) == layers  # layer by layer, in reverse
+
+
+def test_the_first_layer_inputs_can_stay_on_the_device() -> None:
+    # host RAM can end the sequence first: keep_first layer inputs skip the host, the rest are offloaded
+    ids = torch.randint(0, 64, (2, 24))
+    ref, model = checkpointed(), checkpointed()
+    off = enable_activation_offload(model, keep_first=1)
+    refs = layer_input_refs(model)
+    for step in range(2):  # the count restarts every forward
+        out = model(input_ids=ids, labels=ids)
+        assert off.stats.kept == 1 and [r() is not None for r in refs[-len(model.model.layers):]] == [True, False]
+        assert off.live_records == off.stats.offloaded
+        out.loss.backward()
+        assert off.stats.restored == off.stats.offloaded and off.live_records == 0
+    ref(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    import pytest
+
+    with pytest.raises(ValueError, match="keep_first"):
+        enable_activation_offload(model, keep_first=-1)
