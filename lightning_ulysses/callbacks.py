@@ -119,8 +119,9 @@ class ActivationOffload(_HFModelTransform):
     """
 
     def __init__(self, min_bytes: int = 0, keep_layers: int = 0) -> None:
-        if keep_layers < 0:
-            raise ValueError(f"keep_layers must be >= 0 (layer inputs left on the GPU), got {keep_layers}.")
+        from lightning_ulysses.offload import check_keep_layers
+
+        check_keep_layers(keep_layers)
         self.min_bytes = min_bytes
         self.keep_layers = keep_layers
 

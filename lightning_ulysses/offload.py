@@ -63,12 +63,17 @@ class _Offloaded:
         self.index = index
 
 
+def check_keep_layers(value: int, name: str = "keep_layers") -> None:
+    """The one validation of how many layer inputs stay on the GPU (offloader, callback and strategy share it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} (layer inputs left on the GPU) must be >= 0, got {value!r}.")
+
+
 class ActivationOffloader:
     """The pack/unpack pair and its bookkeeping, for one model."""
 
     def __init__(self, hidden_size: int, min_bytes: int = 0, keep_first: int = 0) -> None:
-        if keep_first < 0:
-            raise ValueError(f"keep_first (layer inputs left on the GPU) must be >= 0, got {keep_first}.")
+        check_keep_layers(keep_first, "keep_first")
         self.hidden_size = hidden_size
         self.min_bytes = min_bytes
         # the first keep_first layer inputs of each forward stay where they are: when host RAM, not GPU
@@ -276,6 +281,7 @@ def activation_offloader(model: torch.nn.Module) -> Optional[ActivationOffloader
 
 __all__ = [
     "ActivationOffloader",
+    "check_keep_layers",
     "OffloadStats",
     "activation_offloader",
     "disable_activation_offload",

@@ -30,6 +30,7 @@ from lightning_ulysses.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, Pro
 from lightning_ulysses.ring import RING_BACKENDS
 from lightning_ulysses.loss import deepspeed_loss_scale
 from lightning_ulysses.model_utils import attention_spec, check_save_attention_layers, checkpoint_kwargs, find_hf_model
+from lightning_ulysses.offload import check_keep_layers
 
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -188,9 +189,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError(f"tiled_attention_tile_tokens must be a positive int, got {tiled_attention_tile_tokens}.")
         self.tiled_attention_backward = tiled_attention_backward
         self.tiled_attention_tile_tokens = tiled_attention_tile_tokens
-        if activation_checkpoint_cpu_offload_keep_layers < 0:
-            raise ValueError("activation_checkpoint_cpu_offload_keep_layers must be >= 0 (layer inputs left on the "
-                             f"GPU), got {activation_checkpoint_cpu_offload_keep_layers}.")
+        check_keep_layers(activation_checkpoint_cpu_offload_keep_layers, "activation_checkpoint_cpu_offload_keep_layers")
         if activation_checkpoint_cpu_offload_keep_layers and not activation_checkpoint_cpu_offload:
             raise ValueError("activation_checkpoint_cpu_offload_keep_layers only applies with offload: set "
                              "activation_checkpoint_cpu_offload=True (or leave keep_layers at 0).")
