@@ -59,14 +59,11 @@ def ds_config(zero_stage: int, bf16: bool, zero_options: Optional[dict] = None) 
     """The one DeepSpeed config of both paths; ``zero_options`` (``--zero-option``) go into
     ``zero_optimization``.
 
-    Why ZeRO-3's trace options matter here: ZeRO-3 records the module order of the first step and then
-    keeps a parameter gathered when its next use is within ``stage3_max_reuse_distance`` elements
-    (default 1e9, ~4.6 Llama-3-8B layers) and prefetches along the trace. The last layers' forward is
-    followed closely by their recompute in backward, so they stay gathered into backward, where activation
-    memory peaks: +1.5 GiB for Llama-3-8B at SP=2 (measured, ``--memory-profile``). The reference path
-    records no trace (it calls the inner model, as ArcticTraining does, so the top module's hooks that end
-    ZeRO-3's steps never fire) and releases every layer after use; ``stage3_max_reuse_distance=0
-    stage3_prefetch_bucket_size=0`` makes ours do the same."""
+    ZeRO-3's trace options differ between the paths unless given here: our strategy sets
+    ``stage3_prefetch_bucket_size`` and ``stage3_max_reuse_distance`` to 0 where the config does not name
+    them (``lightning_ulysses.zero_config``; ``--zero3-prefetch`` keeps DeepSpeed's defaults), and the
+    reference path never completes a trace (it calls the inner model, as ArcticTraining does), so both
+    release each layer's parameters after use."""
     zero = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
     zero.update(zero_options or {})
     return {
@@ -260,6 +257,10 @@ def run_ours(args, cfg) -> list[float]:
 
     dp = int(os.environ["WORLD_SIZE"]) // args.sp
     data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * dp)]
+    if args.packed_docs > 1:  # K causal documents per row, told apart by position_ids that restart at 0
+        doc = args.seq // args.packed_docs
+        for sample in data:
+            sample["position_ids"] = torch.arange(doc).repeat(args.packed_docs)
     lightning_ds_config = ds_config(args.zero_stage, True, zero_options(args.zero_option))
     del lightning_ds_config["gradient_accumulation_steps"]  # Lightning sets it from accumulate_grad_batches
     optimizer = optimizer_factory
@@ -307,6 +308,7 @@ def run_ours(args, cfg) -> list[float]:
             tiled_attention_backward=args.tiled_attention is not None,
             tiled_attention_tile_tokens=args.tiled_attention or None,
             context_parallel_mode=args.mode, ring_size=args.ring_size, ring_attention_backend=args.ring_backend,
+            zero3_prefetch=args.zero3_prefetch,
         ),
     )
     strategy = trainer.strategy
@@ -455,6 +457,7 @@ def run(args) -> None:
 
     cfg = hf_config(args.preset, args.seq, args.layers)
     result = {"path": args.label or args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
+              "packed_docs": args.packed_docs,
               "world": int(os.environ["WORLD_SIZE"]), "zero_stage": args.zero_stage,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     try:
@@ -480,7 +483,9 @@ def run(args) -> None:
         dp = result["world"] // args.sp
         s = args.seq
         result["tokens_per_s"] = dp * s / result["step_s"]
-        result["model_tflops_per_gpu"] = model_flops(dims, dp * s, dp * s * s) / result["step_s"] / result["world"] / 1e12
+        # causal attention FLOPs grow with each document's length squared: K documents of S/K -> S^2/K
+        sum_sq = dp * s * s / args.packed_docs
+        result["model_tflops_per_gpu"] = model_flops(dims, dp * s, sum_sq) / result["step_s"] / result["world"] / 1e12
         if args.peak_tflops:
             result["mfu"] = result["model_tflops_per_gpu"] / args.peak_tflops
     if not tdist.is_initialized() or tdist.get_rank() == 0:
@@ -578,6 +583,10 @@ def main() -> None:
     p.add_argument("--ring-backend", default="auto", help="ours: ring attention block kernel")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="bf16 matmul peak per GPU for MFU, ideally measured on the same machine (H200: 786)")
+    p.add_argument("--zero3-prefetch", action="store_true",
+                   help="ours: keep DeepSpeed's ZeRO-3 trace prefetch/reuse (the strategy's zero3_prefetch=True)")
+    p.add_argument("--packed-docs", type=int, default=1, metavar="K",
+                   help="ours: pack K equal causal documents per row (position_ids restart); FLOPs count S^2/K")
     p.add_argument("--memory-profile", action="store_true",
                    help="record the allocator over the first measured step (rank 0, CUDA) and write where the "
                         "peak's memory lives to <out>.memory.json (slows that step)")
@@ -587,6 +596,10 @@ def main() -> None:
     if args.report:
         report(args.report, args.plot)
     else:
+        if args.path == "alst" and (args.packed_docs > 1 or args.zero3_prefetch):
+            raise SystemExit("--packed-docs and --zero3-prefetch are options of --path ours")
+        if args.packed_docs < 1 or args.seq % args.packed_docs:
+            raise SystemExit(f"--packed-docs must divide --seq ({args.seq}) into equal documents, got {args.packed_docs}")
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if args.rss_trace:
             os.environ["ALST_COMPARE_RSS_TRACE"] = "1"

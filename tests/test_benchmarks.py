@@ -11,17 +11,22 @@ from tests.harness import ROOT, worker_env
 
 def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     outs = []
+    # stage3_param_persistence_threshold=0: the tiny model's parameters are partitioned like an 8B model's
+    # (by default they are all small enough to stay resident), so the profile sees what ZeRO-3 keeps gathered.
+    partitioned = ["--zero-option", "stage3_param_persistence_threshold=0"]
     runs = {
-        "ours": ["--path", "ours", "--peak-tflops", "1e-6", "--memory-profile"],  # MFU against a given (measured) peak
-        "alst": ["--path", "alst", "--memory-profile"],  # on CPU: only the phases' order (the hooks' plumbing)
+        "ours": ["--path", "ours", "--peak-tflops", "1e-6", "--memory-profile", *partitioned],  # MFU against a given peak
+        "alst": ["--path", "alst", "--memory-profile", *partitioned],  # on CPU: only the phases' order (the hooks' plumbing)
+        # DeepSpeed's defaults: its trace keeps the last layers gathered from forward into backward
+        "ours-prefetch": ["--path", "ours", "--label", "ours-prefetch", "--zero3-prefetch", "--memory-profile", *partitioned],
         # DeepSpeed's released TiledMLP on the reference path (its checkpoint_in_cpu offload needs CUDA)
         "alst-tiled-mlp": ["--path", "alst", "--label", "alst-tiled-mlp", "--tiled-mlp"],
         # the speed/hybrid knobs used on GPU: ring attention, save_attention checkpointing, offload
         "ours-ring": ["--path", "ours", "--label", "ours-ring", "--mode", "ring_only", "--checkpoint-policy",
                       "save_attention", "--offload", "--offload-keep-layers", "1"],
-        "ours-tiled-attention": ["--path", "ours", "--label", "ours-tiled-attention", "--checkpoint-policy", "save_attention",
-                                 "--tiled-attention", "16", "--zero-option", "stage3_max_reuse_distance=0",
-                                 "--zero-option", "stage3_prefetch_bucket_size=0"],
+        # packed rows (4 documents of 16 tokens) through the per-segment attention, with the tiled backward
+        "ours-packed": ["--path", "ours", "--label", "ours-packed", "--checkpoint-policy", "save_attention",
+                        "--tiled-attention", "16", "--packed-docs", "4"],
     }
     for label, extra in runs.items():
         out = tmp_path / f"{label}.json"
@@ -38,11 +43,14 @@ def test_alst_compare_runs_ours_and_the_deepspeed_reference(tmp_path) -> None:
     assert report.returncode == 0 and "| 64 | alst |" in report.stdout and "| 64 | ours |" in report.stdout
     assert "| 64 | ours-ring | 2 x 1 |" in report.stdout
     assert json.loads((tmp_path / "ours.json").read_text())["mfu"] > 0 and "%" in report.stdout
-    for label in ("ours", "alst"):  # --memory-profile: the measured step's three phases, in order
+    gathered = {}
+    for label in ("ours", "alst", "ours-prefetch"):  # --memory-profile: the measured step's three phases, in order
         phases = json.loads((tmp_path / f"{label}.memory.json").read_text())["phases"]
         assert [p["phase"] for p in phases] == ["forward", "backward", "optimizer step"]
-        assert all(p["gathered_params"] == 0 for p in phases)  # the tiny model's parameters are all persistent
-
+        gathered[label] = phases[0]["gathered_params"]  # at the end of forward, where backward's peak starts
+    # ours releases every layer after use (zero_config), like the reference; DeepSpeed's trace keeps some
+    assert gathered["ours"] == 0 and gathered["alst"] == 0 and gathered["ours-prefetch"] > 0, gathered
+    assert json.loads((tmp_path / "ours-packed.json").read_text())["packed_docs"] == 4
 
 def test_memory_profile_finds_the_peak_and_what_is_live_there() -> None:
     from benchmarks.memory_peak import peak_summary

@@ -26,6 +26,18 @@ def test_registered_names_build_the_strategy(name, stage, offload) -> None:
     assert strategy.sequence_parallel_size == "auto"
 
 
+def test_zero3_releases_gathered_parameters_unless_told_otherwise() -> None:
+    released = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
+    zero = UlyssesDeepSpeedStrategy(stage=3).config["zero_optimization"]
+    assert {k: zero[k] for k in released} == released
+    assert not set(released) & set(UlyssesDeepSpeedStrategy(stage=2).config["zero_optimization"])
+    assert not set(released) & set(UlyssesDeepSpeedStrategy(stage=3, zero3_prefetch=True).config["zero_optimization"])
+    # a key the user's config names wins; the other is still chosen
+    config = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 50_000_000}}
+    zero = UlyssesDeepSpeedStrategy(config=config).config["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 50_000_000 and zero["stage3_max_reuse_distance"] == 0
+
+
 def test_cpu_devices_get_an_index_per_local_rank() -> None:
     trainer = Trainer(strategy="ulysses", accelerator="cpu", devices=2, logger=False)
     assert trainer.strategy.parallel_devices == [torch.device("cpu", 0), torch.device("cpu", 1)]
