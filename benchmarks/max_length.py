@@ -156,12 +156,20 @@ def search_from(run: Callable[[int], dict], log: list[dict], predicted: int, pro
     return {"attempts": log, "predicted": predicted, "max_ok": lo, "first_failure": hi}
 
 
-def host_mem_total_gib() -> float:
-    with open("/proc/meminfo") as f:
+def proc_kib_field_gib(path: str, key: str) -> float:
+    """A ``Key:  N kB`` line of a /proc file (``/proc/meminfo`` MemTotal, ``/proc/self/status`` VmRSS) in GiB."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024 / GiB
-    raise RuntimeError("no MemTotal in /proc/meminfo: give --host-budget-gib")
+    raise RuntimeError(f"no {key} in {path}")
+
+
+def host_mem_total_gib() -> float:
+    try:
+        return proc_kib_field_gib("/proc/meminfo", "MemTotal")
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f"{e}: give --host-budget-gib") from e
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -52,11 +52,92 @@ class OffloadStats:
     stored: list[tuple[tuple[int, ...], str]] = field(default_factory=list)  # (shape, device of the stored copy)
 
 
-class _Offloaded:
-    __slots__ = ("host", "device", "ready", "prefetched", "index", "__weakref__")
+class PinnedBuffer:
+    """``nbytes`` of host memory, page-locked with ``cudaHostRegister`` (``registered``) or plain.
 
-    def __init__(self, host: Tensor, device: torch.device, ready: Optional[Any], index: int) -> None:
+    Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator (``CachingHostAllocator``)
+    rounds every request up to a power of two, so a layer input of 2.1 GiB would hold 4 GiB of host RAM,
+    which at millions of tokens is what ends the sequence (32 such inputs per rank for Llama-3-8B).
+    Registering an ordinary allocation pins exactly what is asked (torch stages checkpoints the same way)."""
+
+    __slots__ = ("data", "registered", "pending", "_raw")
+
+    _PAGE = 4096
+
+    def __init__(self, nbytes: int, pin: bool = True) -> None:
+        self.registered = False
+        self.pending: Optional[Any] = None  # CUDA event of the last async copy that reads or writes it
+        self._raw = torch.empty(nbytes + (self._PAGE if pin else 0), dtype=torch.uint8)
+        start = (-self._raw.data_ptr()) % self._PAGE if pin else 0
+        self.data = self._raw[start:start + nbytes]  # page-aligned: any dtype can view it
+        if pin:
+            # flag 1 = cudaHostRegisterPortable (pinned for every CUDA context, like torch's own staging)
+            if int(torch.cuda.cudart().cudaHostRegister(self.data.data_ptr(), nbytes, 1)) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (host RAM, or ulimit -l)")
+            self.registered = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = torch.Size(shape).numel() * dtype.itemsize
+        return self.data[:n].view(dtype).view(shape)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
+
+    def __del__(self) -> None:
+        # torch's pinned allocator keeps a block until the copies recorded on it finish; ours must wait
+        # itself (a graph dropped without backward frees its records while a D2H copy may be in flight)
+        try:
+            self.wait()
+            if self.registered:
+                torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
+
+
+class HostBufferPool:
+    """Free host buffers for offloaded inputs, reused for any shape that fits (smallest that fits).
+
+    A pool keyed by shape keeps one set of buffers per sequence length it has seen, which with
+    variable-length data grows host RAM without bound. Here, when no free buffer fits, the smallest free
+    one is let go before a new one is made: the pool never holds more buffers than were in use at once
+    (one step's offloaded inputs), none larger than the longest input so far."""
+
+    def __init__(self, allocate: Callable[[int], PinnedBuffer] = PinnedBuffer) -> None:
+        self._allocate = allocate
+        self._free: list[PinnedBuffer] = []
+
+    def take(self, nbytes: int) -> PinnedBuffer:
+        fits = [b for b in self._free if b.nbytes >= nbytes]
+        if fits:
+            buf = min(fits, key=lambda b: b.nbytes)
+            self._free.remove(buf)
+            buf.wait()  # its previous H2D copy must be done before it is overwritten
+            return buf
+        if self._free:  # all too small (longer sequences now): the smallest goes (waits in __del__)
+            self._free.remove(min(self._free, key=lambda b: b.nbytes))
+        return self._allocate(nbytes)
+
+    def give(self, buf: PinnedBuffer) -> None:
+        self._free.append(buf)
+
+    @property
+    def free_bytes(self) -> list[int]:
+        return sorted(b.nbytes for b in self._free)
+
+
+class _Offloaded:
+    __slots__ = ("host", "buffer", "device", "ready", "prefetched", "index", "__weakref__")
+
+    def __init__(self, host: Tensor, buffer: Optional[PinnedBuffer], device: torch.device, ready: Optional[Any],
+                 index: int) -> None:
         self.host = host
+        self.buffer = buffer  # the pool's buffer behind ``host`` (CUDA only)
         self.device = device
         self.ready = ready  # CUDA event: D2H copy finished
         self.prefetched: Optional[tuple[Tensor, Any]] = None
@@ -88,7 +169,7 @@ class ActivationOffloader:
         # graph is dropped without backward must not keep host copies alive)
         self._records: list[weakref.ref] = []
         self._stream: Optional[torch.cuda.Stream] = None
-        self._pool: dict[tuple, list[tuple[Tensor, Any]]] = {}
+        self._pool = HostBufferPool()
         self._context: Optional[torch.autograd.graph.saved_tensors_hooks] = None
         self._last_restored: Optional[_Offloaded] = None
         self.prefetch_after_attention = False  # set when the q_proj trigger points are installed
@@ -108,22 +189,17 @@ class ActivationOffloader:
         return sum(1 for ref in self._records if (r := ref()) is not None and r.host is not None)
 
     # --------------------------------------------------------------------------- host pool
-    def _host_buffer(self, t: Tensor) -> Tensor:
+    def _host_buffer(self, t: Tensor) -> tuple[Tensor, Optional[PinnedBuffer]]:
         if not t.is_cuda:
-            return torch.empty(t.shape, dtype=t.dtype, device="cpu")
-        key = (tuple(t.shape), t.dtype)
-        free = self._pool.get(key)
-        if free:
-            buf, last_use = free.pop()
-            if last_use is not None:
-                last_use.synchronize()  # its previous H2D copy must be done before we overwrite it
-            return buf
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu"), None
+        buf = self._pool.take(t.numel() * t.element_size())
+        return buf.view(tuple(t.shape), t.dtype), buf
 
     def _release(self, rec: _Offloaded, last_use: Optional[Any]) -> None:
-        if rec.host is not None and rec.host.is_pinned():
-            self._pool.setdefault((tuple(rec.host.shape), rec.host.dtype), []).append((rec.host, last_use))
-        rec.host = None
+        if rec.buffer is not None:
+            rec.buffer.pending = last_use
+            self._pool.give(rec.buffer)
+        rec.host = rec.buffer = None
 
     # ------------------------------------------------------------------------------ hooks
     def pack(self, t: Tensor) -> Any:
@@ -134,7 +210,7 @@ class ActivationOffloader:
             self.stats.kept += 1
             self.stats.stored.append((tuple(t.shape), str(t.device)))
             return t
-        host = self._host_buffer(t)
+        host, buffer = self._host_buffer(t)
         ready = None
         if t.is_cuda:
             if self._stream is None:
@@ -144,10 +220,11 @@ class ActivationOffloader:
                 host.copy_(t, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
+            buffer.pending = ready
             t.record_stream(self._stream)  # keep t's memory until the copy has read it
         else:
             host.copy_(t)
-        rec = _Offloaded(host, t.device, ready, len(self._records))
+        rec = _Offloaded(host, buffer, t.device, ready, len(self._records))
         self._records.append(weakref.ref(rec))
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += t.numel() * t.element_size()
@@ -163,6 +240,8 @@ class ActivationOffloader:
             out = rec.host.to(rec.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+        if rec.buffer is not None:
+            rec.buffer.pending = done
         return out, done
 
     def unpack(self, packed: Any) -> Tensor:

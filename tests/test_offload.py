@@ -6,7 +6,13 @@ import weakref
 
 import torch
 
-from lightning_ulysses.offload import activation_offloader, disable_activation_offload, enable_activation_offload
+from lightning_ulysses.offload import (
+    HostBufferPool,
+    PinnedBuffer,
+    activation_offloader,
+    disable_activation_offload,
+    enable_activation_offload,
+)
 from tests.test_attention import tiny_llama
 
 
@@ -121,3 +127,25 @@ def test_the_first_layer_inputs_can_stay_on_the_device() -> None:
 
     with pytest.raises(ValueError, match="keep_first"):
         enable_activation_offload(model, keep_first=-1)
+
+
+def test_host_buffers_serve_any_shape_and_the_pool_stays_bounded() -> None:
+    # Variable-length data: a pool keyed by shape would keep one set of buffers per length ever seen.
+    made = []
+
+    def allocate(n: int) -> PinnedBuffer:
+        made.append(n)
+        return PinnedBuffer(n, pin=False)  # CPU: the same bookkeeping without cudaHostRegister
+
+    pool = HostBufferPool(allocate)
+    for length in (100, 300, 200, 300, 50):  # one "step" of 4 offloaded inputs per length
+        bufs = [pool.take(length) for _ in range(4)]
+        for b in bufs:
+            pool.give(b)
+    assert made == [100] * 4 + [300] * 4  # shorter steps reuse the longer buffers; no new ones
+    assert pool.free_bytes == [300] * 4  # the 100-byte buffers were let go when they no longer fit
+
+    buf = PinnedBuffer(64, pin=False)
+    x = torch.arange(8, dtype=torch.float32).view(2, 4)
+    buf.view((2, 4), torch.float32).copy_(x)
+    assert torch.equal(buf.view((2, 4), torch.float32), x) and buf.view((3,), torch.bfloat16).shape == (3,)
