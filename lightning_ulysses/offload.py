@@ -195,9 +195,8 @@ class ActivationOffloader:
         buf = self._pool.take(t.numel() * t.element_size())
         return buf.view(tuple(t.shape), t.dtype), buf
 
-    def _release(self, rec: _Offloaded, last_use: Optional[Any]) -> None:
-        if rec.buffer is not None:
-            rec.buffer.pending = last_use
+    def _release(self, rec: _Offloaded) -> None:
+        if rec.buffer is not None:  # its H2D copy is the buffer's pending event (set in _to_device)
             self._pool.give(rec.buffer)
         rec.host = rec.buffer = None
 
@@ -256,7 +255,7 @@ class ActivationOffloader:
         if done is not None:
             torch.cuda.current_stream(rec.device).wait_event(done)
             out.record_stream(torch.cuda.current_stream(rec.device))
-        self._release(rec, done)
+        self._release(rec)
         self.stats.restored += 1
         self._last_restored = rec
         if not self.prefetch_after_attention:
@@ -360,6 +359,8 @@ def activation_offloader(model: torch.nn.Module) -> Optional[ActivationOffloader
 
 __all__ = [
     "ActivationOffloader",
+    "HostBufferPool",
+    "PinnedBuffer",
     "check_keep_layers",
     "OffloadStats",
     "activation_offloader",

@@ -8,10 +8,9 @@ so the trace keeps those layers gathered into backward -- where activation memor
 2 H200 (Llama-3-8B, SP=2, docs/benchmarks.md, seventh session): +1.5 GiB at the peak, 11 extra 112 MiB MLP
 weights and 4 extra 80 MiB attention blocks, for no speed (3.51 s vs 3.52 s per step at 32K tokens, 9.11 s
 at 64K); on 4 H200 at SP=4, 1.9 GiB at 256K tokens (50.30 vs 50.40 s): at these lengths a layer's compute
-hides its all-gather without prefetching. DeepSpeed's own
-ALST path, as ArcticTraining drives it, never completes a trace (it calls the inner model, so the top
-module's step-ending hooks never fire) and releases every layer after use; setting both to 0 does the same
-for the engine's forward.
+hides its all-gather without prefetching. DeepSpeed's own ALST path, as ArcticTraining drives it, never
+completes a trace (it calls the inner model, so the top module's step-ending hooks never fire) and releases
+every layer after use; setting both to 0 does the same for the engine's forward.
 """
 
 from __future__ import annotations
