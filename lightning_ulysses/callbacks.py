@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class PrintLoss(Callback):
-    """Print the (DP-mean) ``train_loss`` every ``every_n_steps`` optimizer steps on rank 0.
+    """Print the (DP-mean) ``train_loss`` every ``every_n_steps`` optimizer steps, and ``val_loss`` after each
+    validation, on rank 0.
 
     A plain-text trace that survives CI logs and non-interactive shells, where progress bars do not.
     """
@@ -20,13 +21,25 @@ class PrintLoss(Callback):
     def __init__(self, every_n_steps: int = 10, metric: str = "train_loss") -> None:
         self.every_n_steps = every_n_steps
         self.metric = metric
+        self._printed_step = -1
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if step == self._printed_step:  # inside an accumulation window the step has not advanced yet
+            return
         value = trainer.callback_metrics.get(self.metric)
         if value is not None and (step % self.every_n_steps == 0 or step == 1 or step == trainer.max_steps):
+            self._printed_step = step
             print(f"step {step:>5d}  {self.metric} {float(value):.4f}", flush=True)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val_loss")
+        if value is not None:
+            print(f"step {trainer.global_step:>5d}  val_loss {float(value):.4f}", flush=True)
 
 
 class _HFModelTransform(Callback):
@@ -299,8 +312,9 @@ class SequenceThroughput(Callback):
         if not steady:
             return
         med = {k: sorted(m[k] for m in steady)[len(steady) // 2] for k in steady[0]}
-        parts = [f"{med['throughput/tokens_per_sec']:,.0f} tokens/s", f"{med['throughput/model_tflops_per_gpu']:.1f} model TFLOPS/GPU",
-                 f"{med['throughput/hw_tflops_per_gpu']:.1f} hw TFLOPS/GPU"]
+        # three significant digits: GPU runs print e.g. 372, a CPU smoke test 0.00412 (not a misleading 0.0)
+        parts = [f"{med['throughput/tokens_per_sec']:,.0f} tokens/s", f"{med['throughput/model_tflops_per_gpu']:.3g} model TFLOPS/GPU",
+                 f"{med['throughput/hw_tflops_per_gpu']:.3g} hw TFLOPS/GPU"]
         if "throughput/mfu" in med:
             parts.append(f"MFU {100 * med['throughput/mfu']:.1f}%")
         if "memory/peak_allocated_gib" in med:

@@ -51,22 +51,49 @@ def prepare_batch(
     their own on a shard) and no ``attention_mask``; other entries are passed through, and other
     ``[b, S, ...]`` tensors are padded with zeros.
     """
+    if torch.is_tensor(batch):
+        batch = {"input_ids": batch}
     if not isinstance(batch, Mapping):
         raise TypeError(
-            f"Sequence parallelism expects dict batches with 'input_ids' (and optionally 'labels', 'position_ids', "
+            f"lightning_ulysses expects dict batches with 'input_ids' (and optionally 'labels', 'position_ids', "
             f"'attention_mask'); got {type(batch).__name__}. Return a dict from your dataset or collate_fn."
         )
     if "input_ids" not in batch:
+        texts = [k for k, v in batch.items() if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str))]
+        hint = (
+            f" The batch holds text ({', '.join(map(repr, texts))}): tokenize it first, e.g. "
+            "tokenizer(texts, return_tensors='pt', padding=True) in your collate_fn or with datasets.map."
+            if texts else ""
+        )
         raise KeyError(
-            f"Sequence parallelism needs 'input_ids' in every batch to know what to shard; got keys {sorted(batch)}."
+            f"lightning_ulysses needs 'input_ids' (a [batch, seq] tensor of token ids) in every batch; got keys "
+            f"{sorted(map(str, batch))}.{hint}"
         )
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}.")
     out = dict(batch)
-    input_ids: Tensor = out.pop("input_ids")
+    input_ids = out.pop("input_ids")
+    if not torch.is_tensor(input_ids):
+        kind = "text" if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str)) else type(input_ids).__name__
+        raise TypeError(
+            f"'input_ids' must be a [batch, seq] tensor of token ids, got {kind}. Tokenize with return_tensors='pt' "
+            "or collate with torch.stack / DataCollatorWithPadding."
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(
+            f"'input_ids' must hold integer token ids, got dtype {input_ids.dtype}. Convert with input_ids.long() "
+            "(a float tensor usually means features were passed where token ids belong)."
+        )
+    if input_ids.dim() == 1:
+        raise ValueError(
+            f"input_ids must be [batch, seq], got one dimension {tuple(input_ids.shape)}; batch your samples with a "
+            "DataLoader (batch_size=1 gives [1, seq]) or add .unsqueeze(0)."
+        )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
     b, s = input_ids.shape
+    if b == 0 or s == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); the dataloader yielded an empty batch.")
 
     def check_shape(name: str, t: Tensor) -> None:
         if t.shape[:2] != (b, s):
@@ -212,6 +239,35 @@ def _check_not_packed(position_ids: Tensor) -> None:
         )
 
 
+def sharding_multiple(sp: int, ring: int = 1, zigzag: bool = True, pad_to_multiple_of: Optional[int] = None) -> int:
+    """What the strategy pads every sequence to a multiple of: ``pad_to_multiple_of`` (checked against what
+    sharding needs, :func:`shard_multiple`) or, by default, exactly what sharding needs."""
+    need = shard_multiple(sp, ring, zigzag)
+    multiple = pad_to_multiple_of or need
+    if multiple % need != 0:
+        what = f"2 x sequence_parallel_size = {need} (zigzag ring)" if need != sp else f"sequence_parallel_size={sp}"
+        raise ValueError(
+            f"pad_to_multiple_of={multiple} must be a multiple of {what} so every rank gets an equal shard; use e.g. "
+            f"{need * 256} on GPUs."
+        )
+    return multiple
+
+
+def prepare_for_sharding(
+    batch: Any,
+    sp: int,
+    pad_to_multiple_of: Optional[int] = None,
+    pad_token_id: int = 0,
+    ring: int = 1,
+    zigzag: bool = True,
+) -> dict[str, Any]:
+    """:func:`prepare_batch` at the multiple the layout needs; refuses packed rows inside a ring."""
+    full = prepare_batch(batch, sharding_multiple(sp, ring, zigzag, pad_to_multiple_of), pad_token_id)
+    if ring > 1:
+        _check_not_packed(full["position_ids"])
+    return full
+
+
 def shard_for_sequence_parallel(
     batch: Any,
     sp_rank: int,
@@ -221,20 +277,8 @@ def shard_for_sequence_parallel(
     ring: int = 1,
     zigzag: bool = True,
 ) -> dict[str, Any]:
-    """:func:`prepare_batch` then :func:`shard_batch`; ``pad_to_multiple_of`` defaults to :func:`shard_multiple`."""
-    need = shard_multiple(sp, ring, zigzag)
-    multiple = pad_to_multiple_of or need
-    if multiple % need != 0:
-        what = f"2 x sequence_parallel_size = {need} (zigzag ring)" if need != sp else f"sequence_parallel_size={sp}"
-        raise ValueError(
-            f"pad_to_multiple_of={multiple} must be a multiple of {what} so every rank gets an equal shard; use e.g. "
-            f"{need * 256} on GPUs."
-        )
-    if torch.is_tensor(batch):
-        batch = {"input_ids": batch}
-    full = prepare_batch(batch, multiple, pad_token_id)
-    if ring > 1:
-        _check_not_packed(full["position_ids"])
+    """:func:`prepare_for_sharding` then :func:`shard_batch`; ``pad_to_multiple_of`` defaults to :func:`shard_multiple`."""
+    full = prepare_for_sharding(batch, sp, pad_to_multiple_of, pad_token_id, ring, zigzag)
     return shard_batch(full, sp_rank, sp, ring=ring, zigzag=zigzag)
 
 
@@ -242,8 +286,10 @@ __all__ = [
     "IGNORE_INDEX",
     "packed_segments",
     "prepare_batch",
+    "prepare_for_sharding",
     "shard_batch",
     "shard_for_sequence_parallel",
     "shard_multiple",
+    "sharding_multiple",
     "shard_token_index",
 ]

@@ -16,16 +16,19 @@ class MarkovTokens(Dataset):
     index, and of any length, which makes it a good smoke test for long-sequence training.
     """
 
-    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, branching: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, seq_len: int, vocab_size: int, branching: int = 2, seed: int = 0, offset: int = 0
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.successors = torch.randint(0, vocab_size, (vocab_size, branching), generator=g)
         self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+        self.offset = offset  # sample i is walk `offset + i` of the chain: splits never share a walk
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + idx)
         choices = torch.randint(0, self.successors.shape[1], (self.seq_len,), generator=g)
         tokens = torch.empty(self.seq_len, dtype=torch.long)
         tokens[0] = int(torch.randint(0, self.vocab_size, (1,), generator=g))
@@ -35,7 +38,8 @@ class MarkovTokens(Dataset):
 
 
 class SyntheticLMDataModule(LightningDataModule):
-    """Train/val loaders over :class:`MarkovTokens`."""
+    """Train/val/test/predict loaders over :class:`MarkovTokens`: one chain (the language), disjoint walks
+    per split, so validation measures what training learns."""
 
     def __init__(
         self,
@@ -43,6 +47,7 @@ class SyntheticLMDataModule(LightningDataModule):
         seq_len: int = 1024,
         num_train_samples: int = 256,
         num_val_samples: int = 8,
+        num_test_samples: int = 8,
         batch_size: int = 1,
         branching: int = 2,
         seed: int = 0,
@@ -52,14 +57,29 @@ class SyntheticLMDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        self.train_set = MarkovTokens(hp.num_train_samples, hp.seq_len, hp.vocab_size, hp.branching, hp.seed)
-        self.val_set = MarkovTokens(hp.num_val_samples, hp.seq_len, hp.vocab_size, hp.branching, hp.seed + 1)
+
+        def split(n: int, offset: int) -> MarkovTokens:
+            return MarkovTokens(n, hp.seq_len, hp.vocab_size, hp.branching, hp.seed, offset=offset)
+
+        self.train_set = split(hp.num_train_samples, 0)
+        self.val_set = split(hp.num_val_samples, hp.num_train_samples)
+        self.test_set = split(hp.num_test_samples, hp.num_train_samples + hp.num_val_samples)
+
+    def _loader(self, dataset: Optional[Dataset], shuffle: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers)
+        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)

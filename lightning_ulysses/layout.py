@@ -49,6 +49,14 @@ def auto_sequence_parallel_size(world_size: int, num_heads: int, num_kv_heads: i
 def validate_attn_implementation(attn_implementation: Optional[str], sp: int) -> None:
     if sp == 1:
         return
+    if attn_implementation == "flex_attention":
+        raise ValueError(
+            f"Sequence parallelism (sp={sp}) does not support attn_implementation='flex_attention' yet: its block "
+            "mask is built for the whole sequence on one rank and the Ulysses path does not shard it. Build the model "
+            f"with attn_implementation set to one of {list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (e.g. "
+            "CausalLMModule(attn_implementation='sdpa')); "
+            "flex_attention works with sequence_parallel_size=1."
+        )
     if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"Sequence parallelism (sp={sp}) does not support attn_implementation={attn_implementation!r}: "
@@ -256,11 +264,30 @@ class ParallelLayout:
             list(range(base + i, base + self.sp, u)) for base in range(0, self.world_size, self.sp) for i in range(u)
         ]
 
-    def describe(self) -> str:
+    def describe(self, num_nodes: int = 1) -> str:
+        """One line for the log: degrees, groups, and where they sit when ranks span ``num_nodes`` nodes
+        (ranks are node-major: node ``n`` holds ranks ``[n * per_node, (n + 1) * per_node)``)."""
         text = f"world={self.world_size} = sp {self.sp} x dp {self.dp} (SP groups: {self.sp_group_ranks()})"
         if self.ring > 1:
             text += f"; sp = ulysses {self.ulysses} x ring {self.ring} (ring groups: {self.ring_group_ranks()})"
+        if num_nodes > 1 and self.world_size % num_nodes == 0:
+            text += f"; {self.placement(num_nodes)}"
         return text
+
+    def placement(self, num_nodes: int) -> str:
+        """Whether the all-to-all groups stay inside a node (fast links) or cross nodes."""
+        per_node = self.world_size // num_nodes
+        where = f"{num_nodes} nodes x {per_node} processes"
+        if self.sp == 1:
+            return f"{where}: no sequence parallelism, only data-parallel traffic crosses nodes"
+        if per_node % self.sp == 0:
+            return f"{where}: every SP group inside one node, only data-parallel traffic crosses nodes"
+        if per_node % self.ulysses == 0:
+            return f"{where}: every Ulysses group inside one node, ring groups cross nodes"
+        return (
+            f"{where}: Ulysses groups of {self.ulysses} cross nodes (slow all-to-all); a ring dimension "
+            "(context_parallel_mode='auto' or 'hybrid') keeps Ulysses inside a node"
+        )
 
 
 @dataclass

@@ -43,16 +43,42 @@ def count_valid_tokens(shift_labels: Tensor, group: Optional[dist.ProcessGroup] 
     return _all_reduce_sum(local, group)
 
 
-def sp_token_mean(local_sum: Tensor, num_valid: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def sp_token_mean(
+    local_sum: Tensor,
+    num_valid: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    grad_normalizer: Optional[float] = None,
+) -> Tensor:
     """``local_sum / N`` for the gradient, ``(sum over the SP group) / N`` for the value.
 
     ``local_sum`` is the differentiable sum of per-token losses on this shard, ``num_valid`` the
     group-wide valid token count (:func:`count_valid_tokens`). NaN-safe: ``N == 0`` gives 0.
+    ``grad_normalizer`` replaces ``N`` for the gradient only (``loss_normalization="global_tokens"``,
+    :mod:`lightning_ulysses.step_context`); the value is still the token mean.
     """
-    denom = num_valid.clamp(min=1).to(local_sum.dtype)
-    local = local_sum / denom
-    total = _all_reduce_sum(local.detach(), group)
-    return local + (total - local.detach())
+    denom = torch.as_tensor(num_valid, device=local_sum.device).clamp(min=1).to(local_sum.dtype)
+    value = _all_reduce_sum((local_sum / denom).detach(), group)
+    grad_denom = denom if grad_normalizer is None else max(float(grad_normalizer), 1e-12)
+    local = local_sum / grad_denom
+    return local + (value - local.detach())
+
+
+def normalize_sp_loss(
+    local_sum: Tensor,
+    shift_labels: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    num_valid: Optional[Tensor] = None,
+) -> Tensor:
+    """The one rule both loss paths use: the strategy's :class:`~lightning_ulysses.step_context.StepContext`
+    for these labels when there is one (its token count and gradient normaliser), else count here."""
+    from lightning_ulysses.step_context import step_context_for
+
+    ctx = step_context_for(shift_labels) if num_valid is None else None
+    if ctx is not None:
+        return sp_token_mean(local_sum, torch.tensor(ctx.num_valid_tokens), ctx.sp_group, ctx.grad_normalizer)
+    if num_valid is None:
+        num_valid = count_valid_tokens(shift_labels, group)
+    return sp_token_mean(local_sum, num_valid, group)
 
 
 def sp_causal_lm_loss(
@@ -65,12 +91,12 @@ def sp_causal_lm_loss(
 
     ``logits`` ``[b, c, V]`` and ``shift_labels`` ``[b, c]`` are this rank's shard (labels already
     shifted over the *full* sequence, as :func:`lightning_ulysses.data.prepare_batch` does). With
-    ``group=None`` this is exactly HF's causal-LM loss of the batch.
+    ``group=None`` this is exactly HF's causal-LM loss of the batch. Given the ``shift_labels`` of a
+    batch the strategy prepared, the token count and the gradient normalisation of the strategy's
+    ``loss_normalization`` come from the batch's step context (no collective for the count).
     """
     from transformers.loss.loss_utils import fixed_cross_entropy
 
-    if num_valid is None:
-        num_valid = count_valid_tokens(shift_labels, group)
     # HF's CE upcasts to fp32 and with num_items_in_batch=1 returns the plain sum over valid tokens.
     local_sum = fixed_cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
@@ -78,7 +104,7 @@ def sp_causal_lm_loss(
         num_items_in_batch=1,
         ignore_index=IGNORE_INDEX,
     )
-    return sp_token_mean(local_sum, num_valid, group)
+    return normalize_sp_loss(local_sum, shift_labels, group, num_valid)
 
 
 def deepspeed_loss_scale(zero_config: Mapping[str, Any], sp: int) -> float:
@@ -101,4 +127,4 @@ def deepspeed_loss_scale(zero_config: Mapping[str, Any], sp: int) -> float:
     return float(sp)
 
 
-__all__ = ["count_valid_tokens", "sp_token_mean", "sp_causal_lm_loss", "deepspeed_loss_scale"]
+__all__ = ["count_valid_tokens", "normalize_sp_loss", "sp_token_mean", "sp_causal_lm_loss", "deepspeed_loss_scale"]

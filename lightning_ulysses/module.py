@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning_ulysses.data import prepare_batch
 from lightning_ulysses.loss import sp_causal_lm_loss
 from lightning_ulysses.model_utils import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lightning_ulysses.step_context import current_step_context
 from lightning_ulysses.tiled_loss import tiled_loss_enabled
 
 ModelSpec = Union[str, dict[str, Any], Any]
@@ -131,9 +132,33 @@ class CausalLMModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, batch = self.compute_loss(batch)
-        # Every rank of an SP group holds its group's loss, so the world mean is the mean over DP groups.
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self._log_step_loss(loss.detach(), batch_idx, batch["input_ids"].shape[0])
         return loss
+
+    def _log_step_loss(self, loss: torch.Tensor, batch_idx: int, batch_size: int) -> None:
+        """Log ``train_loss`` = the loss of the optimizer step, once per step.
+
+        Every rank of an SP group holds its group's loss, so the world mean (``sync_dist``) is the mean over
+        DP groups. With ``accumulate_grad_batches = A`` the step's loss combines its micro-batches the way
+        the gradient does: their mean (``batch_mean``), or each weighted by its share of the step's tokens
+        (``global_tokens``, the weight comes from the strategy's step context). Windows are Lightning's:
+        ``A`` batches from the epoch start, the last one cut at the epoch's end.
+        """
+        ctx = current_step_context()
+        weight = ctx.step_loss_weight if ctx is not None and ctx.training else None
+        trainer = self.trainer
+        acc = trainer.accumulate_grad_batches
+        if acc == 1 and weight is None:
+            self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+            return
+        if batch_idx % acc == 0:
+            self._window_loss = [torch.zeros((), dtype=torch.float64, device=loss.device), 0]
+        total, count = self._window_loss
+        self._window_loss = [total + (loss.double() * weight if weight is not None else loss.double()), count + 1]
+        if (batch_idx + 1) % acc == 0 or batch_idx + 1 >= trainer.num_training_batches:
+            total, count = self._window_loss
+            value = total if weight is not None else total / count
+            self.log("train_loss", value.float(), prog_bar=True, sync_dist=True, batch_size=batch_size)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, batch = self.compute_loss(batch)

@@ -8,6 +8,11 @@ The strategy only orchestrates; each concern lives in its own module:
 * batch sharding -> :mod:`lightning_ulysses.data` (:meth:`batch_to_device`);
 * DP-only sampling -> :attr:`distributed_sampler_kwargs` (all ranks of an SP group read the same samples);
 * loss scale for DeepSpeed's reduction -> :mod:`lightning_ulysses.loss` (:meth:`backward`);
+* per-batch loss normalisation (token counts, ``loss_normalization``) -> :mod:`lightning_ulysses.step_context`
+  (:meth:`batch_to_device`), with the window look-ahead of :mod:`lightning_ulysses.accumulation`;
+* gradient accumulation: Lightning owns the optimizer-step boundary, exactly as under DDP
+  (:attr:`handles_gradient_accumulation` is ``False``; DeepSpeed is told each boundary and never divides
+  the loss a second time, see :meth:`backward`);
 * ZeRO-3 settings chosen for long sequences -> :mod:`lightning_ulysses.zero_config` (``__init__``);
 * CPU (gloo) support -> :mod:`lightning_ulysses.cpu`.
 """
@@ -15,23 +20,34 @@ The strategy only orchestrates; each concern lives in its own module:
 from __future__ import annotations
 
 import argparse
+import os
+import zlib
+from collections import deque
+from collections.abc import Generator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_ulysses import callbacks, cpu
+from lightning_ulysses.accumulation import WindowTokenCounter
+from lightning_ulysses.compat import lightning_step_boundary
+from lightning_ulysses.errors import raise_once
 from lightning_ulysses.allocator import set_expandable_segments
 from lightning_ulysses.attention import apply_ulysses, remove_ulysses
-from lightning_ulysses.data import shard_for_sequence_parallel
+from lightning_ulysses.data import IGNORE_INDEX, prepare_for_sharding, shard_batch
 from lightning_ulysses.kernels import check_impl
 from lightning_ulysses.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, ProcessGroups, SPSize
 from lightning_ulysses.ring import RING_BACKENDS
 from lightning_ulysses.loss import deepspeed_loss_scale
 from lightning_ulysses.model_utils import attention_spec, check_save_attention_layers, checkpoint_kwargs, find_hf_model
 from lightning_ulysses.offload import check_keep_layers
+from lightning_ulysses.step_context import LOSS_NORMALIZATIONS, StepContext, set_step_context
 from lightning_ulysses.zero_config import release_zero3_params_after_use
 
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,6 +98,15 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             the GPU: each moves ``2 * hidden`` bytes per local token from pinned host memory (shared by the
             node's ranks, often the limit at millions of tokens) to GPU memory.
         expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
+        loss_normalization: how micro-batch losses combine into the optimizer step's gradient (see
+            :mod:`lightning_ulysses.step_context`): ``"batch_mean"`` (default; Lightning DDP's: each micro-batch's
+            token mean, averaged over micro-batches and DP ranks) or ``"global_tokens"`` (every valid token of
+            the step on all DP ranks weighs the same; for variable-length SFT data).
+        timeout: how long a rank waits in a collective for the others before the job fails, in seconds (or a
+            ``timedelta``). The longest legitimate wait is one layer's compute, a checkpoint write or rank 0
+            preparing data; a crashed or hung peer ends the job after this long. NCCL's asynchronous error
+            handling is turned on (``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` unless set), so on GPUs a timed-out
+            collective aborts the process instead of hanging it.
         zero3_prefetch: keep DeepSpeed's ZeRO-3 parameter prefetch and reuse along its recorded trace. Off by
             default: ``stage3_prefetch_bucket_size`` and ``stage3_max_reuse_distance`` become 0 unless the
             config names them, so every layer's parameters are released after use instead of the last
@@ -124,12 +149,22 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         activation_checkpoint_cpu_offload_keep_layers: int = 0,
         expandable_segments: bool = True,
         zero3_prefetch: bool = False,
+        loss_normalization: str = "batch_mean",
+        timeout: Union[float, timedelta, None] = 1800.0,
         stage: int = 3,
         offload_optimizer: bool = False,
         offload_parameters: bool = False,
         config: Optional[Union[str, dict[str, Any]]] = None,
         **kwargs: Any,
     ) -> None:
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {list(LOSS_NORMALIZATIONS)}, got {loss_normalization!r}."
+            )
+        if timeout is not None and not isinstance(timeout, timedelta):
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}.")
+            timeout = timedelta(seconds=float(timeout))
         if expandable_segments:
             set_expandable_segments()
         super().__init__(
@@ -137,8 +172,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             offload_optimizer=offload_optimizer,
             offload_parameters=offload_parameters,
             config=config,
+            timeout=timeout,
             **kwargs,
         )
+        self.loss_normalization = loss_normalization
+        self.empty_batches = 0  # training micro-batches with no token to predict (loss 0, no gradient)
+        self._window_tokens: deque = deque()
         self.zero3_prefetch = zero3_prefetch
         if not zero3_prefetch:
             release_zero3_params_after_use(self.config)
@@ -252,7 +291,11 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def parallel_devices(self, parallel_devices: Optional[list[torch.device]]) -> None:
         self._parallel_devices = cpu.index_devices(parallel_devices)
 
+    @override
     def setup_environment(self) -> None:
+        # Before the process group exists: with it, NCCL's watchdog aborts a rank whose collective failed or
+        # waited `timeout` (a dead peer on another node) instead of leaving it hanging.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if cpu.is_cpu(self.accelerator):
             cpu.prepare_deepspeed_for_cpu()
             # DeepSpeedStrategy refuses non-CUDA accelerators; DeepSpeed itself runs on CPU with gloo.
@@ -260,11 +303,15 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         else:
             super().setup_environment()
 
+    @override
     def setup(self, trainer: Any) -> None:
-        layout = self._resolve_layout()
+        try:
+            layout = self._resolve_layout()
+        except ValueError as exc:  # every rank resolves the same layout: report it once
+            raise_once(exc)
         if self.groups is None or self.groups.layout != layout:
             self.groups = ProcessGroups.build(layout)
-            rank_zero_info(f"lightning_ulysses layout: {layout.describe()}")
+            rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
         if layout.sp_enabled:
             comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
@@ -305,6 +352,15 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             if not any(isinstance(existing, type(cb)) for existing in trainer.callbacks):
                 trainer.callbacks.append(cb)
 
+    @property
+    @override
+    def handles_gradient_accumulation(self) -> bool:
+        # Lightning decides when the optimizer steps, as under DDP (every `accumulate_grad_batches` batches and
+        # at the epoch's last batch) and calls `engine.step()` only then (see `backward`); DeepSpeed's own
+        # micro-step counter would carry windows across epochs and never step on a short last window.
+        return False
+
+    @override
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed
 
@@ -332,25 +388,140 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             layout = ParallelLayout(self.world_size, self.sequence_parallel_size)
         return {"num_replicas": layout.dp, "rank": layout.dp_rank(self.global_rank)}
 
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        if self.groups is not None and self.groups.sp > 1:
-            batch = shard_for_sequence_parallel(
-                batch,
-                self.groups.sp_rank,
-                self.groups.sp,
-                self.pad_to_multiple_of,
-                self.pad_token_id,
-                ring=self.groups.ring,
-                zigzag=self.ring_zigzag,
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.loss_normalization == "global_tokens" and trainer is not None and trainer.training:
+            # read one accumulation window ahead so each micro-batch knows the step's token count
+            return WindowTokenCounter(
+                dataloader,
+                trainer.accumulate_grad_batches,
+                self._window_tokens,
+                lambda: getattr(trainer, "num_training_batches", float("inf")),
             )
-        return super().batch_to_device(batch, device, dataloader_idx)
+        return dataloader
 
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        """Prepare the full batch (labels shifted, positions, padding), check that the SP group agrees on it,
+        keep this rank's shard, move it, and record the batch's :class:`StepContext`.
+
+        Every degree gets the same keys (``input_ids``, ``position_ids``, ``shift_labels`` + pass-through
+        entries), sp=1 and one process included, so a ``training_step`` never changes with the layout.
+        """
+        groups = self.groups
+        sp, sp_rank, ring = (groups.sp, groups.sp_rank, groups.ring) if groups is not None else (1, 0, 1)
+        error: Optional[Exception] = None
+        full: Any = None
+        try:
+            full = prepare_for_sharding(batch, sp, self.pad_to_multiple_of, self.pad_token_id, ring, self.ring_zigzag)
+        except (TypeError, ValueError, KeyError) as exc:
+            error = exc
+        if sp > 1:
+            self._check_sp_group_agrees(full, error)
+        if error is not None:
+            raise error
+        num_valid = int((full["shift_labels"] != IGNORE_INDEX).sum())
+        local = shard_batch(full, sp_rank, sp, ring=ring, zigzag=self.ring_zigzag) if sp > 1 else full
+        local = super().batch_to_device(local, device, dataloader_idx)
+        set_step_context(self._step_context(local["shift_labels"], num_valid))
+        return local
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # DDP's no_sync has no DeepSpeed equivalent under ZeRO-2/3 (the engine refuses it): gradients are
+        # reduced or held per the boundary `backward` gives the engine, so nothing needs blocking here.
+        yield
+
+    def _check_sp_group_agrees(self, full: Optional[dict], error: Optional[Exception]) -> None:
+        """All ranks of an SP group must hold the same batch; otherwise the first all-to-all would hang.
+
+        One all-gather of 5 integers per batch over the SP group: (error flag, batch size, length, key
+        names, token checksum).
+        """
+        import torch.distributed as dist
+
+        assert self.groups is not None and self.groups.sp_group is not None
+        if full is None:
+            sig = [1, 0, 0, 0, 0]
+        else:
+            ids = full["input_ids"]
+            keys = zlib.crc32(",".join(sorted(map(str, full))).encode())
+            sig = [0, int(ids.shape[0]), int(ids.shape[1]), keys, int(ids.to(torch.int64).sum()) % (2**61)]
+        device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
+        mine = torch.tensor(sig, dtype=torch.int64, device=device)
+        everyone = [torch.empty_like(mine) for _ in range(self.groups.sp)]
+        dist.all_gather(everyone, mine, group=self.groups.sp_group)
+        rows = [t.tolist() for t in everyone]
+        group_ranks = self.groups.layout.sp_group_ranks()[self.groups.dp_rank]
+        failed = [group_ranks[i] for i, r in enumerate(rows) if r[0]]
+        if failed:
+            if error is None:  # a peer failed on a batch this rank could prepare: stop quietly, it reports
+                raise_once(RuntimeError("a batch error on another rank of this SP group"), failed[0], [self.global_rank])
+            raise_once(error, failed[0], failed)
+        if any(r[1:] != rows[0][1:] for r in rows):
+            what = ["batch size", "sequence length", "batch keys", "token ids"]
+            differs = sorted({what[j] for r in rows for j in range(4) if r[1 + j] != rows[0][1 + j]})
+            raise_once(
+                ValueError(
+                    f"The ranks {group_ranks} of one sequence-parallel group received different batches ({', '.join(differs)} "
+                    "differ). Every rank of an SP group must get the same samples: let Lightning add the "
+                    "DistributedSampler (use_distributed_sampler=True, the default), or build yours with "
+                    "trainer.strategy.distributed_sampler_kwargs (num_replicas=dp, rank=dp_rank), and make the data "
+                    "pipeline deterministic across ranks (same seed, no per-rank randomness)."
+                ),
+                group_ranks[0],
+                group_ranks,
+            )
+
+    def _step_context(self, shift_labels: Tensor, num_valid: int) -> StepContext:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        training = bool(trainer is not None and trainer.training)
+        sp_group = self.groups.sp_group if self.groups is not None else None
+        if training and num_valid == 0:
+            self.empty_batches += 1
+            if self.empty_batches == 1:
+                rank_zero_warn(
+                    "lightning_ulysses: a training batch has no token to predict (every label is -100, or sequences of "
+                    "one token). It contributes loss 0 and no gradient; `trainer.strategy.empty_batches` counts such "
+                    "batches. Check the data (label masking, sequence lengths) if this is unexpected."
+                )
+        if not (training and self.loss_normalization == "global_tokens"):
+            return StepContext(shift_labels, sp_group, num_valid, float(max(num_valid, 1)), None, training)
+        if not self._window_tokens:
+            raise RuntimeError(
+                "loss_normalization='global_tokens' needs the training dataloader that the Trainer prepared (the "
+                "strategy reads it one accumulation window ahead); the batch arrived from elsewhere."
+            )
+        window = torch.tensor(float(self._window_tokens.popleft()), dtype=torch.float64, device=self.root_device)
+        dp_group = self.groups.dp_group if self.groups is not None else None
+        if dp_group is not None and self.groups.dp > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(window, group=dp_group)
+        total = max(float(window), 1.0)
+        dp = self.groups.dp if self.groups is not None else 1
+        acc = trainer.accumulate_grad_batches
+        # Lightning divides the loss by `acc`, the DP reduction averages over `dp`: undo both in the normaliser.
+        return StepContext(shift_labels, sp_group, num_valid, total / (dp * acc), num_valid * dp / total, True)
+
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         scale = deepspeed_loss_scale(self.config.get("zero_optimization", {}), self.groups.sp if self.groups else 1)
         if scale != 1.0:
             closure_loss = closure_loss * scale
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches > 1 and self.lightning_module.automatic_optimization:
+            # DeepSpeed reduces gradients in the backward it is told ends the window; that is Lightning's
+            # boundary (every `accumulate_grad_batches` batches and the epoch's last batch), not its own counter.
+            self.model.set_gradient_accumulation_boundary(lightning_step_boundary(trainer))
+        # Lightning already divided the loss by accumulate_grad_batches; DeepSpeed must not divide it again.
+        kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    @override
     def teardown(self) -> None:
         hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
         if hf_model is not None:

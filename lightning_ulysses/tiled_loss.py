@@ -173,7 +173,7 @@ def _tiled_causal_lm_forward(
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from lightning_ulysses.attention import ulysses_of
-    from lightning_ulysses.loss import count_valid_tokens, sp_token_mean
+    from lightning_ulysses.loss import normalize_sp_loss
 
     kwargs.pop("logits_to_keep", None)
     kwargs.setdefault("use_cache", False)
@@ -183,8 +183,8 @@ def _tiled_causal_lm_forward(
     loss_sum = self.get_output_embeddings()(out.last_hidden_state, labels=shift_labels)
     ctx = ulysses_of(self)
     group = ctx.sp_group if ctx is not None else None
-    n = num_items_in_batch if num_items_in_batch is not None else count_valid_tokens(shift_labels, group)
-    loss = sp_token_mean(loss_sum, torch.as_tensor(n, device=loss_sum.device), group)
+    n = torch.as_tensor(num_items_in_batch) if num_items_in_batch is not None else None
+    loss = normalize_sp_loss(loss_sum, shift_labels, group, n)
     return CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
         hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),

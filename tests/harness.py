@@ -57,6 +57,45 @@ def run_workers(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, t
     return json.loads(out.read_text())
 
 
+def free_port() -> int:
+    """A port the OS says is free now (never a fixed one); the launcher binds it right after."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_nodes(script: str, nodes: int, nproc_per_node: int, case: dict[str, Any], tmp_path: Path, timeout: int = 300):
+    """Start ``nodes`` torchrun launchers on localhost as separate "nodes" (static rendezvous, node ranks
+    0..nodes-1), as a multi-node job would; return each launcher's (returncode, output) and the seconds the
+    slowest one took."""
+    import time
+
+    port = free_port()
+    out = tmp_path / "result.json"
+    procs = []
+    start = time.monotonic()
+    for node in range(nodes):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
+            f"--nproc_per_node={nproc_per_node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            str(WORKERS / script), json.dumps(case), str(out),
+        ]
+        procs.append(subprocess.Popen(cmd, env=worker_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - start)))
+            results.append((p.returncode, stdout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results, time.monotonic() - start
+
+
 def run_expecting_error(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, timeout: int = 300) -> str:
     """Run a worker that must fail; return its combined output for message checks."""
     cmd = [

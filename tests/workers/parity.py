@@ -110,15 +110,19 @@ class Recorder(L.Callback):
     def __init__(self) -> None:
         self.steps: list[dict] = []
         self.grads: dict[str, torch.Tensor] = {}
+        self.logged: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        acc = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % acc == 0 or batch_idx + 1 == trainer.num_training_batches:
+            self.logged.append(float(trainer.callback_metrics["train_loss"]))
         self.steps.append(
             {
-                "loss": float(outputs["loss"]),
+                # Lightning hands back the loss divided by accumulate_grad_batches
+                "loss": float(outputs["loss"]) * acc,
                 "idx": batch["idx"].tolist(),
                 "local_seq": int(batch["input_ids"].shape[1]),
                 "first_pos": int(batch["position_ids"][0, 0]) if "position_ids" in batch else 0,
-                "logged": float(trainer.callback_metrics["train_loss"]),
                 "tiled": tiled_loss_enabled(pl_module.model),
                 "tiled_mlp": tiled_mlp_enabled(pl_module.model),
                 "swiglu": memory_efficient_swiglu_enabled(pl_module.model),
@@ -157,6 +161,21 @@ class Recorder(L.Callback):
             self.grads[name] = g.detach().float().cpu().clone()
 
 
+class FailOnPurpose(L.Callback):
+    """Failure tests: one rank raises, or is SIGKILLed, at the start of a given optimizer step."""
+
+    def __init__(self, rank: int, step: int, mode: str) -> None:
+        self.rank, self.step, self.mode = rank, step, mode
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if self.mode == "kill":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"deliberate failure on rank {self.rank} at step {self.step}")
+
+
 def full_params(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
     params = dict(module.named_parameters())
     if stage == 3:
@@ -167,28 +186,57 @@ def full_params(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().clone() for n, p in params.items()}
 
 
-def reference(case: dict, dataset: Samples, step_groups: list[list[list[int]]]) -> dict:
-    """Plain HF model, one process: step k averages the HF loss of each DP group's micro-batch."""
+def reference(case: dict, dataset: Samples, micro_groups: list[list[list[int]]], acc: int) -> dict:
+    """Plain HF model, one process, what DDP computes: optimizer step k takes micro-batches
+    ``[k*acc, (k+1)*acc)``; each has one sample list per DP group.
+
+    ``batch_mean``: the step's loss is the mean of every (micro-batch, group) HF token-mean loss.
+    ``global_tokens``: it is the sum of all their token losses over all their valid tokens (HF's
+    ``num_items_in_batch``).
+    """
     model = build_model(case)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=case["lr"])
-    losses, grads = [], {}
-    for k, groups in enumerate(step_groups):
+    global_tokens = case.get("loss_normalization") == "global_tokens"
+
+    def collate(idxs):
+        items = [dataset[i] for i in idxs]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0] if key != "idx"}
+
+    def valid_tokens(batch) -> int:
+        labels = batch["labels"].masked_fill(batch.get("attention_mask", torch.ones_like(batch["labels"])) == 0, -100)
+        return int((labels[:, 1:] != -100).sum())
+
+    losses, grads, step_losses = [], {}, []
+    for k in range(0, len(micro_groups), acc):
+        window = micro_groups[k : k + acc]
         opt.zero_grad()
-        group_losses = []
-        for idxs in groups:
-            items = [dataset[i] for i in idxs]
-            batch = {key: torch.stack([it[key] for it in items]) for key in items[0] if key != "idx"}
-            out = model(**batch, use_cache=False)
-            group_losses.append(out.loss)
-        loss = torch.stack(group_losses).mean()
+        batches = [[collate(idxs) for idxs in groups] for groups in window]
+        n_total = sum(valid_tokens(b) for groups in batches for b in groups)
+        terms, means = [], []
+        for groups in batches:
+            row = []
+            for batch in groups:
+                out = model(**batch, use_cache=False)
+                row.append(float(out.loss))
+                if global_tokens:
+                    n = valid_tokens(batch)
+                    terms.append(out.loss * n / max(n_total, 1))
+                else:
+                    terms.append(out.loss)
+            means.append(row)
+        # Lightning (DDP or this strategy) divides every micro-batch's loss by accumulate_grad_batches, also in
+        # an epoch's short last window; the step's logged loss is the mean over the micro-batches it had.
+        loss = torch.stack(terms).sum() if global_tokens else torch.stack(terms).sum() / (acc * len(window[0]))
         loss.backward()
         if k == 0:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
-        losses.append([float(x) for x in group_losses])
+        losses.extend(means)
+        step_losses.append(float(loss) if global_tokens else float(torch.stack(terms).mean()))
     return {
         "losses": losses,
+        "step_losses": step_losses,
         "grads": grads,
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "model": model,
@@ -207,23 +255,20 @@ def reference_eval(model: torch.nn.Module, dataset: Samples, n: int) -> float:
 
 
 def main() -> None:
-    try:
-        run(json.loads(sys.argv[1]), sys.argv[2])
-    finally:
-        # Every rank waits for rank 0's reference, then tears the groups down before the interpreter
-        # exits: a rank exiting with live gloo groups can abort ("terminate called without an active
-        # exception") and take the whole job down.
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    run(json.loads(sys.argv[1]), sys.argv[2])
+    # Every rank waits for rank 0's reference, then tears the groups down before the interpreter exits.
+    # Only on success: a rank that failed must exit (its closed sockets end its peers' collectives), not wait
+    # in a barrier that the others, stuck in the collective it left, never reach.
+    shutdown_distributed()
 
 
 def run(case: dict, out_path: str) -> None:
     ws = int(os.environ["WORLD_SIZE"])
     sp, bs, steps = case["sp"], case.get("batch_size", 1), case.get("steps", 4)
+    acc = case.get("accumulate", 1)
     dp = ws // sp
     epochs = case.get("epochs", 1)
-    dataset = Samples(case, n=steps * dp * bs // epochs)
+    dataset = Samples(case, n=case.get("samples", steps * dp * bs * acc // epochs))
 
     if case.get("raw_reduction"):
         # measure DeepSpeed's own reduction: no correction factor at all
@@ -258,6 +303,8 @@ def run(case: dict, out_path: str) -> None:
         ulysses_size=case.get("ulysses_size"),
         ring_size=case.get("ring_size"),
         ring_zigzag=case.get("zigzag", True),
+        loss_normalization=case.get("loss_normalization", "batch_mean"),
+        timeout=case.get("timeout", 1800.0),
     )
     module = CausalLMModule(
         model=build_model(case),
@@ -266,17 +313,23 @@ def run(case: dict, out_path: str) -> None:
     )
     rec = Recorder()
     throughput = SequenceThroughput()
+    callbacks = [rec, throughput]
+    if case.get("fail_rank") is not None:
+        callbacks.append(FailOnPurpose(case["fail_rank"], case.get("fail_step", 1), case.get("fail_mode", "raise")))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ws))
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=ws,
+        devices=local,
+        num_nodes=ws // local,
         strategy=strategy,
         max_steps=steps,
+        accumulate_grad_batches=acc,
         precision=case.get("precision", "32-true"),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[rec, throughput],
+        callbacks=callbacks,
         num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(dataset, batch_size=bs, shuffle=False))
@@ -294,9 +347,10 @@ def run(case: dict, out_path: str) -> None:
     if rank != 0:
         return
     layout = strategy.layout
-    # step k: the samples each DP group used, read from its first SP rank; every SP rank must agree
+    micro = len(gathered[0])
+    # micro-batch j: the samples each DP group used, read from its first SP rank; every SP rank must agree
     step_groups = []
-    for k in range(steps):
+    for k in range(micro):
         groups = []
         for g in range(dp):
             ranks = range(g * sp, (g + 1) * sp)
@@ -304,7 +358,7 @@ def run(case: dict, out_path: str) -> None:
             assert all(s == seen[0] for s in seen), f"SP ranks of group {g} saw different samples at step {k}: {seen}"
             groups.append(seen[0])
         step_groups.append(groups)
-    ref = reference(case, dataset, step_groups)
+    ref = reference(case, dataset, step_groups, acc)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm().clamp(min=1e-12))
@@ -314,8 +368,11 @@ def run(case: dict, out_path: str) -> None:
         "layout": {"sp": layout.sp, "dp": layout.dp, "ring": layout.ring},
         "local_seq": [[s["local_seq"] for s in steps_] for steps_ in gathered],
         "first_pos": [[s["first_pos"] for s in steps_] for steps_ in gathered],
-        "sp_losses": [[gathered[r][k]["loss"] for r in range(ws)] for k in range(steps)],
+        "sp_losses": [[gathered[r][k]["loss"] for r in range(ws)] for k in range(micro)],
         "ref_losses": ref["losses"],
+        "ref_step_losses": ref["step_losses"],
+        "global_step": trainer.global_step,
+        "empty_batches": strategy.empty_batches,
         "grad_rel_err": {n: rel(rec.grads[n], ref["grads"][n]) for n in ref["grads"]},
         # ||g_sp|| / ||g_ref|| over all parameters: the constant factor DeepSpeed's reduction applied
         "grad_ratio": float(
@@ -325,12 +382,12 @@ def run(case: dict, out_path: str) -> None:
         "param_max_abs_err": {n: float((final[n] - ref["params"][n]).abs().max()) for n in ref["params"]},
         "param_moved": {n: float((ref["params"][n] - build_model(case).state_dict()[n]).abs().max()) for n in ref["params"]},
         "sample_order": step_groups,
-        "logged": [gathered[0][k]["logged"] for k in range(steps)],
+        "logged": rec.logged,
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
             {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "saved_attention", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
-            for k in range(steps)
+            for k in range(micro)
         ],
         "val_loss": val_loss,
         "test_loss": test_loss,
