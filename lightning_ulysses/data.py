@@ -153,6 +153,17 @@ def prepare_batch(
     return out
 
 
+def real_token_mask(batch: Any, padded_len: int) -> Tensor:
+    """``[b, padded_len]`` bool: the batch's real tokens (its right-padding ``attention_mask``, ones without
+    one) followed by ``False`` for the padding :func:`prepare_batch` added."""
+    if torch.is_tensor(batch):
+        batch = {"input_ids": batch}
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    real = mask.to(torch.bool) if mask is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    return torch.nn.functional.pad(real, (0, padded_len - real.shape[1]), value=False)
+
+
 def uses_zigzag(ring: int, zigzag: bool) -> bool:
     return ring > 1 and zigzag
 
@@ -287,6 +298,7 @@ __all__ = [
     "packed_segments",
     "prepare_batch",
     "prepare_for_sharding",
+    "real_token_mask",
     "shard_batch",
     "shard_for_sequence_parallel",
     "shard_multiple",

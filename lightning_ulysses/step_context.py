@@ -45,6 +45,9 @@ class StepContext:
         step_loss_weight: weight of this micro-batch's token-mean loss in the optimizer step's loss, averaged
             over DP groups (``None`` for ``batch_mean``: a plain mean over micro-batches).
         training: whether the batch is a training batch (evaluation batches are always token means).
+        token_mask: this rank's ``[b, S/sp]`` real tokens (``False`` for padding: the user's right padding and
+            the strategy's padding to ``pad_to_multiple_of``); losses over tokens rather than labels (the MoE
+            router's balance term) use it.
     """
 
     shift_labels: Tensor
@@ -53,6 +56,7 @@ class StepContext:
     grad_normalizer: float
     step_loss_weight: Optional[float] = None
     training: bool = True
+    token_mask: Optional[Tensor] = None
 
     def applies_to(self, shift_labels: Tensor) -> bool:
         # Same storage, not the same Python object: ZeRO-3's module hooks hand the model an alias of each

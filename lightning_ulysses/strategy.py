@@ -36,20 +36,27 @@ from typing_extensions import override
 
 from lightning_ulysses import callbacks, cpu
 from lightning_ulysses.accumulation import WindowTokenCounter
-from lightning_ulysses.compat import lightning_step_boundary
+from lightning_ulysses.compat import TransformersZero3, lightning_step_boundary
 from lightning_ulysses.errors import raise_once
 from lightning_ulysses.allocator import set_expandable_segments
 from lightning_ulysses.attention import apply_ulysses, remove_ulysses
-from lightning_ulysses.data import IGNORE_INDEX, prepare_for_sharding, shard_batch
+from lightning_ulysses.data import IGNORE_INDEX, prepare_for_sharding, real_token_mask, shard_batch
 from lightning_ulysses.kernels import check_impl
 from lightning_ulysses.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, ProcessGroups, SPSize
 from lightning_ulysses.ring import RING_BACKENDS
 from lightning_ulysses.loss import deepspeed_loss_scale
-from lightning_ulysses.model_utils import attention_spec, check_save_attention_layers, checkpoint_kwargs, find_hf_model
+from lightning_ulysses.model_utils import (
+    attention_spec,
+    check_save_attention_layers,
+    check_shardable,
+    checkpoint_kwargs,
+    find_hf_model,
+)
 from lightning_ulysses.offload import check_keep_layers
 from lightning_ulysses.step_context import LOSS_NORMALIZATIONS, StepContext, set_step_context
 from lightning_ulysses.zero_config import release_zero3_params_after_use
 
+_TOKEN_MASK = "_lightning_ulysses_token_mask"  # rides along through sharding only, never reaches the step
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -178,6 +185,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.loss_normalization = loss_normalization
         self.empty_batches = 0  # training micro-batches with no token to predict (loss 0, no gradient)
         self._window_tokens: deque = deque()
+        self._hf_zero3 = TransformersZero3()
         self.zero3_prefetch = zero3_prefetch
         if not zero3_prefetch:
             release_zero3_params_after_use(self.config)
@@ -269,8 +277,19 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                     "or use sequence_parallel_size=1."
                 )
             return ParallelLayout.resolve(1, self.world_size)
+        try:
+            check_shardable(hf_model, 2)
+        except ValueError:
+            if self.sequence_parallel_size not in ("auto", 1):
+                raise
+            if self.sequence_parallel_size == "auto" and self.world_size > 1:
+                rank_zero_info(
+                    f"lightning_ulysses: {type(hf_model).__name__} mixes tokens with more than attention and cannot be "
+                    "sequence-sharded; sequence_parallel_size='auto' -> 1 (data parallel only)."
+                )
+            return ParallelLayout.resolve(1, self.world_size)
         heads, kv_heads, impl = attention_spec(hf_model)
-        return ParallelLayout.resolve(
+        layout = ParallelLayout.resolve(
             self.sequence_parallel_size,
             self.world_size,
             heads,
@@ -281,6 +300,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             ring_size=self.ring_size,
             gpus_per_node=self.num_processes if self.num_processes > 0 else None,
         )
+        return layout
 
     # ------------------------------------------------------------------------- lightning hooks
     @property
@@ -351,6 +371,18 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         for cb in wanted:
             if not any(isinstance(existing, type(cb)) for existing in trainer.callbacks):
                 trainer.callbacks.append(cb)
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # configure_model runs in here: under ZeRO-3, transformers' own ZeRO-3 path must be on so that
+        # from_pretrained loads into the partitions and from_config runs the model's weight init (DeepSpeed
+        # counts nested zero.Init contexts; the outer one of Lightning only partitions what transformers builds).
+        if self.zero_stage_3 and not self._hf_zero3.enabled:
+            self._init_config_if_needed()
+            self._hf_zero3.enable(self.config)
+        with super().model_sharded_context():
+            yield
 
     @property
     @override
@@ -423,9 +455,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         if error is not None:
             raise error
         num_valid = int((full["shift_labels"] != IGNORE_INDEX).sum())
+        full[_TOKEN_MASK] = real_token_mask(batch, full["input_ids"].shape[1])
         local = shard_batch(full, sp_rank, sp, ring=ring, zigzag=self.ring_zigzag) if sp > 1 else full
+        token_mask = local.pop(_TOKEN_MASK)
         local = super().batch_to_device(local, device, dataloader_idx)
-        set_step_context(self._step_context(local["shift_labels"], num_valid))
+        token_mask = token_mask.to(local["input_ids"].device, non_blocking=True)
+        set_step_context(self._step_context(local["shift_labels"], num_valid, token_mask))
         return local
 
     @contextmanager
@@ -476,7 +511,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                 group_ranks,
             )
 
-    def _step_context(self, shift_labels: Tensor, num_valid: int) -> StepContext:
+    def _step_context(self, shift_labels: Tensor, num_valid: int, token_mask: Optional[Tensor] = None) -> StepContext:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         training = bool(trainer is not None and trainer.training)
         sp_group = self.groups.sp_group if self.groups is not None else None
@@ -489,7 +524,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
                     "batches. Check the data (label masking, sequence lengths) if this is unexpected."
                 )
         if not (training and self.loss_normalization == "global_tokens"):
-            return StepContext(shift_labels, sp_group, num_valid, float(max(num_valid, 1)), None, training)
+            return StepContext(shift_labels, sp_group, num_valid, float(max(num_valid, 1)), None, training, token_mask)
         if not self._window_tokens:
             raise RuntimeError(
                 "loss_normalization='global_tokens' needs the training dataloader that the Trainer prepared (the "
@@ -505,7 +540,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         dp = self.groups.dp if self.groups is not None else 1
         acc = trainer.accumulate_grad_batches
         # Lightning divides the loss by `acc`, the DP reduction averages over `dp`: undo both in the normaliser.
-        return StepContext(shift_labels, sp_group, num_valid, total / (dp * acc), num_valid * dp / total, True)
+        return StepContext(shift_labels, sp_group, num_valid, total / (dp * acc), num_valid * dp / total, True, token_mask)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -523,6 +558,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def teardown(self) -> None:
+        self._hf_zero3.disable()
         hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
         if hf_model is not None:
             remove_ulysses(hf_model)

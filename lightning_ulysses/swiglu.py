@@ -79,7 +79,8 @@ def is_swiglu_mlp(m: torch.nn.Module) -> bool:
     """An HF gated MLP: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU."""
     act = getattr(m, "act_fn", None)
     return (
-        all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+        # projections are called as modules, so LoRA-wrapped ones (peft's lora.Linear) qualify too
+        all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
         and act is not None
         and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation")
     )

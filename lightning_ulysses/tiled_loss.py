@@ -185,6 +185,14 @@ def _tiled_causal_lm_forward(
     group = ctx.sp_group if ctx is not None else None
     n = torch.as_tensor(num_items_in_batch) if num_items_in_batch is not None else None
     loss = normalize_sp_loss(loss_sum, shift_labels, group, n)
+    if getattr(out, "router_logits", None) is not None:  # MoE: the caller adds the router's balance term
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
+            router_logits=out.router_logits,
+        )
     return CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
         hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),

@@ -128,6 +128,11 @@ def _mlp_subclass(cls: type) -> type:
     return Sub
 
 
+def is_expert_mlp(mlp: torch.nn.Module) -> bool:
+    """An MoE block (router + experts), as transformers' MoE families build them."""
+    return hasattr(mlp, "experts") or hasattr(mlp, "gate") and hasattr(mlp, "num_experts") or "moe" in type(mlp).__name__.lower()
+
+
 def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
     found = [m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     if not found:
@@ -142,6 +147,13 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: Optional[int] = None) 
     ``intermediate_size / hidden_size`` layer inputs).
     """
     mlps = _mlps(model)
+    experts = [type(m).__name__ for m in mlps if is_expert_mlp(m)]
+    if experts:
+        raise ValueError(
+            f"tiled_mlp does not support mixture-of-experts blocks ({experts[0]}): their forward routes each token to "
+            "its experts and returns router logits next to the hidden states. Turn tiled_mlp off for this model "
+            "(tiled_loss, offload and the other tricks still apply)."
+        )
     for mlp in mlps:
         swap_class(mlp, KIND, _mlp_subclass)
         mlp._lightning_ulysses_mlp_tile_tokens = tile_tokens

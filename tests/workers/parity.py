@@ -48,9 +48,34 @@ from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
 from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 
 
-def tiny_config(case: dict):
-    from transformers import LlamaConfig
+# Per-family extras for tiny configs (the issue #15 matrix); every family shares the sizes below.
+FAMILY_EXTRAS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 8},  # sliding-window layers
+    "phi3": {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1},  # fused qkv_proj / gate_up_proj
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_next": {},  # linear attention (gated delta net) hybrid: refused under SP
+    "falcon_h1": {},  # Mamba-2 + attention hybrid: refused under SP
+}
 
+
+def tiny_config(case: dict):
+    from transformers import AutoConfig, LlamaConfig
+
+    family = case.get("family", "llama")
+    if family != "llama":
+        return AutoConfig.for_model(
+            family, vocab_size=case.get("vocab", 96), hidden_size=case.get("hidden", 32),
+            intermediate_size=case.get("intermediate", 64), num_hidden_layers=case.get("layers", 2),
+            num_attention_heads=case["heads"], num_key_value_heads=case.get("kv_heads", case["heads"]),
+            head_dim=case.get("head_dim", 8), max_position_embeddings=1024, tie_word_embeddings=False,
+            attn_implementation="sdpa", **{**FAMILY_EXTRAS[family], **case.get("config", {})},
+        )
     return LlamaConfig(
         vocab_size=case.get("vocab", 96),
         hidden_size=case.get("hidden", 32),
@@ -66,10 +91,31 @@ def tiny_config(case: dict):
 
 
 def build_model(case: dict):
+    """The reference model (and, unless the case loads a checkpoint, the strategy's too)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(case.get("seed", 0))
-    return AutoModelForCausalLM.from_config(tiny_config(case), attn_implementation="sdpa", dtype=torch.float32)
+    if case.get("pretrained"):
+        model = AutoModelForCausalLM.from_pretrained(case["pretrained"], attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(case), attn_implementation="sdpa", dtype=torch.float32)
+    if case.get("lora"):
+        # CausalLMModule builds its adapters the same way (re-seeded, then get_peft_model), so both start equal
+        from peft import get_peft_model
+
+        from lightning_ulysses.adapters import peft_config
+
+        torch.manual_seed(case.get("seed", 0))
+        model = get_peft_model(model, peft_config(dict(case["lora"])))
+    return model
+
+
+def module_model_spec(case: dict):
+    """What the strategy side hands CausalLMModule: a checkpoint path (loaded in configure_model, under ZeRO-3
+    straight into the partitions) or a model instance; adapters as a config (built in configure_model)."""
+    if case.get("pretrained"):
+        return case["pretrained"]
+    return build_model({k: v for k, v in case.items() if k != "lora"})
 
 
 class Samples(Dataset):
@@ -130,6 +176,8 @@ class Recorder(L.Callback):
                 # cumulative calls that took the tiled-backward path (None: option off)
                 "tiled_attn_calls": getattr(tiled_attention_of(pl_module.model), "calls", None),
                 "checkpointing": is_checkpointing(pl_module.model),
+                # HF layers skip checkpointing (and dropout) in eval mode: from_pretrained returns eval mode
+                "train_mode": pl_module.model.training and all(m.training for m in pl_module.model.modules()),
                 "policy": checkpoint_policy_of(pl_module.model),
                 "saved_attention": saved_attention_fraction(pl_module.model),
                 **self._offload_stats(pl_module.model),
@@ -157,8 +205,9 @@ class Recorder(L.Callback):
         from deepspeed.utils import safe_get_full_grad
 
         for name, p in pl_module.model.named_parameters():
-            g = safe_get_full_grad(p)
-            self.grads[name] = g.detach().float().cpu().clone()
+            if p.requires_grad:  # frozen (PEFT base) weights have no gradient
+                g = safe_get_full_grad(p)
+                self.grads[name] = g.detach().float().cpu().clone()
 
 
 class FailOnPurpose(L.Callback):
@@ -196,7 +245,7 @@ def reference(case: dict, dataset: Samples, micro_groups: list[list[list[int]]],
     """
     model = build_model(case)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=case["lr"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=case["lr"])
     global_tokens = case.get("loss_normalization") == "global_tokens"
 
     def collate(idxs):
@@ -230,7 +279,7 @@ def reference(case: dict, dataset: Samples, micro_groups: list[list[list[int]]],
         loss = torch.stack(terms).sum() if global_tokens else torch.stack(terms).sum() / (acc * len(window[0]))
         loss.backward()
         if k == 0:
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
         losses.extend(means)
         step_losses.append(float(loss) if global_tokens else float(torch.stack(terms).mean()))
@@ -307,7 +356,9 @@ def run(case: dict, out_path: str) -> None:
         timeout=case.get("timeout", 1800.0),
     )
     module = CausalLMModule(
-        model=build_model(case),
+        model=module_model_spec(case),
+        dtype="float32",
+        peft=dict(case["lora"]) if case.get("lora") else None,
         optimizer=lambda p: torch.optim.SGD(p, lr=case["lr"]),
         gradient_checkpointing=case.get("gradient_checkpointing"),
     )
@@ -380,12 +431,15 @@ def run(case: dict, out_path: str) -> None:
             / torch.cat([ref["grads"][n].flatten() for n in ref["grads"]]).norm()
         ),
         "param_max_abs_err": {n: float((final[n] - ref["params"][n]).abs().max()) for n in ref["params"]},
-        "param_moved": {n: float((ref["params"][n] - build_model(case).state_dict()[n]).abs().max()) for n in ref["params"]},
+        "param_moved": {n: float((ref["params"][n] - dict(build_model(case).named_parameters())[n].detach()).abs().max()) for n in ref["params"]},
+        "trainable": sorted(n for n, p in module.model.named_parameters() if p.requires_grad),
+        "optimizer_params": sum(len(g["params"]) for g in module.trainer.optimizers[0].param_groups)
+        if hasattr(module.trainer.optimizers[0], "param_groups") else None,
         "sample_order": step_groups,
         "logged": rec.logged,
         "tokens_per_step": [m["throughput/tokens_per_sec"] * m["throughput/step_s"] for m in throughput.history],
         "memory": [
-            {key: gathered[r][k].get(key) for key in ("tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "saved_attention", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
+            {key: gathered[r][k].get(key) for key in ("train_mode", "tiled", "tiled_mlp", "swiglu", "rmsnorm", "tiled_attn_calls", "checkpointing", "policy", "saved_attention", "offloaded", "restored", "prefetch_points", "live", "stored_devices", "stored_last_dims")}
             for r in range(ws)
             for k in range(micro)
         ],
