@@ -93,7 +93,7 @@ def test_layout_and_sharding_errors_name_the_fix() -> None:
 def test_module_refuses_what_it_cannot_build() -> None:
     with pytest.raises(ValueError, match="needs a 'model_type' key"):
         CausalLMModule({"hidden_size": 8}).configure_model()
-    with pytest.raises(TypeError, match="pass a name/path, dict, config or model"):
+    with pytest.raises(TypeError, match="pass a name/path, dict, config, PreTrainedModel or PEFT model"):
         CausalLMModule(42).configure_model()
 
 
