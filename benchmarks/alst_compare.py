@@ -61,7 +61,7 @@ def ds_config(zero_stage: int, bf16: bool, zero_options: Optional[dict] = None) 
 
     ZeRO-3's trace options differ between the paths unless given here: our strategy sets
     ``stage3_prefetch_bucket_size`` and ``stage3_max_reuse_distance`` to 0 where the config does not name
-    them (``lightning_ulysses.zero_config``; ``--zero3-prefetch`` keeps DeepSpeed's defaults), and the
+    them (``lightning_ulysses.memory.zero_config``; ``--zero3-prefetch`` keeps DeepSpeed's defaults), and the
     reference path never completes a trace (it calls the inner model, as ArcticTraining does), so both
     release each layer's parameters after use."""
     zero = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
@@ -253,7 +253,7 @@ def run_ours(args, cfg) -> list[float]:
 
     import lightning_ulysses  # noqa: F401
     from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
-    from lightning_ulysses.callbacks import SequenceThroughput
+    from lightning_ulysses.lightning.callbacks import SequenceThroughput
 
     dp = int(os.environ["WORLD_SIZE"]) // args.sp
     data = [{"input_ids": t} for t in random_tokens(args.seq, cfg.vocab_size, (args.warmup + args.steps) * dp)]
@@ -474,7 +474,7 @@ def run(args) -> None:
         tdist.all_reduce(peak, op=tdist.ReduceOp.MAX)
     result["peak_gib"], result["host_rss_gib"] = float(peak[0]), float(peak[1])
     if "step_s" in result:
-        from lightning_ulysses.throughput import ModelDims, model_flops
+        from lightning_ulysses.models.flops import ModelDims, model_flops
 
         n_emb = cfg.vocab_size * cfg.hidden_size
         n_total = _param_count(cfg)
@@ -562,12 +562,12 @@ def main() -> None:
     p.add_argument("--save-attention-layers", type=int, default=None,
                    help="ours, with --checkpoint-policy save_attention: only this many layers keep attention outputs")
     p.add_argument("--offload", action="store_true",
-                   help="activation-checkpoint CPU offload (ours: lightning_ulysses.offload; alst: DeepSpeed's "
+                   help="activation-checkpoint CPU offload (ours: lightning_ulysses.memory.offload; alst: DeepSpeed's "
                         "checkpoint_in_cpu through deepspeed.checkpointing)")
     p.add_argument("--offload-keep-layers", type=int, default=0,
                    help="ours, with --offload: the first this many layer inputs stay on the GPU (host RAM bound runs)")
     p.add_argument("--tiled-mlp", action="store_true",
-                   help="tiled MLP (ours: lightning_ulysses.tiled_mlp; alst: DeepSpeed's TiledMLP)")
+                   help="tiled MLP (ours: lightning_ulysses.memory.tiled_mlp; alst: DeepSpeed's TiledMLP)")
     p.add_argument("--rmsnorm", action="store_true", help="ours: memory-efficient RMSNorm")
     p.add_argument("--swiglu", action="store_true", help="ours: memory-efficient SwiGLU")
     p.add_argument("--tiled-attention", type=int, nargs="?", const=0, default=None, metavar="TILE_TOKENS",

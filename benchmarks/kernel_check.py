@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.model_utils import saved_tensor_bytes
+from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
 
 
 def timed(fn, grads, reps: int = 10) -> float:
@@ -38,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_rmsnorm(tokens: int, hidden: int) -> list[dict]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lightning_ulysses.rmsnorm import enable_memory_efficient_rmsnorm
+    from lightning_ulysses.memory.rmsnorm import enable_memory_efficient_rmsnorm
 
     torch.manual_seed(0)
     x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -65,7 +65,7 @@ def check_rmsnorm(tokens: int, hidden: int) -> list[dict]:
 
 
 def check_swiglu(tokens: int, inter: int) -> list[dict]:
-    from lightning_ulysses.swiglu import swiglu
+    from lightning_ulysses.memory.swiglu import swiglu
 
     torch.manual_seed(0)
     a = torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -46,40 +46,35 @@ def build(layers: int):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.train()
-    from lightning_ulysses.model_utils import enable_gradient_checkpointing
+    from lightning_ulysses.memory.checkpointing import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model)
     return model
 
 
-def configure(model, tricks: set[str]) -> None:
-    from lightning_ulysses.offload import disable_activation_offload, enable_activation_offload
-    from lightning_ulysses.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm
-    from lightning_ulysses.tiled_attention import disable_tiled_attention, enable_tiled_attention
-    from lightning_ulysses.tiled_loss import disable_tiled_loss, enable_tiled_loss
-    from lightning_ulysses.swiglu import disable_memory_efficient_swiglu, enable_memory_efficient_swiglu
-    from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
+def trick_objects() -> dict:
+    """Ablation names -> the package's MemoryTrick objects (applied in the strategy's one plan order)."""
+    from lightning_ulysses import memory as m
 
-    disable_tiled_loss(model)
-    disable_memory_efficient_swiglu(model)
-    disable_activation_offload(model)
-    disable_tiled_mlp(model)
-    disable_memory_efficient_rmsnorm(model)
-    disable_tiled_attention(model)
-    if "tiled_attn" in tricks:
-        enable_tiled_attention(model, ATTN_TILE_TOKENS)
-    if "rmsnorm" in tricks:
-        enable_memory_efficient_rmsnorm(model)
-    if "tiled_loss" in tricks:
-        enable_tiled_loss(model, impl="torch")
-    if "liger_loss" in tricks:
-        enable_tiled_loss(model, impl="liger")
-    if "offload" in tricks:
-        enable_activation_offload(model)
-    if "tiled_mlp" in tricks:
-        enable_tiled_mlp(model)
-    if "swiglu" in tricks:
-        enable_memory_efficient_swiglu(model)
+    return {
+        "tiled_attn": m.TiledAttentionBackward(ATTN_TILE_TOKENS),
+        "rmsnorm": m.MemoryEfficientRMSNorm(),
+        "tiled_loss": m.TiledLoss(impl="torch"),
+        "liger_loss": m.TiledLoss(impl="liger"),
+        "offload": m.ActivationOffload(),
+        "tiled_mlp": m.TiledMLP(),
+        "swiglu": m.MemoryEfficientSwiGLU(),
+    }
+
+
+def configure(model, tricks: set[str]) -> None:
+    from lightning_ulysses.memory import TRICKS, GradientCheckpointing, apply_tricks
+
+    for kind in TRICKS:  # every trick off but checkpointing (build() turned it on), then the chosen ones
+        if kind is not GradientCheckpointing:
+            kind().remove(model)
+    objects = trick_objects()
+    apply_tricks(model, [objects[name] for name in sorted(tricks)])
 
 
 def step(model, seq: int) -> dict:
@@ -122,7 +117,7 @@ def measure(model, tricks, seq, warmup: bool = True) -> dict:
 
 def check_loss_grads() -> list[dict]:
     """bf16 on GPU: tiled (torch) and Liger loss vs plain CE, value and gradient of hidden and lm_head."""
-    from lightning_ulysses.tiled_loss import linear_cross_entropy_sum
+    from lightning_ulysses.memory.tiled_loss import linear_cross_entropy_sum
 
     torch.manual_seed(0)
     n, h, v = 4096, 4096, 128256

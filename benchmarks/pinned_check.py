@@ -22,7 +22,7 @@ def rss_gib() -> float:
 def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_ulysses.offload import PinnedBuffer, disable_activation_offload, enable_activation_offload
+    from lightning_ulysses.memory.offload import PinnedBuffer, disable_activation_offload, enable_activation_offload
 
     n = int(1.5 * GiB)
     r0 = rss_gib()

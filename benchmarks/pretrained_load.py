@@ -39,7 +39,7 @@ def save_checkpoint(path: Path, layers: int) -> float:
 def run(name: str, ckpt: Path, out: Path, seq: int, steps: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "lightning_ulysses", "fit", "--config", "configs/llama3_8b_long_context.yaml",
            f"--model.model={ckpt}", "--model.dtype=bfloat16", "--trainer.devices=1", f"--trainer.max_steps={steps}",
-           f"--data.init_args.seq_len={seq}", "--trainer.callbacks+=lightning_ulysses.callbacks.SequenceThroughput",
+           f"--data.init_args.seq_len={seq}", "--trainer.callbacks+=lightning_ulysses.lightning.callbacks.SequenceThroughput",
            *extra]
     t0 = time.monotonic()
     first_step = None

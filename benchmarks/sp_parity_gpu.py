@@ -37,7 +37,7 @@ def run(args) -> None:
 
     import lightning_ulysses  # noqa: F401
     from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
-    from lightning_ulysses.datasets import MarkovTokens
+    from lightning_ulysses.data.synthetic import MarkovTokens
 
     class Indexed(MarkovTokens):
         def __getitem__(self, idx):

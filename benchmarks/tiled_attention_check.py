@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_ulysses.tiled_attention import _native_gqa, tiled_attention
+from lightning_ulysses.kernels.tiled import _native_gqa, tiled_attention
 
 
 def variants(tiles: list[int]) -> list[tuple[str, object]]:

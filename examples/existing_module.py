@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lightning_ulysses  # noqa: F401  (registers the "ulysses" strategy names)
 from lightning_ulysses import UlyssesDeepSpeedStrategy, sp_causal_lm_loss
-from lightning_ulysses.layout import shutdown_distributed
-from lightning_ulysses.datasets import MarkovTokens
+from lightning_ulysses.parallel.layout import shutdown_distributed
+from lightning_ulysses.data.synthetic import MarkovTokens
 
 
 class MyLM(L.LightningModule):

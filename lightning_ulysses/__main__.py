@@ -1,4 +1,4 @@
-from lightning_ulysses.cli import main
+from lightning_ulysses.lightning.cli import main
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,25 @@ def run_workers(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, t
     return json.loads(out.read_text())
 
 
+def run_cases(cases: dict[str, dict[str, Any]], nproc: int, out_dir: Path, timeout: int = 1500) -> dict[str, Any]:
+    """Run several parity cases in one launched job (``tests/workers/families.py``; process start-up dominates on
+    2 cores); return each case's result, or for a case the job never finished, the job's output as a string (its
+    test then fails with it). Cases run in order in the same processes, so a case also checks that the previous
+    ones left no state behind."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKERS / "families.py"), json.dumps(cases), str(out_dir)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=out_dir, capture_output=True, text=True, timeout=timeout)
+    failure = (f"the launched job ({nproc} ranks, cases {list(cases)}) failed (rc={proc.returncode}) before this case "
+               f"finished\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-10000:]}")
+    results: dict[str, Any] = {}
+    for name in cases:
+        path = out_dir / f"{name}.json"
+        results[name] = json.loads(path.read_text()) if path.exists() else failure
+    if proc.returncode != 0:  # every case finished but the job still failed (e.g. at shutdown): fail them all
+        results = {name: failure for name in cases}
+    return results
+
+
 def free_port() -> int:
     """A port the OS says is free now (never a fixed one); the launcher binds it right after."""
     import socket

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_ulysses.allocator import set_expandable_segments
+from lightning_ulysses.memory.allocator import set_expandable_segments
 
 
 def test_sets_default_when_unset(monkeypatch) -> None:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.attention import (
-    UlyssesAttention,
-    apply_ulysses,
-    causal_mask,
-    packed_segments,
-    remove_ulysses,
-    ulysses_of,
-)
-from lightning_ulysses.layout import ParallelLayout, ProcessGroups
+from lightning_ulysses.parallel.ulysses import UlyssesAttention, apply_ulysses, causal_mask, packed_segments, remove_ulysses, ulysses_of
+from lightning_ulysses.parallel.layout import ParallelLayout, ProcessGroups
 
 
 def tiny_llama(attn="sdpa", heads=4, kv=2):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_ulysses.callbacks import ActivationOffload, GradientCheckpointing, TiledAttentionBackward, TiledLoss, TiledMLP
-from lightning_ulysses.model_utils import is_checkpointing
-from lightning_ulysses.offload import activation_offloader
-from lightning_ulysses.tiled_attention import tiled_attention_of
-from lightning_ulysses.tiled_loss import tiled_loss_enabled
-from lightning_ulysses.tiled_mlp import tiled_mlp_enabled
+from lightning_ulysses.lightning.callbacks import ActivationOffload, GradientCheckpointing, TiledAttentionBackward, TiledLoss, TiledMLP
+from lightning_ulysses.memory.checkpointing import is_checkpointing
+from lightning_ulysses.memory.offload import activation_offloader
+from lightning_ulysses.memory.tiled_attention import tiled_attention_of
+from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
+from lightning_ulysses.memory.tiled_mlp import tiled_mlp_enabled
 from tests.harness import run_workers
 
 
@@ -82,7 +82,7 @@ def test_gradient_checkpointing_callback() -> None:
 
 def test_checkpointing_is_non_reentrant_with_torch_default_early_stop() -> None:
     """ZeRO-3's recompute needs early stop (parity tests fail with early_stop=False)."""
-    from lightning_ulysses.model_utils import checkpoint_kwargs
+    from lightning_ulysses.memory.checkpointing import checkpoint_kwargs
 
     assert checkpoint_kwargs() == {"use_reentrant": False}
 

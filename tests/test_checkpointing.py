@@ -6,14 +6,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_ulysses.callbacks import GradientCheckpointing
-from lightning_ulysses.model_utils import (
-    attention_kernel_ops,
-    checkpoint_policy_of,
-    enable_gradient_checkpointing,
-    saved_attention_fraction,
-)
-from lightning_ulysses.throughput import ModelDims, recompute_flops
+from lightning_ulysses.lightning.callbacks import GradientCheckpointing
+from lightning_ulysses.memory.checkpointing import attention_kernel_ops, checkpoint_policy_of, enable_gradient_checkpointing, saved_attention_fraction
+from lightning_ulysses.models.flops import ModelDims, recompute_flops
 
 
 class _CountAttention(TorchDispatchMode):
@@ -70,11 +65,11 @@ def test_unknown_policy_is_rejected() -> None:
 def test_module_and_offload_keep_a_chosen_policy() -> None:
     """CausalLMModule(gradient_checkpointing=True) and ActivationOffload run after the policy was chosen."""
     from lightning_ulysses import CausalLMModule
-    from lightning_ulysses.callbacks import ActivationOffload
+    from lightning_ulysses.lightning.callbacks import ActivationOffload
 
     module = CausalLMModule(model=_model(), gradient_checkpointing=True)
-    GradientCheckpointing("save_attention").apply(module.model, trainer=None)
-    ActivationOffload().apply(module.model, trainer=None)
+    GradientCheckpointing("save_attention").apply(module.model)
+    ActivationOffload().apply(module.model)
     module.on_fit_start()
     assert checkpoint_policy_of(module.model) == "save_attention"
 
@@ -100,11 +95,11 @@ def test_save_attention_in_some_layers_recomputes_the_others(keep) -> None:
 
 def test_the_layer_count_survives_offload_and_the_module() -> None:
     from lightning_ulysses import CausalLMModule
-    from lightning_ulysses.callbacks import ActivationOffload
+    from lightning_ulysses.lightning.callbacks import ActivationOffload
 
     module = CausalLMModule(model=_model(), gradient_checkpointing=True)
-    GradientCheckpointing("save_attention", save_attention_layers=1).apply(module.model, trainer=None)
-    ActivationOffload().apply(module.model, trainer=None)
+    GradientCheckpointing("save_attention", save_attention_layers=1).apply(module.model)
+    ActivationOffload().apply(module.model)
     module.on_fit_start()
     assert saved_attention_fraction(module.model) == 1 / 3
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))

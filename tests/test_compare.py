@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from lightning_ulysses.compare import compare_metrics, main, read_metric
+from lightning_ulysses.tools.compare import compare_metrics, main, read_metric
 from tests.harness import ROOT, worker_env
 
 

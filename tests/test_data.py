@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.data import (
+from lightning_ulysses.parallel.sharding import (
     IGNORE_INDEX,
     prepare_batch,
     shard_batch,

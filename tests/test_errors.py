@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
-from lightning_ulysses.data import prepare_batch, prepare_for_sharding
-from lightning_ulysses.layout import ParallelLayout
+from lightning_ulysses.parallel.sharding import prepare_batch, prepare_for_sharding
+from lightning_ulysses.parallel.layout import ParallelLayout
 from tests.harness import WORKERS, worker_env
 
 IDS = torch.ones(1, 8, dtype=torch.long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ulysses.layout import ParallelLayout, auto_sequence_parallel_size, decompose_context_parallel, heads_allow
+from lightning_ulysses.parallel.layout import ParallelLayout, auto_sequence_parallel_size, decompose_context_parallel, heads_allow
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.loss import deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean
-from tests.harness import run_workers
+from lightning_ulysses.parallel.loss import deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean
+from tests.harness import run_cases
 
 
 def test_single_process_loss_equals_hf_causal_lm_loss() -> None:
@@ -59,20 +59,29 @@ def test_deepspeed_loss_scale_table(zero, sp, expected) -> None:
     assert deepspeed_loss_scale(zero, sp) == expected
 
 
-@pytest.mark.parametrize(
-    "zero",
-    [
-        {"stage": 1},
-        {"stage": 3},
-        {"stage": 3, "zero": {"reduce_scatter": False, "contiguous_gradients": True}},
-        {"stage": 3, "zero": {"reduce_scatter": False, "contiguous_gradients": False}},
-    ],
-    ids=["zero1", "zero3_reduce_scatter", "zero3_allreduce_contiguous", "zero3_allreduce_noncontiguous"],
-)
-def test_deepspeed_reduction_is_what_deepspeed_loss_scale_corrects(zero, tmp_path) -> None:
+REDUCTION_CASES = {
+    "zero1": {"stage": 1},
+    "zero3_reduce_scatter": {"stage": 3},
+    "zero3_allreduce_contiguous": {"stage": 3, "zero": {"reduce_scatter": False, "contiguous_gradients": True}},
+    "zero3_allreduce_noncontiguous": {"stage": 3, "zero": {"reduce_scatter": False, "contiguous_gradients": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def reductions(tmp_path_factory) -> dict:
+    """Every case in one launched job (sp=2 x dp=2): process start-up dominates on 2 cores."""
+    cases = {name: {"sp": 2, "heads": 4, "seq_len": 16, "lr": 0.5, "steps": 1, "raw_reduction": True, **zero}
+             for name, zero in REDUCTION_CASES.items()}
+    return run_cases(cases, 4, tmp_path_factory.mktemp("reductions"))
+
+
+@pytest.mark.parametrize("name", list(REDUCTION_CASES))
+def test_deepspeed_reduction_is_what_deepspeed_loss_scale_corrects(name: str, reductions: dict) -> None:
     """With the correction switched off, DeepSpeed's gradient (sp=2 x dp=2, plain SGD) is the reference
     gradient divided by exactly ``deepspeed_loss_scale``: the factor is measured against DeepSpeed."""
-    case = {"sp": 2, "heads": 4, "seq_len": 16, "lr": 0.5, "steps": 1, "raw_reduction": True, **zero}
-    r = run_workers("parity.py", 4, case, tmp_path)
+    zero = REDUCTION_CASES[name]
+    r = reductions[name]
+    if isinstance(r, str):
+        raise AssertionError(r)
     zero_cfg = {"stage": zero["stage"], **zero.get("zero", {})}
     assert r["grad_ratio"] == pytest.approx(1.0 / deepspeed_loss_scale(zero_cfg, 2), rel=1e-5)

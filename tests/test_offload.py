@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from lightning_ulysses.offload import (
+from lightning_ulysses.memory.offload import (
     HostBufferPool,
     PinnedBuffer,
     activation_offloader,
@@ -111,7 +111,7 @@ def test_the_first_layer_inputs_can_stay_on_the_device() -> None:
     # host RAM can end the sequence first: keep_first layer inputs skip the host, the rest are offloaded
     ids = torch.randint(0, 64, (2, 24))
     ref, model = checkpointed(), checkpointed()
-    off = enable_activation_offload(model, keep_first=1)
+    off = enable_activation_offload(model, keep_layers=1)
     refs = layer_input_refs(model)
     for step in range(2):  # the count restarts every forward
         out = model(input_ids=ids, labels=ids)
@@ -125,8 +125,8 @@ def test_the_first_layer_inputs_can_stay_on_the_device() -> None:
         assert torch.equal(p.grad, p_ref.grad), name
     import pytest
 
-    with pytest.raises(ValueError, match="keep_first"):
-        enable_activation_offload(model, keep_first=-1)
+    with pytest.raises(ValueError, match="keep_layers"):
+        enable_activation_offload(model, keep_layers=-1)
 
 
 def test_host_buffers_serve_any_shape_and_the_pool_stays_bounded() -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ulysses.data import shard_multiple, shard_token_index
-from tests.harness import run_workers
+from lightning_ulysses.parallel.sharding import shard_multiple, shard_token_index
+from tests.harness import run_cases
 
 # name -> (world size, case). heads=4: MHA kv=4, GQA kv=2, MQA kv=1 (kv < sp -> kv replication).
 # Under SP the strategy turns gradient checkpointing and the tiled loss on by default; cases marked
@@ -116,16 +116,42 @@ CASES = {
 
 DEFAULTS = dict(seq_len=16, lr=0.5, steps=4)
 
+# cases of the bf16 tests below, run in the same launched jobs as CASES
+BF16_CASES = {
+    "bf16_all_to_all_fp32_training": (2, dict(sp=2, stage=2, heads=4, kv_heads=2, steps=2, comm_dtype="bf16")),
+    "zero0_bf16_mixed": (2, dict(sp=2, stage=0, heads=4, kv_heads=2, steps=2, precision="bf16-mixed")),
+}
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """``parity(name)``: the case's result. All cases of one world size run in one launched job (process start-up
+    dominates on 2 cores), started when the first of them is asked for."""
+    jobs: dict[int, dict] = {}
+    every = {**CASES, **BF16_CASES}
+
+    def result(name: str) -> dict:
+        ws = every[name][0]
+        if ws not in jobs:
+            cases = {n: {**DEFAULTS, **c} for n, (w, c) in every.items() if w == ws}
+            jobs[ws] = run_cases(cases, ws, tmp_path_factory.mktemp(f"parity_world{ws}"))
+        r = jobs[ws][name]
+        if isinstance(r, str):
+            raise AssertionError(r)
+        return r
+
+    return result
+
 
 def _tolerance(case: dict) -> float:
     return 1e-4 if case["stage"] == 3 else 1e-5
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
+def test_sequence_parallel_matches_single_process(name: str, parity) -> None:
     ws, case = CASES[name]
     case = {**DEFAULTS, **case}
-    r = run_workers("parity.py", ws, case, tmp_path)
+    r = parity(name)
     sp, dp, bs, steps = case["sp"], ws // case["sp"], case.get("batch_size", 1), case["steps"]
     ring = case.get("ring", 1)
     assert r["layout"] == {"sp": sp, "dp": dp, "ring": ring}
@@ -210,21 +236,19 @@ def test_sequence_parallel_matches_single_process(name: str, tmp_path) -> None:
         assert abs(r["test_loss"] - r["ref_val_loss"]) <= tol
 
 
-def test_bf16_all_to_all_in_fp32_training_stays_within_bf16_noise(tmp_path) -> None:
+def test_bf16_all_to_all_in_fp32_training_stays_within_bf16_noise(parity) -> None:
     """seq_parallel_communication_data_type='bf16' halves all-to-all traffic of fp32 activations at bf16 precision."""
-    case = {**DEFAULTS, "sp": 2, "stage": 2, "heads": 4, "kv_heads": 2, "steps": 2, "comm_dtype": "bf16"}
-    r = run_workers("parity.py", 2, case, tmp_path)
+    r = parity("bf16_all_to_all_fp32_training")
     for k in range(2):
         diff = abs(r["sp_losses"][k][0] - r["ref_losses"][k][0])
         assert 0 < diff < 1e-2, diff  # not bit-identical (it really went through bf16), but close
     assert max(r["grad_rel_err"].values()) < 5e-2
 
 
-def test_zero0_bf16_runs_and_matches_within_bf16_noise(tmp_path) -> None:
+def test_zero0_bf16_runs_and_matches_within_bf16_noise(parity) -> None:
     """ZeRO-0 with bf16 goes through DeepSpeed's BF16_Optimizer, which queries the mpu
     (deepspeedai/DeepSpeed#7833 crashes there with DeepSpeed's own SP mpu)."""
-    case = {**DEFAULTS, "sp": 2, "stage": 0, "heads": 4, "kv_heads": 2, "steps": 2, "precision": "bf16-mixed"}
-    r = run_workers("parity.py", 2, case, tmp_path)
+    r = parity("zero0_bf16_mixed")
     for k in range(2):
         assert abs(r["sp_losses"][k][0] - r["ref_losses"][k][0]) < 2e-2
     assert max(r["grad_rel_err"].values()) < 5e-2

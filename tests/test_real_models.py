@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import run_workers
+from tests.harness import run_cases, run_workers
 from tests.workers.parity import tiny_config
 
 BASE = dict(seq_len=16, lr=0.5, steps=3, heads=4, kv_heads=2)
@@ -30,6 +30,32 @@ def checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
+LORA_CASES = {
+    "sp2_zero2_tiled_mlp_offload_swiglu": (2, dict(sp=2, stage=2, tiled_mlp=True, mlp_tile_tokens=3, offload=True, swiglu=True)),
+    "sp2_dp2_zero3_tiled_mlp_offload": (4, dict(sp=2, stage=3, tiled_mlp=True, mlp_tile_tokens=3, offload=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def parity(checkpoint: str, tmp_path_factory):
+    """``parity(name) -> (world size, case, result)``; the cases of one world size run in one launched job."""
+    every = {f"pretrained_zero{stage}": (2, {**BASE, "sp": 2, "stage": stage, "pretrained": checkpoint}) for stage in (2, 3)}
+    every.update({name: (ws, {**BASE, **case, "pretrained": checkpoint, "lora": LORA, "lr": LORA_LR})
+                  for name, (ws, case) in LORA_CASES.items()})
+    jobs: dict[int, dict] = {}
+
+    def result(name: str) -> tuple[int, dict, dict]:
+        ws, case = every[name]
+        if ws not in jobs:
+            cases = {n: c for n, (w, c) in every.items() if w == ws}
+            jobs[ws] = run_cases(cases, ws, tmp_path_factory.mktemp(f"real_world{ws}"))
+        if isinstance(jobs[ws][name], str):
+            raise AssertionError(jobs[ws][name])
+        return ws, case, jobs[ws][name]
+
+    return result
+
+
 def _check_parity(r: dict, case: dict, ws: int) -> None:
     sp = case["sp"]
     tol = 1e-4 if case["stage"] == 3 else 1e-5
@@ -46,24 +72,15 @@ def _check_parity(r: dict, case: dict, ws: int) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_pretrained_checkpoint_trains_like_plain_transformers(stage: int, checkpoint: str, tmp_path) -> None:
-    case = {**BASE, "sp": 2, "stage": stage, "pretrained": checkpoint}
-    r = run_workers("parity.py", 2, case, tmp_path)
-    _check_parity(r, case, 2)
+def test_pretrained_checkpoint_trains_like_plain_transformers(stage: int, parity) -> None:
+    ws, case, r = parity(f"pretrained_zero{stage}")
+    _check_parity(r, case, ws)
 
 
-@pytest.mark.parametrize(
-    "ws,case",
-    [
-        (2, dict(sp=2, stage=2, tiled_mlp=True, mlp_tile_tokens=3, offload=True, swiglu=True)),
-        (4, dict(sp=2, stage=3, tiled_mlp=True, mlp_tile_tokens=3, offload=True)),
-    ],
-    ids=["sp2_zero2_tiled_mlp_offload_swiglu", "sp2_dp2_zero3_tiled_mlp_offload"],
-)
-def test_lora_through_the_module_matches_a_single_process_peft_model(ws: int, case: dict, checkpoint: str, tmp_path) -> None:
+@pytest.mark.parametrize("name", list(LORA_CASES))
+def test_lora_through_the_module_matches_a_single_process_peft_model(name: str, parity) -> None:
     pytest.importorskip("peft")
-    case = {**BASE, **case, "pretrained": checkpoint, "lora": LORA, "lr": LORA_LR}
-    r = run_workers("parity.py", ws, case, tmp_path)
+    ws, case, r = parity(name)
     _check_parity(r, case, ws)
     assert r["trainable"] and all("lora_" in n for n in r["trainable"]), r["trainable"]
     # only the adapters moved; the base weights are bit-identical to the checkpoint's

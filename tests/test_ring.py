@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.ring import _blocks, select_kernel
+from lightning_ulysses.parallel.ring import _blocks, select_kernel
 from tests.harness import run_workers
 
 CASES = {

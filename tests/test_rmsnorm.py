@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.model_utils import saved_tensor_bytes
-from lightning_ulysses.rmsnorm import (
+from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
+from lightning_ulysses.memory.rmsnorm import (
     RMSNormFunction,
     disable_memory_efficient_rmsnorm,
     enable_memory_efficient_rmsnorm,
@@ -22,7 +22,7 @@ from tests.test_attention import tiny_llama
 def test_function_matches_hf_rmsnorm(dtype, tol, chunk_rows, monkeypatch) -> None:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    import lightning_ulysses.rmsnorm as rmsnorm
+    import lightning_ulysses.memory.rmsnorm as rmsnorm
 
     monkeypatch.setattr(rmsnorm, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)

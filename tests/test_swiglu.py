@@ -6,16 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.model_utils import saved_tensor_bytes
-from lightning_ulysses.rmsnorm import enable_memory_efficient_rmsnorm
-from lightning_ulysses.swiglu import (
+from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
+from lightning_ulysses.memory.rmsnorm import enable_memory_efficient_rmsnorm
+from lightning_ulysses.memory.swiglu import (
     SwiGLUFunction,
     disable_memory_efficient_swiglu,
     enable_memory_efficient_swiglu,
     memory_efficient_swiglu_enabled,
     swiglu,
 )
-from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
+from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
 from tests.test_attention import tiny_llama
 
 
@@ -24,7 +24,7 @@ from tests.test_attention import tiny_llama
 @pytest.mark.parametrize("chunk_rows", [4, 8192])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_function_is_hf_bit_for_bit(dtype, chunk_rows, monkeypatch) -> None:
-    import lightning_ulysses.swiglu as mod
+    import lightning_ulysses.memory.swiglu as mod
 
     monkeypatch.setattr(mod, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def test_errors_name_the_fix() -> None:
 
 
 def s_layout():
-    from lightning_ulysses.layout import ParallelLayout
+    from lightning_ulysses.parallel.layout import ParallelLayout
 
     return ParallelLayout(1, 1)
 
@@ -122,9 +122,7 @@ def test_strategy_option_installs_the_callback() -> None:
 
     s = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, memory_efficient_swiglu=True, memory_efficient_rmsnorm=True,
                                  memory_efficient_impl="torch")
-    trainer = type("T", (), {"callbacks": []})()
-    s._install_memory_callbacks(trainer, s_layout())
-    installed = {type(cb).__name__: cb for cb in trainer.callbacks}
+    installed = {type(t).__name__: t for t in s.memory_plan.resolve(s_layout().sp_enabled)}
     assert installed["MemoryEfficientSwiGLU"].impl == installed["MemoryEfficientRMSNorm"].impl == "torch"
     with pytest.raises(ValueError, match="impl must be one of"):
         UlyssesDeepSpeedStrategy(memory_efficient_impl="fast")

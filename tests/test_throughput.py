@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ulysses.callbacks import SequenceThroughput
+from lightning_ulysses.lightning.callbacks import SequenceThroughput
 import torch
 
-from lightning_ulysses.throughput import ModelDims, model_flops, peak_flops_per_gpu, recompute_flops
+from lightning_ulysses.models.flops import ModelDims, model_flops, peak_flops_per_gpu, recompute_flops
 from tests.test_callbacks import fit_single_device
 
 
@@ -44,8 +44,17 @@ def test_callback_logs_tokens_and_tflops_every_step(capsys) -> None:
 
 
 def test_chips_lightning_lacks_still_get_an_mfu_peak() -> None:
-    from lightning_ulysses.throughput import chip_bf16_tflops
+    from lightning_ulysses.models.flops import chip_bf16_tflops
 
     assert chip_bf16_tflops("NVIDIA H200") == 989.4 and chip_bf16_tflops("NVIDIA H200 NVL") is None
     assert chip_bf16_tflops("NVIDIA H100 80GB HBM3") is None  # Lightning's own table has it
     assert peak_flops_per_gpu(torch.device("cpu"), peak_tflops=786.0) == 786e12
+
+
+def test_callback_counts_the_recompute_of_whatever_turned_checkpointing_on() -> None:
+    from lightning_ulysses import GradientCheckpointing
+
+    cb = SequenceThroughput(warmup_steps=1)
+    fit_single_device([GradientCheckpointing(), cb])
+    for m in cb.history:  # full checkpointing: one more forward, (6 + 2) / 6 of the model FLOPs at this size
+        assert m["throughput/hw_tflops_per_gpu"] > m["throughput/model_tflops_per_gpu"] * 1.3

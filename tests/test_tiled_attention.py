@@ -7,14 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.model_utils import enable_gradient_checkpointing
-from lightning_ulysses.tiled_attention import (
-    TiledAttentionCore,
-    disable_tiled_attention,
-    enable_tiled_attention,
-    tiled_attention,
-    tiled_attention_of,
-)
+from lightning_ulysses.memory.checkpointing import enable_gradient_checkpointing
+from lightning_ulysses.memory.tiled_attention import TiledAttentionCore, disable_tiled_attention, enable_tiled_attention, tiled_attention_of
+from lightning_ulysses.kernels.tiled import tiled_attention
 from tests.test_attention import tiny_llama
 
 
@@ -53,7 +48,7 @@ def test_tiles_sum_to_the_untiled_kernel_exactly_in_fp64(hq, hkv) -> None:
 @pytest.mark.parametrize("s,tile,calls", [(16, 4, 10), (17, 4, 15), (16, 5, 1), (16, 64, 1)])
 def test_backward_runs_one_kernel_call_per_causal_tile_pair(s, tile, calls, monkeypatch) -> None:
     """n tiles -> n(n+1)/2 block calls; below MIN_TILES tiles the kernel's own single backward."""
-    from lightning_ulysses.attention_kernels import _CPUKernel
+    from lightning_ulysses.kernels.attention import _CPUKernel
 
     seen: list[tuple[int, int]] = []
     real = _CPUKernel.backward
@@ -145,7 +140,7 @@ def test_kernel_probe_inside_selective_checkpointing_does_not_shift_the_saved_ou
     """The first call probes the kernel for native GQA. Under save_attention the probe runs inside the
     checkpointed forward; had selective checkpointing recorded the probe's kernel call, the recompute
     (which does not probe again) would have been handed the probe's outputs (seen on GPU)."""
-    import lightning_ulysses.tiled_attention as mod
+    import lightning_ulysses.kernels.tiled as mod
 
     monkeypatch.setattr(mod, "_PROBED_KERNELS", ("cudnn", "flash", "cpu"))
     mod._native_gqa.cache_clear()
@@ -166,9 +161,9 @@ def test_kernel_probe_inside_selective_checkpointing_does_not_shift_the_saved_ou
 def test_packed_rows_equal_sdpa_with_the_block_diagonal_mask() -> None:
     """One kernel call per segment (two rows, different packings, a 1-token segment, tiled long
     segments) equals SDPA under the dense block-causal mask the Ulysses path used to build."""
-    from lightning_ulysses.attention import causal_mask
-    from lightning_ulysses.data import packed_segments
-    from lightning_ulysses.tiled_attention import packed_causal_attention, segment_bounds
+    from lightning_ulysses.parallel.ulysses import causal_mask
+    from lightning_ulysses.parallel.sharding import packed_segments
+    from lightning_ulysses.kernels.tiled import packed_causal_attention, segment_bounds
 
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 0, 0, 1],
                         [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.tiled_loss import (
+from lightning_ulysses.memory.tiled_loss import (
     TiledLinearCrossEntropy,
     disable_tiled_loss,
     enable_tiled_loss,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
+from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
 from tests.test_attention import tiny_llama
 
 

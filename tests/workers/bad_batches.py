@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
 from tests.workers.parity import build_model  # noqa: E402
 
 

@@ -15,9 +15,9 @@ warnings.filterwarnings("ignore")
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_ulysses.callbacks import ActivationOffload, TiledAttentionBackward, TiledLoss, TiledMLP  # noqa: E402
-from lightning_ulysses.tiled_attention import tiled_attention_of  # noqa: E402
-from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.lightning.callbacks import ActivationOffload, TiledAttentionBackward, TiledLoss, TiledMLP  # noqa: E402
+from lightning_ulysses.memory.tiled_attention import tiled_attention_of  # noqa: E402
+from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
 from tests.test_callbacks import PlainLM, token_data  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tests.workers.parity import run  # noqa: E402
-from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
-from lightning_ulysses.module import build_causal_lm  # noqa: E402
+from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.lightning.module import build_causal_lm  # noqa: E402
 
 SPEC = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False, "pad_token_id": 0,

@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.callbacks import SequenceThroughput  # noqa: E402
-from lightning_ulysses.layout import shutdown_distributed  # noqa: E402
-from lightning_ulysses.model_utils import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
-from lightning_ulysses.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
-from lightning_ulysses.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
-from lightning_ulysses.offload import activation_offloader  # noqa: E402
-from lightning_ulysses.tiled_attention import tiled_attention_of  # noqa: E402
-import lightning_ulysses.attention as ulysses_attention  # noqa: E402
+from lightning_ulysses.lightning.callbacks import SequenceThroughput  # noqa: E402
+from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.memory.checkpointing import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
+from lightning_ulysses.memory.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
+from lightning_ulysses.memory.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
+from lightning_ulysses.memory.offload import activation_offloader  # noqa: E402
+from lightning_ulysses.memory.tiled_attention import tiled_attention_of  # noqa: E402
+import lightning_ulysses.parallel.ulysses as ulysses_attention  # noqa: E402
 
 # count dense [S, S] masks the Ulysses path builds (packed rows must not need one)
 DENSE_MASKS = [0]
@@ -44,8 +44,8 @@ def _counting_causal_mask(*args, **kwargs):
 
 
 ulysses_attention.causal_mask = _counting_causal_mask
-from lightning_ulysses.tiled_loss import tiled_loss_enabled  # noqa: E402
-from lightning_ulysses.tiled_mlp import tiled_mlp_enabled  # noqa: E402
+from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled  # noqa: E402
+from lightning_ulysses.memory.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 
 
 # Per-family extras for tiny configs (the issue #15 matrix); every family shares the sizes below.
@@ -103,7 +103,7 @@ def build_model(case: dict):
         # CausalLMModule builds its adapters the same way (re-seeded, then get_peft_model), so both start equal
         from peft import get_peft_model
 
-        from lightning_ulysses.adapters import peft_config
+        from lightning_ulysses.models.adapters import peft_config
 
         torch.manual_seed(case.get("seed", 0))
         model = get_peft_model(model, peft_config(dict(case["lora"])))
@@ -321,7 +321,7 @@ def run(case: dict, out_path: str) -> None:
 
     if case.get("raw_reduction"):
         # measure DeepSpeed's own reduction: no correction factor at all
-        import lightning_ulysses.strategy as strategy_mod
+        import lightning_ulysses.lightning.strategy as strategy_mod
 
         strategy_mod.deepspeed_loss_scale = lambda *args, **kwargs: 1.0
     zero = {"stage": case["stage"]}

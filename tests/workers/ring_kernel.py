@@ -13,8 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from lightning_ulysses.data import shard_token_index
-from lightning_ulysses.ring import ring_attention
+from lightning_ulysses.parallel.sharding import shard_token_index
+from lightning_ulysses.parallel.ring import ring_attention
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""Lightning's private APIs (checked against lightning 2.5-2.6.6).
+
+The strategy also overrides two private hooks of ``DeepSpeedStrategy`` (``_setup_model_and_optimizer``: the
+``mpu`` for DeepSpeed's SP-aware reductions; ``_init_config_if_needed``: called to build the config early for
+transformers' ZeRO-3 integration) and reads ``_parallel_devices``; ``OVERRIDDEN_PRIVATE_HOOKS`` names them so the
+compat test checks they still exist with the signatures we call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+CHECKED = "lightning>=2.5,<=2.6.6"
+OVERRIDDEN_PRIVATE_HOOKS = {
+    "_setup_model_and_optimizer": ("self", "model", "optimizer", "lr_scheduler"),
+    "_init_config_if_needed": ("self",),
+}
+
+
+def lightning_step_boundary(trainer: Any) -> bool:
+    """Whether the current training batch ends an accumulation window (the optimizer steps after it).
+
+    Lightning's own decision (``fit_loop._should_accumulate``): every ``accumulate_grad_batches`` batches from the
+    epoch start, and at the epoch's last batch when the strategy does not handle accumulation itself.
+    """
+    return not trainer.fit_loop._should_accumulate()
+
+
+def trainer_of(module: Any) -> Optional[Any]:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def ddp_setup_environment(strategy: Any) -> None:
+    """``DDPStrategy.setup_environment`` for a DeepSpeedStrategy subclass: DeepSpeedStrategy's own refuses
+    non-CUDA accelerators, DeepSpeed itself runs on CPU with gloo."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    DDPStrategy.setup_environment(strategy)
+
+
+__all__ = ["CHECKED", "OVERRIDDEN_PRIVATE_HOOKS", "ddp_setup_environment", "lightning_step_boundary", "trainer_of"]

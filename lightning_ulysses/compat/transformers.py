@@ -1,0 +1,112 @@
+"""transformers' private APIs (checked against transformers 5.0-5.x)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+import torch
+
+CHECKED = "transformers>=5.0,<6"
+
+
+class _AttentionFunctions:
+    """``ALL_ATTENTION_FUNCTIONS`` (transformers' process-wide attention registry): read an entry, replace one.
+
+    A built-in entry lives in the registry's ``_local_mapping`` (assigning an item overrides it there); a name
+    registered by a library goes through ``AttentionInterface.register``.
+    """
+
+    def get(self, impl: str) -> Callable:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[impl]
+
+    def set(self, impl: str, fn: Callable) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+        if impl in ALL_ATTENTION_FUNCTIONS._local_mapping:
+            ALL_ATTENTION_FUNCTIONS[impl] = fn
+        else:
+            AttentionInterface.register(impl, fn)
+
+
+_FUNCTIONS = _AttentionFunctions()
+
+
+def attention_functions() -> _AttentionFunctions:
+    return _FUNCTIONS
+
+
+def attn_implementation(obj: Any, default: Optional[str] = None) -> Optional[str]:
+    """The attention implementation a model, module or config runs (``config._attn_implementation``)."""
+    config = getattr(obj, "config", obj)
+    return getattr(config, "_attn_implementation", default)
+
+
+@contextmanager
+def kv_groups(module: torch.nn.Module, groups: int) -> Iterator[None]:
+    """HF's eager and sdpa kernels repeat K/V by ``module.num_key_value_groups`` (query heads per kv head); after
+    Ulysses' head split the local ratio can differ from the model's, so it is set for the call and restored."""
+    restore = getattr(module, "num_key_value_groups", groups)
+    if restore == groups:
+        yield
+        return
+    module.num_key_value_groups = groups
+    try:
+        yield
+    finally:
+        module.num_key_value_groups = restore
+
+
+def checkpointed_layers(model: torch.nn.Module) -> list:
+    """The repeated decoder blocks HF checkpoints one by one (``GradientCheckpointingLayer``), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpoint_function(layer: torch.nn.Module, fn: Callable) -> None:
+    """The checkpoint function one HF layer calls (``gradient_checkpointing_enable`` gives all layers the same)."""
+    layer._gradient_checkpointing_func = fn
+
+
+def fixed_cross_entropy() -> Callable:
+    """transformers' summed/averaged cross-entropy helper (the one its ``ForCausalLMLoss`` uses)."""
+    from transformers.loss.loss_utils import fixed_cross_entropy as fn
+
+    return fn
+
+
+class TransformersZero3:
+    """Keeps transformers' DeepSpeed ZeRO-3 integration switched on (``HfDeepSpeedConfig``).
+
+    While it is on, ``from_pretrained`` / ``from_config`` build the model partitioned (``deepspeed.zero.Init``),
+    load each checkpoint tensor into its shards and run the model's own weight init on gathered parameters;
+    without it they see the empty tensors of an enclosing ``zero.Init`` and fail (size mismatch) or skip the init.
+    transformers finds the config through a module-level weak reference, so this object holds the strong one.
+    """
+
+    def __init__(self) -> None:
+        self._config: Any = None
+
+    def enable(self, ds_config: dict) -> None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._config = HfDeepSpeedConfig(ds_config)
+
+    def disable(self) -> None:
+        if self._config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._config = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._config is not None
+
+
+__all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "checkpointed_layers",
+           "fixed_cross_entropy", "kv_groups", "set_checkpoint_function"]

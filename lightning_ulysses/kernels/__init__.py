@@ -1,0 +1,3 @@
+"""Attention kernels and the hook into transformers' attention interface: block kernels that return and accept a
+log-sum-exp (:mod:`.attention`), the tiled-backward and packed-row kernels (:mod:`.tiled`), the per-model dispatcher
+(:mod:`.dispatch`), and the Liger-or-torch choice of the fused ops (:mod:`.impl`)."""

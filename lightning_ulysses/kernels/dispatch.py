@@ -1,0 +1,109 @@
+"""The one hook into transformers' attention interface, scoped per model.
+
+HF attention layers call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. We wrap that global entry
+(``sdpa``, ``flash_attention_2``...) once per process with a *dispatcher* that looks at the calling module for
+two handlers:
+
+* a sequence-parallel handler (:func:`set_sp_attention`; :mod:`lightning_ulysses.parallel.ulysses` installs
+  :class:`~lightning_ulysses.parallel.ulysses.UlyssesAttention`), called as
+  ``handler(core, module, q, k, v, mask, *args, **kwargs)``;
+* a replacement of the local kernel (:func:`set_local_attention`; the tiled attention backward of
+  :mod:`lightning_ulysses.memory.tiled_attention`), called as ``local(original, module, q, k, v, mask, ...)``.
+  Under Ulysses it runs on the gathered sequence of the local heads; without SP on the module's own.
+
+Modules of a model that has neither (a reference model, a teacher, an eval copy) go straight to the
+original kernel. Keeping the original key instead of registering a new name keeps every HF branch that
+tests ``_attn_implementation == "flash_attention_2"`` intact. Handlers are set on every module that has a
+``config`` (that is what calls the interface), so no architecture's attention class name is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+from lightning_ulysses.compat.transformers import attention_functions, attn_implementation
+
+_SP_ATTR = "_lightning_ulysses_attention"
+_LOCAL_ATTR = "_lightning_ulysses_local_attention"
+_DISPATCH_MARK = "_lightning_ulysses_dispatch"
+_install_lock = threading.Lock()
+
+
+def plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether an HF attention call (its module and kwargs) asks for plain causal attention: causal, no
+    dropout, no logit softcapping, no attention sinks. What the LSE block kernels compute exactly (the
+    packed-row path of Ulysses, :class:`lightning_ulysses.memory.tiled_attention.TiledAttentionCore`)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(
+        (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+    )
+
+
+def install_attention_dispatcher(impl: str) -> None:
+    """Wrap the global HF attention function ``impl`` once per process (idempotent)."""
+    functions = attention_functions()
+    with _install_lock:
+        original = functions.get(impl)
+        if getattr(original, _DISPATCH_MARK, False):
+            return
+
+        def ulysses_dispatch(module, query, key, value, attention_mask, *args, **kwargs):
+            local = getattr(module, _LOCAL_ATTR, None)
+            core = original if local is None else functools.partial(local, original)
+            handler = getattr(module, _SP_ATTR, None)
+            if handler is None:
+                return core(module, query, key, value, attention_mask, *args, **kwargs)
+            return handler(core, module, query, key, value, attention_mask, *args, **kwargs)
+
+        setattr(ulysses_dispatch, _DISPATCH_MARK, True)
+        ulysses_dispatch.__wrapped__ = original  # type: ignore[attr-defined]
+        functions.set(impl, ulysses_dispatch)
+
+
+def _set(model: torch.nn.Module, attr: str, value: Optional[Callable]) -> None:
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            if value is not None:
+                setattr(m, attr, value)
+            elif hasattr(m, attr):
+                delattr(m, attr)
+
+
+def set_sp_attention(model: torch.nn.Module, handler: Optional[Callable]) -> None:
+    """Route ``model``'s attention calls through a sequence-parallel ``handler`` (``None`` removes it)."""
+    if handler is not None:
+        install_attention_dispatcher(attn_implementation(model))
+    _set(model, _SP_ATTR, handler)
+
+
+def set_local_attention(model: torch.nn.Module, local: Optional[Callable]) -> None:
+    """Route ``model``'s attention kernel calls through ``local(original, module, q, k, v, mask, **kw)``
+    (``None`` removes it). Composes with :func:`set_sp_attention` in either order."""
+    if local is not None:
+        install_attention_dispatcher(attn_implementation(model))
+    _set(model, _LOCAL_ATTR, local)
+
+
+def sp_attention_of(model: torch.nn.Module) -> Any:
+    return getattr(model, _SP_ATTR, None)
+
+
+def local_attention_of(model: torch.nn.Module) -> Optional[Callable]:
+    return getattr(model, _LOCAL_ATTR, None)
+
+
+__all__ = [
+    "install_attention_dispatcher",
+    "local_attention_of",
+    "plain_causal",
+    "set_local_attention",
+    "set_sp_attention",
+    "sp_attention_of",
+]

@@ -1,0 +1,170 @@
+"""Lightning callbacks shipped with lightning_ulysses: ``PrintLoss``, ``SequenceThroughput``.
+
+The memory tricks are callbacks too (each :class:`~lightning_ulysses.memory.MemoryTrick` is one); they live in
+:mod:`lightning_ulysses.memory` and are re-exported here, where projects look for callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_ulysses.memory import (
+    ActivationOffload,
+    GradientCheckpointing,
+    MemoryEfficientRMSNorm,
+    MemoryEfficientSwiGLU,
+    TiledAttentionBackward,
+    TiledLoss,
+    TiledMLP,
+)
+
+
+class PrintLoss(Callback):
+    """Print the (DP-mean) ``train_loss`` every ``every_n_steps`` optimizer steps, and ``val_loss`` after each
+    validation, on rank 0.
+
+    A plain-text trace that survives CI logs and non-interactive shells, where progress bars do not.
+    """
+
+    def __init__(self, every_n_steps: int = 10, metric: str = "train_loss") -> None:
+        self.every_n_steps = every_n_steps
+        self.metric = metric
+        self._printed_step = -1
+
+    @override
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._printed_step:  # inside an accumulation window the step has not advanced yet
+            return
+        value = trainer.callback_metrics.get(self.metric)
+        if value is not None and (step % self.every_n_steps == 0 or step == 1 or step == trainer.max_steps):
+            self._printed_step = step
+            print(f"step {step:>5d}  {self.metric} {float(value):.4f}", flush=True)
+
+    @override
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val_loss")
+        if value is not None:
+            print(f"step {trainer.global_step:>5d}  val_loss {float(value):.4f}", flush=True)
+
+
+class SequenceThroughput(Callback):
+    """Logs tokens/s, model and hardware TFLOPS per GPU, MFU and peak GPU memory every step, and
+    prints a summary at the end of training (formulas: :mod:`lightning_ulysses.models.flops`).
+
+    Tokens are counted once per sequence (not once per SP rank) and include padding. Works with any
+    strategy; under ``UlyssesDeepSpeedStrategy`` the sequence length is the shard length times sp.
+
+    Args:
+        peak_tflops: bf16 peak per GPU for MFU; default: Lightning's table for the chip (CUDA only).
+        warmup_steps: steps left out of the summary (compilation, allocator warm-up).
+    """
+
+    def __init__(self, peak_tflops: Optional[float] = None, warmup_steps: int = 1) -> None:
+        self.peak_tflops = peak_tflops
+        self.warmup_steps = warmup_steps
+        self.history: list[dict[str, float]] = []
+        self._t0 = 0.0
+        self._dims: Any = None
+        self._model: Any = None
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_ulysses.models.inspect import find_hf_model
+        from lightning_ulysses.models.flops import ModelDims, peak_flops_per_gpu
+
+        model = find_hf_model(pl_module)
+        self._dims = ModelDims.of(model) if model is not None else None
+        self._peak_flops = peak_flops_per_gpu(pl_module.device, self.peak_tflops)  # once, not every step
+        self.history = []
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after every callback's on_fit_start: the memory tricks are applied by now
+        from lightning_ulysses.models.inspect import find_hf_model
+
+        self._model = find_hf_model(pl_module)
+
+    def _sync(self, device: Any) -> None:
+        if getattr(device, "type", None) == "cuda":
+            torch.cuda.synchronize(device)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from lightning_ulysses.memory import TRICKS
+        from lightning_ulysses.models.flops import model_flops
+
+        self._sync(pl_module.device)
+        dt = time.perf_counter() - self._t0
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        layout = getattr(trainer.strategy, "layout", None)
+        sp = layout.sp if layout is not None else 1
+        b, s = ids.shape[0], ids.shape[1] * sp  # full sequence length
+        # [sequences, sum S, sum S^2] over the world; every SP rank of a group reports the same sequences
+        stats = torch.tensor([float(b), float(b * s), float(b * s * s)], device=pl_module.device, dtype=torch.float64)
+        stats = trainer.strategy.reduce(stats, reduce_op="sum") / sp
+        world = trainer.world_size
+        _, tokens, sq = (float(x) for x in stats)
+        flops = model_flops(self._dims, tokens, sq) if self._dims else 0.0
+        recompute = 0.0
+        if self._dims and self._model is not None:  # what each trick, as applied, recomputes
+            recompute = sum(trick.recomputed_flops(self._model, self._dims, tokens, sq) for trick in TRICKS)
+        hw = flops + recompute
+        metrics = {
+            "throughput/tokens_per_sec": tokens / dt,
+            "throughput/model_tflops_per_gpu": flops / dt / world / 1e12,
+            "throughput/hw_tflops_per_gpu": hw / dt / world / 1e12,
+            "throughput/step_s": dt,
+        }
+        if self._peak_flops:
+            metrics["throughput/mfu"] = flops / dt / world / self._peak_flops
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            mem = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, device=pl_module.device)
+            metrics["memory/peak_allocated_gib"] = float(trainer.strategy.reduce(mem, reduce_op="max"))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self.history.append(metrics)
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        steady = self.history[self.warmup_steps :] or self.history
+        if not steady:
+            return
+        med = {k: sorted(m[k] for m in steady)[len(steady) // 2] for k in steady[0]}
+        # three significant digits: GPU runs print e.g. 372, a CPU smoke test 0.00412 (not a misleading 0.0)
+        parts = [f"{med['throughput/tokens_per_sec']:,.0f} tokens/s", f"{med['throughput/model_tflops_per_gpu']:.3g} model TFLOPS/GPU",
+                 f"{med['throughput/hw_tflops_per_gpu']:.3g} hw TFLOPS/GPU"]
+        if "throughput/mfu" in med:
+            parts.append(f"MFU {100 * med['throughput/mfu']:.1f}%")
+        if "memory/peak_allocated_gib" in med:
+            parts.append(f"peak {max(m['memory/peak_allocated_gib'] for m in steady):.2f} GiB")
+        print(f"throughput (median of {len(steady)} steps): " + ", ".join(parts), flush=True)
+
+
+__all__ = [
+    "ActivationOffload",
+    "GradientCheckpointing",
+    "MemoryEfficientRMSNorm",
+    "MemoryEfficientSwiGLU",
+    "PrintLoss",
+    "SequenceThroughput",
+    "TiledAttentionBackward",
+    "TiledLoss",
+    "TiledMLP",
+]

@@ -1,0 +1,61 @@
+"""``lightning-ulysses`` / ``python -m lightning_ulysses``: LightningCLI over CausalLMModule, plus tools.
+
+Subcommands: LightningCLI's ``fit``, ``validate``, ``test``, ``predict``; and ``compare RUN_A RUN_B``
+(:mod:`lightning_ulysses.tools.compare`).
+
+``trainer.devices: auto`` on a machine without a GPU starts :data:`CPU_AUTO_DEVICES` processes (Lightning's
+own ``auto`` starts one): CPU runs exist to try sequence parallelism out, which needs at least two ranks.
+On GPU machines ``auto`` is Lightning's (every visible GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+import lightning_ulysses  # noqa: F401  (registers the "ulysses*" strategy names)
+from lightning_ulysses.parallel.layout import shutdown_distributed
+from lightning_ulysses.lightning.module import CausalLMModule
+
+CPU_AUTO_DEVICES = 2
+TOOLS = {"compare": "lightning_ulysses.tools.compare"}
+
+
+class UlyssesCLI(LightningCLI):
+    """LightningCLI with the CPU meaning of ``devices: auto`` described in the module docstring."""
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        import torch
+
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is None:
+            return
+        accelerator = str(trainer.get("accelerator", "auto"))
+        if str(trainer.get("devices", "auto")) == "auto" and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+            trainer["devices"] = CPU_AUTO_DEVICES
+            trainer["accelerator"] = "cpu"
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
+    UlyssesCLI(
+        CausalLMModule,
+        datamodule_class=None,
+        subclass_mode_data=True,
+        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself (no duplicate-args warning)
+        save_config_kwargs={"overwrite": True},
+    )
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Ring attention: exact causal attention over a sequence split across a ring of ranks.
+
+Each of the ``R`` ranks of a ring group holds queries, keys and values for its own part of the
+sequence (after the Ulysses all-to-all, when nested in it: ``[b, h_local, S/R, d]``). K/V blocks
+travel around the ring (``R - 1`` point-to-point hops, the next hop started before the current block
+is computed so the transfer hides behind it); each rank attends its queries to every block it may
+see and merges the partial outputs with their log-sum-exp::
+
+    lse = logaddexp(lse_a, lse_b);  out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+Backward replays the ring: dQ accumulates locally, dK/dV accumulators travel *with* the K/V block
+and arrive back at its owner after ``R`` hops. Block gradients use the *final* output and
+log-sum-exp (softmax of a block against the global normaliser), which is what makes them exact.
+
+Layouts (:func:`lightning_ulysses.parallel.sharding.shard_token_index` shards the data the same way):
+
+* contiguous: rank ``i`` holds chunk ``i``. Causal work is unbalanced (the last rank does ``R``
+  blocks, the first one).
+* zigzag: rank ``i`` holds chunks ``i`` and ``2R-1-i`` of ``2R``. Step 0 is causal over the local
+  (increasing) positions; a block from an earlier rank ``j < i`` is seen in full by all local
+  queries but only its first half (chunk ``j``; chunk ``2R-1-j`` is later than both of ours); a
+  block from a later rank ``j > i`` is seen in full by our second half only. Every rank then
+  computes the same amount: one causal block plus ``R - 1`` half-size blocks.
+
+The block kernels (:mod:`lightning_ulysses.kernels.attention`) return the log-sum-exp and take it back
+in backward: torch's cuDNN / flash SDPA ops on CUDA, the flash CPU op on CPU, a matmul fallback otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_ulysses.kernels.attention import KERNEL_BACKENDS, AttentionKernel, expand_kv, reduce_kv, select_kernel
+
+RING_BACKENDS = KERNEL_BACKENDS
+
+
+# ------------------------------------------------------------------------------------------ the ring
+@dataclass
+class RingGroup:
+    """A ring process group as seen from one rank."""
+
+    group: dist.ProcessGroup
+    size: int
+    rank: int
+    next_rank: int  # global ranks of the neighbours
+    prev_rank: int
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup) -> "RingGroup":
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return cls(
+            group=group,
+            size=size,
+            rank=rank,
+            next_rank=dist.get_global_rank(group, (rank + 1) % size),
+            prev_rank=dist.get_global_rank(group, (rank - 1) % size),
+        )
+
+    def shift(self, send: Tensor) -> tuple[Tensor, list]:
+        """Start sending ``send`` to the next rank and receiving the previous rank's into a new buffer."""
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next_rank, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group),
+        ]
+        return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+def _blocks(step: int, rank: int, size: int, zigzag: bool, s: int) -> Optional[tuple[slice, slice, bool]]:
+    """Which local query rows attend to which rows of the block held at ``step``: (q rows, kv rows, causal)."""
+    full = slice(0, s)
+    if step == 0:
+        return full, full, True
+    src = (rank - step) % size
+    if zigzag:
+        half = s // 2
+        return (full, slice(0, half), False) if src < rank else (slice(half, s), full, False)
+    return (full, full, False) if src < rank else None
+
+
+def _ring_steps(kv: Tensor, ring: RingGroup, zigzag: bool, s: int):
+    """Yield ``(kv block held, plan)`` per ring step; the next block's transfer runs during the caller's work."""
+    for step in range(ring.size):
+        if step < ring.size - 1:
+            next_kv, works = ring.shift(kv)
+        yield kv, _blocks(step, ring.rank, ring.size, zigzag, s)
+        if step < ring.size - 1:
+            _wait(works)
+            kv = next_kv
+
+
+def _kv_block(kv: Tensor, cols: slice, groups: int) -> tuple[Tensor, Tensor]:
+    return expand_kv(kv[0][:, :, cols], groups).contiguous(), expand_kv(kv[1][:, :, cols], groups).contiguous()
+
+
+def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor) -> None:
+    """In place: fold block result (o, l) into the running (out fp32, lse) for query ``rows``."""
+    old = lse[:, :, rows]
+    new = torch.logaddexp(old, l)
+    out[:, :, rows] = out[:, :, rows] * torch.exp(old - new)[..., None] + o.float() * torch.exp(l - new)[..., None]
+    lse[:, :, rows] = new
+
+
+class _RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: AttentionKernel):
+        groups = q.shape[1] // k.shape[1]
+        s = q.shape[2]
+        kv = torch.stack([k, v]).contiguous()
+        out = lse = None
+        auxes: list[Any] = []  # per-step kernel metadata (CUDA ops want their forward's seq info back)
+        for block, plan in _ring_steps(kv, ring, zigzag, s):
+            if plan is not None:
+                rows, cols, causal = plan
+                kb, vb = _kv_block(block, cols, groups)
+                o, l, aux = kernel.forward(q[:, :, rows].contiguous(), kb, vb, causal, scale)
+                auxes.append(aux)
+                if out is None:  # step 0 covers every row (each token sees itself), so lse is finite after it
+                    # fresh copies: the merge writes in place, and the kernel outputs may be cached
+                    # (selective checkpointing keeps attention-kernel outputs for the recompute)
+                    out, lse = o.to(torch.float32, copy=True), l.to(torch.float32, copy=True)
+                else:
+                    _merge(out, lse, rows, o, l)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale, ctx.zigzag, ctx.kernel, ctx.auxes = ring, scale, zigzag, kernel, auxes
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, scale, zigzag, kernel = ctx.ring, ctx.scale, ctx.zigzag, ctx.kernel
+        groups = q.shape[1] // k.shape[1]
+        s = q.shape[2]
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        kv = torch.stack([k, v]).contiguous()
+        dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with kv and ends at its owner
+        auxes = iter(ctx.auxes)
+        for block, plan in _ring_steps(kv, ring, zigzag, s):
+            if plan is not None:
+                rows, cols, causal = plan
+                kb, vb = _kv_block(block, cols, groups)
+                qb, ob, lb, dob = (t[:, :, rows].contiguous() for t in (q, out, lse, dout))
+                dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), causal, scale)
+                dq[:, :, rows] += dqb.float()
+                dkv[0][:, :, cols] += reduce_kv(dkb.float(), groups)
+                dkv[1][:, :, cols] += reduce_kv(dvb.float(), groups)
+            # the accumulator follows its block to the next rank; after ring.size hops it is home
+            dkv, dkv_works = ring.shift(dkv)
+            _wait(dkv_works)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: "dist.ProcessGroup | RingGroup",
+    scale: Optional[float] = None,
+    zigzag: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Exact causal attention of local ``q``/``k``/``v`` (``[b, h, s, d]``, kv heads may be fewer and must
+    divide the query heads) whose sequence is split over ``group`` in the contiguous or zigzag layout.
+
+    Returns ``[b, h, s, d]`` in ``q``'s layout and dtype. Collective over ``group`` (every rank calls it
+    in the same order, forward and backward). Pass a :class:`RingGroup` to skip resolving the neighbours.
+    """
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}).")
+    if zigzag and q.shape[2] % 2 != 0:
+        raise ValueError(f"zigzag ring attention needs an even local length, got {q.shape[2]}.")
+    ring = group if isinstance(group, RingGroup) else RingGroup.of(group)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    kernel = select_kernel(q.device, q.dtype, backend)
+    if ring.size == 1:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return _RingAttentionFunction.apply(q, k, v, ring, scale, zigzag, kernel)
+
+
+__all__ = ["RING_BACKENDS", "RingGroup", "ring_attention", "select_kernel"]

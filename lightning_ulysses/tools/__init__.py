@@ -1,0 +1,1 @@
+"""Command-line tools behind ``lightning-ulysses <tool>``: :mod:`.compare` (two runs' metrics step by step)."""
