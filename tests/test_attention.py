@@ -101,3 +101,31 @@ def test_ring_refuses_what_causal_ring_kernels_cannot_do(kwargs, what) -> None:
     with pytest.raises(ValueError, match="context_parallel_mode='ulysses_only'") as err:
         ctx._ring(torch.nn.Module(), q, q, q, kwargs)
     assert what in str(err.value)
+
+
+def test_packed_rows_at_sp1_run_per_segment_without_a_dense_mask() -> None:
+    """At sp=1 the handler gives packed rows one kernel call per segment; transformers builds no mask at all, and
+    the result equals running every sample on its own."""
+    from lightning_ulysses.compat.transformers import mask_functions
+
+    model = tiny_llama()
+    lengths = [5, 3, 6]
+    samples = [torch.randint(0, 64, (1, n)) for n in lengths]
+    ids = torch.cat(samples, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    alone = [model(input_ids=s).logits for s in samples]
+    apply_ulysses(model, ProcessGroups.build(ParallelLayout(1, 1)))
+    masks = mask_functions()
+    entry = masks.get("sdpa")
+    built = []
+    masks.set("sdpa", lambda *a, **k: built.append(entry(*a, **k)) or built[-1])
+    try:
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    finally:
+        masks.set("sdpa", entry)
+        remove_ulysses(model)
+    assert built and all(m is None for m in built), "transformers built a mask for a packed row"
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+    # without the handler, transformers' own (dense block-diagonal mask) path gives the same numbers
+    dense = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(dense, packed, rtol=1e-5, atol=1e-5)

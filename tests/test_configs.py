@@ -59,3 +59,22 @@ def test_hybrid_yaml_scenario_trains_like_the_sp1_baseline(tmp_path) -> None:
     assert len(hybrid) == len(baseline) == 2  # steps 1 and 5
     # Adam amplifies fp32 reduction-order noise a little; the SGD parity tests prove exactness
     assert max(abs(a - b) for a, b in zip(hybrid, baseline)) < 2e-3, (hybrid, baseline)
+
+
+@pytest.mark.parametrize("config", ["sft_chat", "pretrain_long_docs"])
+def test_data_configs_train_from_the_readme_command(config: str, tmp_path) -> None:
+    """The README's command, from the repository root (the configs read data/ relatively): 5 steps, loss falls."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.harness import worker_env
+
+    cmd = [sys.executable, "-m", "lightning_ulysses", "fit", "--config", f"configs/{config}.yaml",
+           f"--trainer.default_root_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-8000:]
+    losses = [float(v) for v in re.findall(r"step\s+\d+\s+train_loss (\d+\.\d+)", proc.stdout)]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses
+    assert "real tokens" in out and "sp 2 x dp 1" in out

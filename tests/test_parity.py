@@ -58,6 +58,8 @@ CASES = {
         dict(sp=2, stage=1, heads=4, kv_heads=2, packed=True, epochs=2, offload=True),
     ),
     "sp_auto_resolves_4_mha_zero3_packed": (4, dict(sp=4, sp_arg="auto", stage=3, heads=4, kv_heads=4, packed=True)),
+    # packed rows at sp=1 (issue #17): one kernel call per segment, no dense mask, same as plain transformers
+    "sp1_dp2_gqa_zero2_packed": (2, dict(sp=1, stage=2, heads=4, kv_heads=2, packed=True)),
     # Ulysses x ring (issue #5): ring attention nested in the all-to-all, zigzag-sharded data
     "ring_only_rp4_gqa_zero2": (4, dict(sp=4, stage=2, heads=4, kv_heads=2, mode="ring_only", ring=4)),
     "hybrid_u2_r2_mqa_zero3_padded_tiled_offload": (

@@ -58,3 +58,11 @@ def test_callback_counts_the_recompute_of_whatever_turned_checkpointing_on() -> 
     fit_single_device([GradientCheckpointing(), cb])
     for m in cb.history:  # full checkpointing: one more forward, (6 + 2) / 6 of the model FLOPs at this size
         assert m["throughput/hw_tflops_per_gpu"] > m["throughput/model_tflops_per_gpu"] * 1.3
+
+
+def test_packed_rows_count_attention_per_segment() -> None:
+    from lightning_ulysses.models.flops import sum_sq_len
+
+    assert sum_sq_len(2, 16) == 2 * 16 * 16
+    # one row of 8 documents of 2 tokens, one of a single 16-token document
+    assert sum_sq_len(2, 16, [[(i, i + 2) for i in range(0, 16, 2)], [(0, 16)]]) == 8 * 4 + 256

@@ -181,3 +181,24 @@ def test_packed_rows_equal_sdpa_with_the_block_diagonal_mask() -> None:
         ours = _grads(lambda *t: packed_causal_attention(*t, bounds, tile_tokens=tile), q, k, v, dout)
         for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} tile={tile}")
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 2048])
+def test_short_segments_share_one_masked_call_with_the_same_result(chunk: int) -> None:
+    """Segments shorter than ``chunk_tokens`` are grouped (one masked kernel call per group); 1: every segment alone,
+    6: mixed (the 12-token segment alone, short ones grouped), 2048: every row in one group."""
+    from lightning_ulysses.kernels.tiled import _chunks, packed_causal_attention, segment_bounds
+    from lightning_ulysses.parallel.sharding import packed_segments
+    from lightning_ulysses.parallel.ulysses import causal_mask
+
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 0, 0, 1],
+                        [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+    bounds = segment_bounds(packed_segments(pos))
+    assert _chunks(bounds[0], 6) == [[(0, 12)], [(12, 17), (17, 18)], [(18, 20)]]
+    q, k, v = (torch.randn(2, h, 20, 8, requires_grad=True) for h in (4, 2, 2))
+    dout = torch.randn(2, 4, 20, 8)
+    mask = causal_mask(pos, packed_segments(pos), None)
+    ref = _grads(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask, enable_gqa=True), q, k, v, dout)
+    ours = _grads(lambda *t: packed_causal_attention(*t, bounds, tile_tokens=3, chunk_tokens=chunk), q, k, v, dout)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"{name} chunk={chunk}")

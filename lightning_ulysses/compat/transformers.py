@@ -32,11 +32,32 @@ class _AttentionFunctions:
             AttentionInterface.register(impl, fn)
 
 
+class _MaskFunctions:
+    """``ALL_MASK_ATTENTION_FUNCTIONS``: the mask builders ``create_causal_mask`` picks by attention implementation."""
+
+    def get(self, impl: str) -> Optional[Callable]:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        return ALL_MASK_ATTENTION_FUNCTIONS[impl] if impl in ALL_MASK_ATTENTION_FUNCTIONS else None
+
+    def set(self, impl: str, fn: Callable) -> None:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        # an item set on the registry instance overrides the class-level entry (its ``_local_mapping``); the
+        # early exit of ``create_causal_mask`` checks the class-level names only, so the name stays "known"
+        ALL_MASK_ATTENTION_FUNCTIONS[impl] = fn
+
+
 _FUNCTIONS = _AttentionFunctions()
+_MASKS = _MaskFunctions()
 
 
 def attention_functions() -> _AttentionFunctions:
     return _FUNCTIONS
+
+
+def mask_functions() -> _MaskFunctions:
+    return _MASKS
 
 
 def attn_implementation(obj: Any, default: Optional[str] = None) -> Optional[str]:
@@ -109,4 +130,4 @@ class TransformersZero3:
 
 
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "checkpointed_layers",
-           "fixed_cross_entropy", "kv_groups", "set_checkpoint_function"]
+           "fixed_cross_entropy", "kv_groups", "mask_functions", "set_checkpoint_function"]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_ulysses.compat.transformers import attention_functions, attn_implementation
+from lightning_ulysses.compat.transformers import attention_functions, attn_implementation, mask_functions
 
 _SP_ATTR = "_lightning_ulysses_attention"
 _LOCAL_ATTR = "_lightning_ulysses_local_attention"
@@ -67,6 +67,46 @@ def install_attention_dispatcher(impl: str) -> None:
         functions.set(impl, ulysses_dispatch)
 
 
+_MASK_MARK = "_lightning_ulysses_mask_skip"
+_own_masks = threading.local()  # depth of model forwards whose attention builds its own masks
+
+
+def _install_mask_skip(impl: str) -> None:
+    """Wrap transformers' mask builder for ``impl`` once per process: inside a forward of a model whose attention
+    handler builds its own masks (:func:`own_masks`) it returns None instead of a dense mask.
+
+    Under Ulysses the model sees only its shard, so transformers' mask (a ``[c, c]`` block-diagonal one for packed
+    rows: ``c^2`` bytes, 4 GiB at 64K local tokens) is meaningless and would only cost memory; at SP=1 the packed-row
+    path runs one kernel call per segment instead of a masked kernel."""
+    functions = mask_functions()
+    with _install_lock:
+        original = functions.get(impl)
+        if original is None or getattr(original, _MASK_MARK, False):
+            return
+
+        def mask_or_none(*args: Any, **kwargs: Any) -> Any:
+            return None if getattr(_own_masks, "depth", 0) else original(*args, **kwargs)
+
+        setattr(mask_or_none, _MASK_MARK, True)
+        mask_or_none.__wrapped__ = original  # type: ignore[attr-defined]
+        functions.set(impl, mask_or_none)
+
+
+def _enter(module: torch.nn.Module, args: Any) -> None:
+    _own_masks.depth = getattr(_own_masks, "depth", 0) + 1
+
+
+def _exit(module: torch.nn.Module, args: Any, output: Any) -> None:
+    _own_masks.depth -= 1
+
+
+def own_masks(model: torch.nn.Module) -> list:
+    """transformers builds no attention mask inside ``model``'s forwards (its SP handler builds what it needs);
+    returns the hook handles that undo it."""
+    _install_mask_skip(attn_implementation(model))
+    return [model.register_forward_pre_hook(_enter), model.register_forward_hook(_exit, always_call=True)]
+
+
 def _set(model: torch.nn.Module, attr: str, value: Optional[Callable]) -> None:
     for m in model.modules():
         if getattr(m, "config", None) is not None:
@@ -101,6 +141,7 @@ def local_attention_of(model: torch.nn.Module) -> Optional[Callable]:
 
 __all__ = [
     "install_attention_dispatcher",
+    "own_masks",
     "local_attention_of",
     "plain_causal",
     "set_local_attention",

@@ -185,6 +185,34 @@ def segment_bounds(segments: Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
+# Segments shorter than this are attended in groups of consecutive segments up to this many tokens, one masked kernel
+# call per group with the group's block-diagonal causal mask (CHUNK^2 bytes): a row of thousands of short SFT samples
+# then costs tens of kernel calls, not thousands, while a long segment still gets its own (unmasked) call.
+PACKED_CHUNK_TOKENS = 2048
+
+
+def _chunks(segments: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
+    """Consecutive segments grouped: a segment of ``chunk_tokens`` or more alone, shorter ones together up to
+    ``chunk_tokens`` tokens per group."""
+    groups: list[list[tuple[int, int]]] = []
+    for a, b in segments:
+        short = b - a < chunk_tokens
+        if short and groups and groups[-1][-1][1] - groups[-1][0][0] + (b - a) <= chunk_tokens \
+                and groups[-1][0][1] - groups[-1][0][0] < chunk_tokens:
+            groups[-1].append((a, b))
+        else:
+            groups.append([(a, b)])
+    return groups
+
+
+def _block_diagonal_causal(group: list[tuple[int, int]], device: torch.device) -> Tensor:
+    start, end = group[0][0], group[-1][1]
+    ids = torch.repeat_interleave(torch.arange(len(group), device=device),
+                                  torch.tensor([b - a for a, b in group], device=device))
+    idx = torch.arange(end - start, device=device)
+    return (ids[:, None] == ids[None, :]) & (idx[None, :] <= idx[:, None])  # [L, L], True = attend
+
+
 def packed_causal_attention(
     q: Tensor,
     k: Tensor,
@@ -193,22 +221,31 @@ def packed_causal_attention(
     scale: Optional[float] = None,
     tile_tokens: Optional[int] = None,
     backend: str = "auto",
+    chunk_tokens: int = PACKED_CHUNK_TOKENS,
 ) -> Tensor:
     """Causal attention inside each packed segment of each row (``[b, h, S, d]``; ``bounds`` from
-    :func:`segment_bounds`), one kernel call per segment: the same result as SDPA with the
-    block-diagonal causal mask, without materialising that ``[S, S]`` mask (S^2 bytes per row: 64 GiB
-    at 256K tokens) or running a masked kernel. ``tile_tokens`` tiles the backward of long segments.
+    :func:`segment_bounds`): the same result as SDPA with the row's block-diagonal causal mask, without
+    materialising that ``[S, S]`` mask (S^2 bytes per row: 64 GiB at 256K tokens). A segment of ``chunk_tokens`` or
+    more gets one unmasked kernel call (``tile_tokens`` tiles its backward); shorter consecutive segments share one
+    call with their small block-diagonal mask (:data:`PACKED_CHUNK_TOKENS`).
     """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    groups_kv = q.shape[1] // k.shape[1]
     rows = []
     for i, segments in enumerate(bounds):
         parts = []
-        for a, b in segments:
+        for group in _chunks(segments, chunk_tokens):
+            a, b = group[0][0], group[-1][1]
             qs, ks, vs = (t[i : i + 1, :, a:b].contiguous() for t in (q, k, v))
-            parts.append(tiled_attention(qs, ks, vs, scale, tile_tokens or max(1, b - a), backend))
+            if len(group) == 1:
+                parts.append(tiled_attention(qs, ks, vs, scale, tile_tokens or max(1, b - a), backend))
+            else:  # masked kernels take K/V at the query head count
+                mask = _block_diagonal_causal(group, q.device)
+                parts.append(torch.nn.functional.scaled_dot_product_attention(
+                    qs, expand_kv(ks, groups_kv), expand_kv(vs, groups_kv), attn_mask=mask, scale=scale))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
-
-
-__all__ = ["DEFAULT_TILE_TOKENS", "MIN_TILES", "packed_causal_attention", "segment_bounds", "tiled_attention"]
+__all__ = ["DEFAULT_TILE_TOKENS", "MIN_TILES", "PACKED_CHUNK_TOKENS", "packed_causal_attention", "segment_bounds", "tiled_attention"]

@@ -108,7 +108,8 @@ class SequenceThroughput(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         from lightning_ulysses.memory import TRICKS
-        from lightning_ulysses.models.flops import model_flops
+        from lightning_ulysses.models.flops import model_flops, sum_sq_len
+        from lightning_ulysses.parallel.step_context import current_step_context
 
         self._sync(pl_module.device)
         dt = time.perf_counter() - self._t0
@@ -116,8 +117,10 @@ class SequenceThroughput(Callback):
         layout = getattr(trainer.strategy, "layout", None)
         sp = layout.sp if layout is not None else 1
         b, s = ids.shape[0], ids.shape[1] * sp  # full sequence length
+        ctx = current_step_context()  # packed rows: attention is per segment
+        bounds = ctx.segment_bounds if ctx is not None and ctx.training else None
         # [sequences, sum S, sum S^2] over the world; every SP rank of a group reports the same sequences
-        stats = torch.tensor([float(b), float(b * s), float(b * s * s)], device=pl_module.device, dtype=torch.float64)
+        stats = torch.tensor([float(b), float(b * s), sum_sq_len(b, s, bounds)], device=pl_module.device, dtype=torch.float64)
         stats = trainer.strategy.reduce(stats, reduce_op="sum") / sp
         world = trainer.world_size
         _, tokens, sq = (float(x) for x in stats)

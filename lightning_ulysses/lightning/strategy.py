@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from lightning_ulysses.compat.deepspeed import use_mpu
 from lightning_ulysses.compat.lightning import ddp_setup_environment, lightning_step_boundary
-from lightning_ulysses.compat.transformers import TransformersZero3
+from lightning_ulysses.compat.transformers import TransformersZero3, attn_implementation
 from lightning_ulysses.errors import raise_once
 from lightning_ulysses.lightning import cpu
 from lightning_ulysses.memory import TRICKS, MemoryTrick, apply_tricks, trainer_tricks, tricks_from_flags
@@ -309,7 +309,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             self.groups = ProcessGroups.build(layout)
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
-        if layout.sp_enabled:
+        # under SP: Ulysses/ring attention; at sp=1 with sdpa: packed rows per segment, no dense mask (flash kernels
+        # handle packed rows natively from the position ids)
+        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) == "sdpa"):
             comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
             apply_ulysses(
                 hf_model,
@@ -423,18 +425,18 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         return local
 
     def _sequence_positions(self, full: dict, local: dict) -> dict[str, Any]:
-        """Under Ulysses: the full batch's position ids and packed segments (host-side bounds included), once per
-        batch, for every attention layer of its forward and recompute. Ring layouts need none (one causal
-        sequence per row)."""
+        """The full batch's position ids and packed segments (host-side bounds included), once per batch, for every
+        attention layer of its forward and recompute (Ulysses, and packed rows at sp=1). Ring layouts need none (one
+        causal sequence per row)."""
         groups = self.groups
-        if groups is None or groups.sp == 1 or groups.ring > 1:
+        if groups is None or groups.ring > 1:
             return {}
         device = local["position_ids"].device
         positions = full["position_ids"]  # [b, S]
         segments = packed_segments(positions)
         return {
             "local_positions": local["position_ids"],
-            "global_positions": positions.to(device),
+            "global_positions": local["position_ids"] if groups.sp == 1 else positions.to(device),
             "segments": segments.to(device) if segments is not None else None,
             "segment_bounds": segment_bounds(segments) if segments is not None else None,
         }

@@ -5,7 +5,8 @@ Formulas (per optimizer step, summed over the step's sequences of full length ``
 
 * model FLOPs = ``6 * N_mm * S + 6 * L * S^2 * H`` -- dense matmuls (``N_mm`` = parameters without the
   input embedding, whose lookup is no matmul) plus causal attention forward+backward (``QK^T`` and
-  ``PV``: ``4 * S^2 * H`` per layer forward, halved by causality, times 3 for forward+backward);
+  ``PV``: ``4 * S^2 * H`` per layer forward, halved by causality, times 3 for forward+backward); for packed rows
+  ``S^2`` is summed over the segments (:func:`sum_sq_len`), the attention work really done;
 * hardware FLOPs adds what full activation checkpointing recomputes (one more forward:
   ``2 * N_mm * S + 2 * L * S^2 * H``) when gradient checkpointing is on, or only its dense part
   (``2 * N_mm * S``) under the ``save_attention`` policy (plus the attention of the layers that do not
@@ -39,6 +40,15 @@ class ModelDims:
         emb_n = sum(getattr(p, "ds_numel", p.numel()) for p in emb.parameters()) if emb is not None else 0
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(total - emb_n, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+
+
+def sum_sq_len(rows: int, length: int, segment_bounds: Optional[list] = None) -> float:
+    """``sum S^2`` of the attention term: per sequence, or per packed segment when ``segment_bounds`` (per row the
+    ``(start, end)`` of each segment, :class:`~lightning_ulysses.parallel.step_context.StepContext`) are known -- a
+    row of 8 documents does 1/8 of the attention work of one document of the same length."""
+    if segment_bounds:
+        return float(sum((end - start) ** 2 for row in segment_bounds for start, end in row))
+    return float(rows * length * length)
 
 
 def model_flops(dims: ModelDims, tokens: float, sum_sq_len: float) -> float:

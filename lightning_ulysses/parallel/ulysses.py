@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_ulysses.compat.torch import all_to_all_autograd
 from lightning_ulysses.compat.transformers import attn_implementation, kv_groups
-from lightning_ulysses.kernels.dispatch import plain_causal, set_sp_attention, sp_attention_of
+from lightning_ulysses.kernels.dispatch import own_masks, plain_causal, set_sp_attention, sp_attention_of
 from lightning_ulysses.kernels.tiled import packed_causal_attention, segment_bounds
 from lightning_ulysses.parallel.layout import SUPPORTED_ATTN_IMPLEMENTATIONS, ProcessGroups, heads_allow
 from lightning_ulysses.parallel.ring import RingGroup, ring_attention
@@ -40,6 +40,7 @@ from lightning_ulysses.parallel.sharding import packed_segments
 from lightning_ulysses.parallel.step_context import current_step_context
 
 _HOOKS_ATTR = "_lightning_ulysses_hooks"
+_MASK_HOOKS_ATTR = "_lightning_ulysses_mask_hooks"
 
 
 def all_to_all(x: Tensor, group: dist.ProcessGroup, comm_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -115,8 +116,8 @@ class UlyssesAttention:
         ring_backend: str = "auto",
         attn_implementation: str = "sdpa",
     ) -> None:
-        if groups.sp_group is None:
-            raise ValueError("UlyssesAttention needs an SP group (sequence_parallel_size > 1).")
+        if groups.sp_group is None and groups.sp > 1:
+            raise ValueError("UlyssesAttention needs an SP group when sequence_parallel_size > 1.")
         self.sp_group = groups.sp_group  # every rank of the sequence: what the loss reduces over
         self.group = groups.ulysses_group  # the all-to-all group; None when ulysses == 1 (ring only)
         self.ulysses = groups.ulysses
@@ -265,9 +266,12 @@ class _GatheredPositions:
     def __call__(self, local: Tensor) -> tuple[Tensor, Optional[Tensor], Callable[[], list]]:
         if local is not self._local:
             # [b, c] x u -> [b, S]; rank order == sequence order (contiguous sharding)
-            parts = [torch.empty_like(local) for _ in range(self.ulysses)]
-            dist.all_gather(parts, local.contiguous(), group=self.group)
-            positions = torch.cat(parts, dim=1)
+            if self.ulysses > 1:
+                parts = [torch.empty_like(local) for _ in range(self.ulysses)]
+                dist.all_gather(parts, local.contiguous(), group=self.group)
+                positions = torch.cat(parts, dim=1)
+            else:
+                positions = local
             segments = packed_segments(positions)
             cache: list = []
 
@@ -307,6 +311,10 @@ def apply_ulysses(
     Ulysses over ``groups.ulysses_group`` and, when ``groups.ring > 1``, ring attention over
     ``groups.ring_group`` (``ring_zigzag`` must match how the data was sharded).
 
+    At ``groups.sp == 1`` (one rank per sequence) there is no all-to-all: the handler only gives packed rows
+    (position ids restarting) one kernel call per segment instead of transformers' dense block-diagonal mask
+    (the strategy applies it so for ``sdpa`` models).
+
     Idempotent: applying again replaces the previous state. Only this model is affected.
     """
     if getattr(model, "config", None) is None:
@@ -320,17 +328,19 @@ def apply_ulysses(
     remove_ulysses(model)
     ctx = UlyssesAttention(groups, comm_dtype, ring_zigzag, ring_backend, attn_implementation=impl)
     set_sp_attention(model, ctx)
-    handles = [model.register_forward_pre_hook(_reset_calls), model.register_forward_hook(_check_routed)]
-    setattr(model, _HOOKS_ATTR, handles)
+    setattr(model, _HOOKS_ATTR, [model.register_forward_pre_hook(_reset_calls), model.register_forward_hook(_check_routed)])
+    # transformers' masks would describe the shard only (or be dense for packed rows); the handler builds its own
+    setattr(model, _MASK_HOOKS_ATTR, own_masks(model))
     return ctx
 
 
 def remove_ulysses(model: torch.nn.Module) -> None:
     """Undo :func:`apply_ulysses` (the process-wide dispatcher stays; it is a no-op for untagged modules)."""
-    for h in getattr(model, _HOOKS_ATTR, []):
-        h.remove()
-    if hasattr(model, _HOOKS_ATTR):
-        delattr(model, _HOOKS_ATTR)
+    for attr in (_HOOKS_ATTR, _MASK_HOOKS_ATTR):
+        for h in getattr(model, attr, []):
+            h.remove()
+        if hasattr(model, attr):
+            delattr(model, attr)
     set_sp_attention(model, None)
 
 
