@@ -21,7 +21,7 @@ from lightning_ulysses.parallel.layout import shutdown_distributed
 from lightning_ulysses.lightning.module import CausalLMModule
 
 CPU_AUTO_DEVICES = 2
-TOOLS = {"compare": "lightning_ulysses.tools.compare"}
+TOOLS = {"compare": "lightning_ulysses.tools.compare", "export": "lightning_ulysses.tools.export"}
 
 
 class UlyssesCLI(LightningCLI):

@@ -21,10 +21,11 @@ from lightning_ulysses.models.adapters import apply_peft, is_peft_model, trainab
 from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.parallel.loss import sp_causal_lm_loss
 from lightning_ulysses.parallel.moe import moe_router_spec, sp_load_balancing_loss
-from lightning_ulysses.parallel.sharding import prepare_batch
+from lightning_ulysses.parallel.sharding import IGNORE_INDEX, prepare_batch
 from lightning_ulysses.parallel.step_context import current_step_context, step_context_for
 
 ModelSpec = Union[str, dict[str, Any], Any]
+PREDICT_OUTPUTS = ("logits", "token_logprobs", "last_logits")
 
 
 def build_causal_lm(
@@ -92,6 +93,10 @@ class CausalLMModule(LightningModule):
             or ``{class_path: peft.LoraConfig, init_args: {...}}``). Only trainable (adapter) parameters go to the
             optimizer; base weights stay frozen. Needs ``pip install lightning-ulysses[peft]``.
         trust_remote_code: let transformers run a checkpoint's own modelling code (off unless asked).
+        predict_output: what ``trainer.predict`` returns per batch, the whole sequence at every layout (gathered over
+            the SP group, cut to the batch's own length): ``"logits"`` (``[b, S, V]``), ``"token_logprobs"``
+            (``[b, S-1]``: log-probability of each next token, 0 where its label is masked; never builds the full
+            ``[b, S, V]`` on one rank) or ``"last_logits"`` (``[b, V]`` at each row's last non-padding token).
     """
 
     def __init__(
@@ -105,8 +110,11 @@ class CausalLMModule(LightningModule):
         seed: int = 0,
         peft: Optional[Any] = None,
         trust_remote_code: bool = False,
+        predict_output: str = "logits",
     ) -> None:
         super().__init__()
+        if predict_output not in PREDICT_OUTPUTS:
+            raise ValueError(f"predict_output must be one of {list(PREDICT_OUTPUTS)}, got {predict_output!r}.")
         from transformers import PreTrainedModel
 
         instance = isinstance(model, PreTrainedModel) or is_peft_model(model)
@@ -121,6 +129,7 @@ class CausalLMModule(LightningModule):
         self.seed = seed
         self.peft = peft
         self.trust_remote_code = trust_remote_code
+        self.predict_output = predict_output
         if peft is not None and is_peft_model(model):
             raise ValueError("The model is already a PEFT model; pass either a PEFT model or peft=..., not both.")
         self.model: Optional[torch.nn.Module] = None
@@ -236,8 +245,39 @@ class CausalLMModule(LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The whole sequence's outputs, gathered over the SP group and cut to the batch's own length (the strategy's
+        padding removed), whatever the layout; what is returned is ``predict_output``'s (see the class)."""
         batch = self._prepare(batch)
-        return self(batch["input_ids"], batch["position_ids"])
+        logits = self(batch["input_ids"], batch["position_ids"])  # this rank's [b, S/sp, V]
+        ctx = step_context_for(batch["shift_labels"])
+        length = ctx.input_length if ctx is not None and ctx.input_length is not None else logits.shape[1]
+        gather = ctx.gather if ctx is not None else (lambda t: t)
+        if self.predict_output == "token_logprobs":
+            # log p(token t+1 | tokens <= t), computed on the shard, gathered as [b, S] (never [b, S, V])
+            labels = batch["shift_labels"].to(logits.device)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return gather(logp.masked_fill(labels == IGNORE_INDEX, 0.0))[:, : length - 1]
+        if self.predict_output == "last_logits":
+            return self._last_logits(logits, ctx, batch)
+        return gather(logits)[:, :length]
+
+    def _last_logits(self, logits: torch.Tensor, ctx: Any, batch: dict) -> torch.Tensor:
+        """``[b, V]`` logits at each row's last real token: taken on the rank that holds it, summed over the group."""
+        b = logits.shape[0]
+        if ctx is None or ctx.token_index is None:
+            mask = batch.get("attention_mask")
+            last = (mask.sum(1) - 1) if mask is not None else torch.full((b,), logits.shape[1] - 1)
+            return logits[torch.arange(b), last.to(logits.device)]
+        import torch.distributed as dist
+
+        from lightning_ulysses.parallel.layout import rank_in_group
+
+        mine = ctx.token_index[rank_in_group(ctx.sp_group)].to(logits.device)  # global index of each local token
+        last = (ctx.real_lengths.to(logits.device) - 1)  # [b]
+        hit = mine[None, :] == last[:, None]  # [b, S/sp]: at most one True per row, on one rank
+        out = (logits * hit.unsqueeze(-1).to(logits.dtype)).sum(1)
+        dist.all_reduce(out, group=ctx.sp_group)
+        return out
 
     @override
     def configure_optimizers(self) -> Any:

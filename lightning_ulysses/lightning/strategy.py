@@ -51,6 +51,7 @@ from lightning_ulysses.kernels.tiled import segment_bounds
 from lightning_ulysses.parallel.sharding import (
     IGNORE_INDEX,
     packed_segments,
+    shard_token_index,
     prepare_for_sharding,
     real_token_mask,
     shard_batch,
@@ -420,8 +421,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         token_mask = local.pop(_TOKEN_MASK)
         local = super().batch_to_device(local, device, dataloader_idx)
         token_mask = token_mask.to(local["input_ids"].device, non_blocking=True)
-        positions = self._sequence_positions(full, local)
-        set_step_context(self._step_context(local["shift_labels"], num_valid, token_mask, positions))
+        extra = self._sequence_positions(full, local)
+        extra["input_length"] = _input_length(batch)
+        extra["real_lengths"] = full[_TOKEN_MASK].sum(1) if _TOKEN_MASK in full else None
+        if sp > 1:
+            extra["token_index"] = shard_token_index(full["input_ids"].shape[1], sp, ring, self.ring_zigzag)
+        set_step_context(self._step_context(local["shift_labels"], num_valid, token_mask, extra))
         return local
 
     def _sequence_positions(self, full: dict, local: dict) -> dict[str, Any]:
@@ -578,6 +583,11 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             offload_optimizer=True,
             offload_parameters=True,
         )
+
+
+def _input_length(batch: Any) -> Optional[int]:
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() == 2 else None
 
 
 def _checked_sp_options(

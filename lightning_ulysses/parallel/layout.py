@@ -437,6 +437,11 @@ class DeepSpeedSequenceParallelMPU:
     get_model_parallel_rank = get_sequence_parallel_rank
 
 
+def rank_in_group(group: Optional[dist.ProcessGroup]) -> int:
+    """This process's rank inside ``group`` (0 without one)."""
+    return dist.get_rank(group) if group is not None else 0
+
+
 def shutdown_distributed() -> None:
     """Synchronise and destroy the default process group before the interpreter exits.
 
@@ -450,6 +455,7 @@ def shutdown_distributed() -> None:
 
 __all__ = [
     "CONTEXT_PARALLEL_MODES",
+    "rank_in_group",
     "SPSize",
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
     "decompose_context_parallel",

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -55,6 +56,10 @@ class StepContext:
         global_positions: the full ``[b, S]`` position ids on the device (Ulysses layouts; ``None`` otherwise).
         segments: ``[b, S]`` packed-segment ids on the device, or ``None`` when no row is packed.
         segment_bounds: per row the ``(start, end)`` of each segment (host lists, for per-segment kernels).
+        input_length: the batch's sequence length before the strategy padded it (what predictions are cut to).
+        real_lengths: ``[b]`` tokens of each row before the user's right padding.
+        token_index: ``[sp, S/sp]`` the full-sequence index of every rank's local tokens (sharding's layout), for
+            :meth:`gather`.
     """
 
     shift_labels: Tensor
@@ -68,6 +73,21 @@ class StepContext:
     global_positions: Optional[Tensor] = None
     segments: Optional[Tensor] = None
     segment_bounds: Optional[list] = None
+    input_length: Optional[int] = None
+    real_lengths: Optional[Tensor] = None
+    token_index: Optional[Tensor] = None
+
+    def gather(self, local: Tensor) -> Tensor:
+        """This rank's ``[b, S/sp, ...]`` shard of a per-token output -> the full ``[b, S, ...]`` in sequence order
+        (one all-gather over the SP group; not differentiable: for predictions)."""
+        if self.sp_group is None or self.token_index is None:
+            return local
+        sp, c = self.token_index.shape
+        parts = [torch.empty_like(local) for _ in range(sp)]
+        dist.all_gather(parts, local.contiguous(), group=self.sp_group)
+        full = torch.empty((local.shape[0], sp * c, *local.shape[2:]), dtype=local.dtype, device=local.device)
+        full[:, self.token_index.reshape(-1).to(local.device)] = torch.cat(parts, dim=1)
+        return full
 
     def applies_to(self, shift_labels: Tensor) -> bool:
         return _same(shift_labels, self.shift_labels)

@@ -1,0 +1,121 @@
+"""``lightning-ulysses export CHECKPOINT OUT_DIR``: a checkpoint of a ``CausalLMModule`` -> a Hugging Face model
+directory that ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads.
+
+``CHECKPOINT`` is what Lightning wrote: a DeepSpeed checkpoint directory (``ModelCheckpoint`` /
+``trainer.save_checkpoint`` under ``UlyssesDeepSpeedStrategy``; ZeRO shards are gathered into fp32 by DeepSpeed's
+``zero_to_fp32`` through Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``) or a single ``.ckpt`` file.
+The model's config comes from the module's saved hyperparameters (the ``model`` it was built from: a hub name,
+local path or config dict) unless ``--config`` names one. Weights are written with ``save_pretrained``
+(safetensors, sharded above ``--max-shard-size``), plus the tokenizer when ``--tokenizer`` is given or the model was
+built from a path or hub name that has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+def load_checkpoint(checkpoint: str) -> dict[str, Any]:
+    """The Lightning checkpoint as one dict (``state_dict`` in fp32 for a DeepSpeed directory)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {checkpoint}.")
+    if path.is_dir():
+        if not (path / "checkpoint").is_dir() and not (path / "latest").exists():
+            raise ValueError(
+                f"{checkpoint} is a directory but not a DeepSpeed checkpoint (no 'checkpoint/' or 'latest' inside); "
+                "pass the directory ModelCheckpoint wrote (e.g. .../checkpoints/epoch=0-step=10.ckpt/)."
+            )
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(tmp) / "fp32.ckpt"))
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_config(spec: Any, trust_remote_code: bool = False) -> Any:
+    """A ``PretrainedConfig`` from what the module was built from (name/path or config dict)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(spec, PretrainedConfig):
+        return spec
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if isinstance(spec, str):
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    raise ValueError(
+        "The checkpoint does not say which model it holds (CausalLMModule saves it as the 'model' hyperparameter; a "
+        "model passed as an instance is not saved). Pass --config with a hub name, a local directory or a config.json."
+    )
+
+
+def export_hf(
+    checkpoint: str,
+    out_dir: str,
+    config: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    max_shard_size: str = "5GB",
+    dtype: Optional[str] = None,
+) -> Path:
+    """Write the Hugging Face model of ``checkpoint`` to ``out_dir`` (see the module docstring); returns it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    state = load_checkpoint(checkpoint)
+    hparams = state.get("hyper_parameters") or {}
+    if hparams.get("peft") is not None:
+        raise ValueError(
+            "This checkpoint trained LoRA/PEFT adapters; exporting adapters (or merging them) is not supported by "
+            "`export` yet. Load the module with CausalLMModule.load_from_checkpoint and call save_pretrained on its "
+            "PEFT model."
+        )
+    cfg = model_config(config if config is not None else hparams.get("model"), bool(hparams.get("trust_remote_code")))
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError("The checkpoint holds no 'model.*' weights: it is not a CausalLMModule checkpoint.")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"The checkpoint does not match the model config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}. Pass the model it was trained from with --config.")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    out = Path(out_dir)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    source = tokenizer or (hparams.get("model") if isinstance(hparams.get("model"), str) else None)
+    if source is not None:
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        except (OSError, ValueError):
+            if tokenizer is not None:
+                raise
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-ulysses export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="DeepSpeed checkpoint directory or .ckpt file written by Lightning")
+    parser.add_argument("out_dir", help="directory to write the Hugging Face model to")
+    parser.add_argument("--config", help="model config (hub name, directory or config.json) if the checkpoint lacks it")
+    parser.add_argument("--tokenizer", help="tokenizer to save alongside (hub name or directory)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: fp32)")
+    args = parser.parse_args(argv)
+    out = export_hf(args.checkpoint, args.out_dir, args.config, args.tokenizer, args.max_shard_size, args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
