@@ -37,3 +37,33 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
         export_hf(str(tmp_path / "empty"), str(tmp_path / "out"))
+
+
+def test_lora_export_writes_adapters_or_the_merged_model(tmp_path) -> None:
+    """A LoRA run (sp=2, ZeRO-3, peft as YAML gives it) exports its adapters -- PeftModel.from_pretrained(base, dir)
+    -- or, with --merge, the base model with the adapters merged in; both give the trained model's logits."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lightning_ulysses.tools.export import export_hf
+
+    base = tmp_path / "base"
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    r = run_workers("export_fit.py", 2, {"stage": 3, "pretrained": str(base), "lora": lora}, tmp_path)
+    trained = torch.load(r["logits"])
+    adapters = export_hf(r["checkpoint"], str(tmp_path / "adapters"))
+    merged = export_hf(r["checkpoint"], str(tmp_path / "merged"), merge=True)
+    assert (adapters / "adapter_config.json").exists() and not (adapters / "config.json").exists()
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters).eval()
+        m = AutoModelForCausalLM.from_pretrained(merged).eval()
+        for model in (a, m):
+            logits = model(input_ids=trained["ids"], use_cache=False).logits
+            torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-5)
+        untrained = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=trained["ids"], use_cache=False).logits
+    assert (untrained - trained["logits"]).abs().max() > 1e-3, "the adapters did not train: the test would prove nothing"

@@ -7,7 +7,8 @@ directory that ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads.
 The model's config comes from the module's saved hyperparameters (the ``model`` it was built from: a hub name,
 local path or config dict) unless ``--config`` names one. Weights are written with ``save_pretrained``
 (safetensors, sharded above ``--max-shard-size``), plus the tokenizer when ``--tokenizer`` is given or the model was
-built from a path or hub name that has one.
+built from a path or hub name that has one. A LoRA/PEFT run (``CausalLMModule(peft=...)`` given as a dict, as YAML
+does) writes its adapters, or with ``--merge`` the base model with the adapters merged in.
 """
 
 from __future__ import annotations
@@ -63,24 +64,30 @@ def export_hf(
     tokenizer: Optional[str] = None,
     max_shard_size: str = "5GB",
     dtype: Optional[str] = None,
+    merge: bool = False,
 ) -> Path:
-    """Write the Hugging Face model of ``checkpoint`` to ``out_dir`` (see the module docstring); returns it."""
+    """Write the Hugging Face model of ``checkpoint`` to ``out_dir`` (see the module docstring); returns it.
+    A LoRA/PEFT run writes its adapters (``PeftModel.from_pretrained(base, out_dir)``), or with ``merge`` the base
+    model with the adapters merged into it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     state = load_checkpoint(checkpoint)
     hparams = state.get("hyper_parameters") or {}
-    if hparams.get("peft") is not None:
-        raise ValueError(
-            "This checkpoint trained LoRA/PEFT adapters; exporting adapters (or merging them) is not supported by "
-            "`export` yet. Load the module with CausalLMModule.load_from_checkpoint and call save_pretrained on its "
-            "PEFT model."
-        )
-    cfg = model_config(config if config is not None else hparams.get("model"), bool(hparams.get("trust_remote_code")))
+    spec = hparams.get("model")
+    cfg = model_config(config if config is not None else spec, bool(hparams.get("trust_remote_code")))
     weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if not weights:
         raise ValueError("The checkpoint holds no 'model.*' weights: it is not a CausalLMModule checkpoint.")
+    adapters = hparams.get("peft")
+    if adapters is None and any(".lora_" in k for k in weights):
+        raise ValueError("The checkpoint holds LoRA weights but not their config (a PeftConfig object is not saved as a "
+                         "hyperparameter); train with peft given as a dict (YAML) to export it.")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
+        if adapters is not None:
+            from lightning_ulysses.models.adapters import apply_peft
+
+            model = apply_peft(model, adapters)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]
@@ -89,6 +96,12 @@ def export_hf(
                          f"{unexpected[:5]}. Pass the model it was trained from with --config.")
     if cfg.tie_word_embeddings:
         model.tie_weights()
+    if adapters is not None:
+        if merge:  # the base model with the adapters folded into its weights
+            model = model.merge_and_unload()
+        elif isinstance(spec, str):  # adapters only: PeftModel.from_pretrained(base, OUT_DIR) finds the base
+            for adapter_config in model.peft_config.values():
+                adapter_config.base_model_name_or_path = spec
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     out = Path(out_dir)
@@ -111,8 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer to save alongside (hub name or directory)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: fp32)")
+    parser.add_argument("--merge", action="store_true", help="LoRA/PEFT runs: write the merged model, not the adapters")
     args = parser.parse_args(argv)
-    out = export_hf(args.checkpoint, args.out_dir, args.config, args.tokenizer, args.max_shard_size, args.dtype)
+    out = export_hf(args.checkpoint, args.out_dir, args.config, args.tokenizer, args.max_shard_size, args.dtype,
+                    args.merge)
     print(f"wrote {out}")
     return 0
 

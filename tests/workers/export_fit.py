@@ -27,7 +27,9 @@ CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermedi
 def main() -> None:
     case, result = json.loads(sys.argv[1]), Path(sys.argv[2])
     out = result.parent
-    module = CausalLMModule(model=CONFIG, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    model = case.get("pretrained", CONFIG)
+    lr = 2.0 if case.get("lora") else 0.5  # adapters start at B = 0 and move slowly
+    module = CausalLMModule(model=model, peft=case.get("lora"), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
     data = SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1)
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=case["stage"])
     trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
@@ -48,8 +50,15 @@ def main() -> None:
     if trainer.global_rank == 0:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        spec = dict(CONFIG)
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+        if case.get("pretrained"):
+            plain = AutoModelForCausalLM.from_pretrained(case["pretrained"])
+        else:
+            spec = dict(CONFIG)
+            plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+        if case.get("lora"):
+            from lightning_ulysses.models.adapters import apply_peft
+
+            plain = apply_peft(plain, case["lora"])
         plain.load_state_dict(weights)
         ids = (torch.arange(16) * 7 % 64).unsqueeze(0)
         with torch.no_grad():
