@@ -8,8 +8,10 @@ Subpackages (each concern in one place; ``tests/test_architecture.py`` checks th
 * :mod:`lightning_ulysses.lightning` -- the Lightning surface: strategy, module, callbacks, CLI
 * :mod:`lightning_ulysses.models` -- reading HF models (heads, shardability), adapters, FLOP formulas
 * :mod:`lightning_ulysses.data` -- data modules
+* :mod:`lightning_ulysses.checkpoint` -- complete-or-absent saves, mid-epoch resume, resume at another layout,
+  full weights gathered for export
 * :mod:`lightning_ulysses.compat` -- every private API of Lightning, DeepSpeed, transformers and torch we use
-* :mod:`lightning_ulysses.tools` -- command-line tools (``compare``)
+* :mod:`lightning_ulysses.tools` -- command-line tools (``compare``, ``export``)
 
 Importing the package registers the ``"ulysses"`` strategy names with Lightning, so ``Trainer(strategy="ulysses")``
 works. Module paths of releases before the subpackages (``lightning_ulysses.callbacks``, ``.layout``, ...) still

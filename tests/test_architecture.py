@@ -79,7 +79,7 @@ def test_subpackages_are_layered() -> None:
     """The SP core, the kernels and the compat layer never import the Lightning surface."""
     graph = _graph()
     lower = ("lightning_ulysses.parallel", "lightning_ulysses.kernels", "lightning_ulysses.compat",
-             "lightning_ulysses.memory", "lightning_ulysses.models")
+             "lightning_ulysses.memory", "lightning_ulysses.models", "lightning_ulysses.checkpoint")
     bad = sorted(f"{n} -> {t}" for n, deps in graph.items() if n.startswith(lower)
                  for t in deps if t.startswith("lightning_ulysses.lightning"))
     assert not bad, bad

@@ -4,6 +4,8 @@ logits, fp32 on CPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +29,13 @@ def test_export_gives_the_trained_models_logits(stage: int, tmp_path) -> None:
     with torch.no_grad():
         logits = model(input_ids=trained["ids"], use_cache=False).logits
     torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-6)
+    # the HFExport callback wrote the same model while fitting (every step and at the end), no export step needed
+    assert [Path(p).name for p in r["exported"]] == ["step=1", "step=2", "final"]
+    final = AutoModelForCausalLM.from_pretrained(r["exported"][-1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=trained["ids"], use_cache=False).logits, trained["logits"],
+                                   rtol=0, atol=1e-6)
+    assert not list(Path(r["exported"][-1]).parent.glob("*.partial"))
 
 
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path) -> None:
@@ -59,10 +68,13 @@ def test_lora_export_writes_adapters_or_the_merged_model(tmp_path) -> None:
     adapters = export_hf(r["checkpoint"], str(tmp_path / "adapters"))
     merged = export_hf(r["checkpoint"], str(tmp_path / "merged"), merge=True)
     assert (adapters / "adapter_config.json").exists() and not (adapters / "config.json").exists()
+    during = Path(r["exported"][-1])  # HFExport during the fit writes the adapters too, naming the base model
+    assert (during / "adapter_config.json").exists() and not (during / "config.json").exists()
     with torch.no_grad():
         a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters).eval()
         m = AutoModelForCausalLM.from_pretrained(merged).eval()
-        for model in (a, m):
+        d = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), during).eval()
+        for model in (a, m, d):
             logits = model(input_ids=trained["ids"], use_cache=False).logits
             torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-5)
         untrained = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=trained["ids"], use_cache=False).logits

@@ -58,4 +58,54 @@ def zero_init_paused() -> Iterator[None]:
             zero.restore_init_context()
 
 
-__all__ = ["CHECKED", "is_zero3_params", "set_zero3_grads_ready", "use_mpu", "zero_init_paused"]
+def convert_to_universal(tag_dir: str, out_dir: str, workers: int = 1) -> None:
+    """DeepSpeed's ``ds_to_universal`` converter (``python -m deepspeed.checkpoint.ds_to_universal``) as a call:
+    the ZeRO shards of ``tag_dir`` -> one folder per parameter (fp32 weights and optimizer moments, any partition
+    count) in ``out_dir``. ``inject_missing_state``: the converter otherwise expects Megatron's
+    ``universal_checkpoint_info`` in the client state, which only Megatron-DeepSpeed writes."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    main(argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=workers,
+                            num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                            inject_missing_state=True))
+
+
+class _NoTensorParallel:
+    """An ``mpu`` view for universal-checkpoint loading: tensor-parallel rank 0 of 1, so each rank reads whole
+    parameters (the loader slices a parameter by TP rank, and our mpu's TP *rank* is the SP rank; see
+    ``DeepSpeedSequenceParallelMPU``). Everything else is the wrapped mpu's."""
+
+    def __init__(self, mpu: Any) -> None:
+        self._mpu = mpu
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mpu, name)
+
+
+@contextmanager
+def universal_loading(engine: Any) -> Iterator[None]:
+    """Make ``engine.load_checkpoint`` read a universal checkpoint (what ``"checkpoint": {"load_universal": true}``
+    in the config does, for one load) with whole parameters on every rank."""
+    config, optimizer = engine._config, getattr(engine, "optimizer", None)
+    mpu = getattr(optimizer, "mpu", None)
+    config.load_universal_checkpoint = True
+    if mpu is not None:
+        optimizer.mpu = _NoTensorParallel(mpu)
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = False
+        if mpu is not None:
+            optimizer.mpu = mpu
+
+
+__all__ = ["CHECKED", "convert_to_universal", "is_zero3_params", "set_zero3_grads_ready", "universal_loading",
+           "use_mpu", "zero_init_paused"]

@@ -26,6 +26,12 @@ def lightning_step_boundary(trainer: Any) -> bool:
     return not trainer.fit_loop._should_accumulate()
 
 
+def batches_done_in_epoch(trainer: Any) -> int:
+    """Training batches of the current epoch that went through ``training_step`` (the one being finished
+    included: ``ModelCheckpoint`` saves from ``on_train_batch_end``, before Lightning counts it completed)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 def trainer_of(module: Any) -> Optional[Any]:
     """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
     return getattr(module, "_trainer", None)

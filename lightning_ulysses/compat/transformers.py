@@ -129,5 +129,23 @@ class TransformersZero3:
         return self._config is not None
 
 
+@contextmanager
+def plain_model_init() -> Iterator[None]:
+    """Build models as plain (unpartitioned) modules while a ZeRO-3 run is live: transformers' integration
+    (``is_deepspeed_zero3_enabled``, read through the module-level weak reference ``HfDeepSpeedConfig`` sets) would
+    otherwise wrap ``from_config`` in ``deepspeed.zero.Init``, a collective that only the building rank enters."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        from lightning_ulysses.compat.deepspeed import zero_init_paused
+
+        with zero_init_paused():
+            yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "checkpointed_layers",
-           "fixed_cross_entropy", "kv_groups", "mask_functions", "set_checkpoint_function"]
+           "fixed_cross_entropy", "kv_groups", "mask_functions", "plain_model_init", "set_checkpoint_function"]

@@ -1,4 +1,4 @@
-"""Lightning callbacks shipped with lightning_ulysses: ``PrintLoss``, ``SequenceThroughput``.
+"""Lightning callbacks shipped with lightning_ulysses: ``PrintLoss``, ``SequenceThroughput``, ``HFExport``.
 
 The memory tricks are callbacks too (each :class:`~lightning_ulysses.memory.MemoryTrick` is one); they live in
 :mod:`lightning_ulysses.memory` and are re-exported here, where projects look for callbacks.
@@ -6,7 +6,9 @@ The memory tricks are callbacks too (each :class:`~lightning_ulysses.memory.Memo
 
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -15,6 +17,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_ulysses.models.adapters import is_peft_model
+from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.memory import (
     ActivationOffload,
     GradientCheckpointing,
@@ -59,6 +63,91 @@ class PrintLoss(Callback):
             print(f"step {trainer.global_step:>5d}  val_loss {float(value):.4f}", flush=True)
 
 
+class HFExport(Callback):
+    """Write the model as a Hugging Face directory (``AutoModelForCausalLM.from_pretrained(dir)`` loads it) every
+    ``every_n_train_steps`` optimizer steps and at the end of fit, while training runs: no DeepSpeed checkpoint and
+    no ``lightning-ulysses export`` step in between.
+
+    Directories: ``dirpath/step=<N>`` and ``dirpath/final``; each is written as ``<name>.partial`` and renamed when
+    complete. Weights are gathered one parameter at a time onto rank 0's host memory (ZeRO-3 partitions included;
+    no rank holds a second copy on its accelerator) in the dtype the model trains in (``dtype`` casts), sharded
+    above ``max_shard_size``. A LoRA/PEFT model writes its adapters, or with ``merge`` the merged model. The
+    tokenizer is saved alongside when ``tokenizer`` names one, or the model was loaded from a path or hub name.
+
+    Args:
+        dirpath: where the directories go.
+        every_n_train_steps: export every this many optimizer steps (``None``: only at the end).
+        at_end: also export when fit ends (``final``).
+        merge, tokenizer, max_shard_size, dtype: as ``lightning-ulysses export``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: Optional[int] = None,
+        at_end: bool = True,
+        merge: bool = False,
+        tokenizer: Optional[str] = None,
+        max_shard_size: str = "5GB",
+        dtype: Optional[str] = None,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be a positive number of steps or None, got {every_n_train_steps}")
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or None (the training dtype), got {dtype!r}")
+        self.dirpath, self.every_n_train_steps, self.at_end = dirpath, every_n_train_steps, at_end
+        self.merge, self.tokenizer, self.max_shard_size, self.dtype = merge, tokenizer, max_shard_size, dtype
+        self._last_step = -1
+        self.written: list[str] = []
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
+            self._last_step = step  # within an accumulation window the step has not advanced yet
+            self.export(trainer, pl_module, f"step={step}")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_end:
+            self.export(trainer, pl_module, "final")
+
+    def export(self, trainer: Trainer, pl_module: LightningModule, name: str) -> str:
+        """Write ``dirpath/name`` now (every rank must call it); returns the directory."""
+        from lightning_ulysses.checkpoint.files import publish, staging_path
+        from lightning_ulysses.checkpoint.weights import gather_weights
+        from lightning_ulysses.tools.export import write_hf
+
+        model = _exported_model(pl_module)
+        weights = gather_weights(model, getattr(torch, self.dtype) if self.dtype else None)
+        out = str(Path(self.dirpath) / name)
+        if trainer.is_global_zero:
+            spec = getattr(pl_module, "hparams", {}).get("model")
+            base = spec if isinstance(spec, str) else getattr(model.config, "name_or_path", None) or None
+            adapters = copy.deepcopy(next(iter(model.peft_config.values()))) if is_peft_model(model) else None
+            staging = staging_path(out)
+            write_hf(weights, model.config, staging, adapters=adapters, base=base, tokenizer=self.tokenizer or base,
+                     tokenizer_required=self.tokenizer is not None, max_shard_size=self.max_shard_size, merge=self.merge)
+            publish(staging, out)
+        trainer.strategy.barrier("HFExport")
+        self.written.append(out)
+        return out
+
+
+def _exported_model(pl_module: LightningModule) -> Any:
+    """The module's Hugging Face model (its ``model`` attribute when that is one, PEFT-wrapped or not)."""
+    from transformers import PreTrainedModel
+
+    model = getattr(pl_module, "model", None)
+    if model is not None and (isinstance(model, PreTrainedModel) or is_peft_model(model)):
+        return model
+    found = find_hf_model(pl_module)
+    if found is None:
+        raise ValueError("HFExport found no Hugging Face model in the LightningModule (a transformers PreTrainedModel "
+                         "or PEFT model, e.g. as its `model` attribute).")
+    return found
+
+
 class SequenceThroughput(Callback):
     """Logs tokens/s, model and hardware TFLOPS per GPU, MFU and peak GPU memory every step, and
     prints a summary at the end of training (formulas: :mod:`lightning_ulysses.models.flops`).
@@ -81,7 +170,6 @@ class SequenceThroughput(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_ulysses.models.inspect import find_hf_model
         from lightning_ulysses.models.flops import ModelDims, peak_flops_per_gpu
 
         model = find_hf_model(pl_module)
@@ -92,8 +180,6 @@ class SequenceThroughput(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after every callback's on_fit_start: the memory tricks are applied by now
-        from lightning_ulysses.models.inspect import find_hf_model
-
         self._model = find_hf_model(pl_module)
 
     def _sync(self, device: Any) -> None:
@@ -166,6 +252,7 @@ __all__ = [
     "MemoryEfficientRMSNorm",
     "MemoryEfficientSwiGLU",
     "PrintLoss",
+    "HFExport",
     "SequenceThroughput",
     "TiledAttentionBackward",
     "TiledLoss",

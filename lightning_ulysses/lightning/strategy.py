@@ -34,8 +34,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ulysses.compat.deepspeed import use_mpu
-from lightning_ulysses.compat.lightning import ddp_setup_environment, lightning_step_boundary
+from lightning_ulysses.checkpoint import CheckpointError, ResumableLoader, SavedLayout, needs_resharding, read_layout, verify_checkpoint
+from lightning_ulysses.checkpoint.files import publish, remove_stale_staging, staging_path, write_manifest
+from lightning_ulysses.checkpoint.resharding import universal_tag
+from lightning_ulysses.checkpoint.rng import load_rng_state, save_rng_state
+from lightning_ulysses.compat.deepspeed import universal_loading, use_mpu
+from lightning_ulysses.compat.lightning import batches_done_in_epoch, ddp_setup_environment, lightning_step_boundary
 from lightning_ulysses.compat.transformers import TransformersZero3, attn_implementation
 from lightning_ulysses.errors import raise_once
 from lightning_ulysses.lightning import cpu
@@ -230,6 +234,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         )
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
         self.groups: Optional[ProcessGroups] = None
+        self._rng_checkpoint: Optional[str] = None  # a resumed checkpoint whose RNG states are still to restore
 
     # ----------------------------------------------------------------------------------- layout
     @property
@@ -385,6 +390,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.training and self.layout is not None:
+            # its position in the epoch goes into checkpoints: a resumed run reads the next unread samples
+            dataloader = ResumableLoader(
+                dataloader, lambda: (trainer.current_epoch, batches_done_in_epoch(trainer)), self.layout.dp,
+                on_resume=self._restore_rng_state,
+            )
         if self.loss_normalization == "global_tokens" and trainer is not None and trainer.training:
             # read one accumulation window ahead so each micro-batch knows the step's token count
             return WindowTokenCounter(
@@ -542,6 +553,77 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # Lightning already divided the loss by accumulate_grad_batches; DeepSpeed must not divide it again.
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """DeepSpeed's save into ``<path>.partial``, renamed to ``<path>`` once every rank wrote and rank 0 listed the
+        files with their sizes (:mod:`lightning_ulysses.checkpoint.files`): a failed save never looks complete."""
+        path = str(self.broadcast(str(filepath)))
+        staging = staging_path(path)
+        if self.is_global_zero:
+            remove_stale_staging(path)
+        self.barrier("ulysses_save_start")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        save_rng_state(staging, self.global_rank)
+        self.barrier("ulysses_save_written")
+        if self.is_global_zero:
+            write_manifest(staging, self._saved_layout())
+            publish(staging, path)
+        self.barrier("ulysses_save_published")
+        if self.local_rank == 0 and os.path.isdir(staging):  # a node-local disk: each node's own files
+            publish(staging, path)
+        self.barrier("ulysses_save_done")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Check the checkpoint is complete, then load it as DeepSpeed saved it, or converted to DeepSpeed's universal
+        format when it was saved at another world size or ZeRO-3 vs ZeRO-1/2 (:mod:`lightning_ulysses.checkpoint`)."""
+        if self.load_full_weights and self.zero_stage_3:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        path = str(self.broadcast(str(checkpoint_path)))
+        self._on_rank_zero(verify_checkpoint, path)
+        saved, current = read_layout(path), self._saved_layout()
+        try:
+            reshard = needs_resharding(saved, current)
+        except CheckpointError as exc:
+            raise_once(exc)
+        # each rank continues its own random stream (dropout), restored when the resumed training loop starts
+        self._rng_checkpoint = path if saved.world_size == current.world_size else None
+        if not reshard:
+            return super().load_checkpoint(path, weights_only)
+        rank_zero_info(f"lightning_ulysses: resharding the checkpoint from {saved.describe()} to {current.describe()}")
+        tag = self._on_rank_zero(universal_tag, path)
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        assert self.lightning_module is not None
+        with universal_loading(self.deepspeed_engine):
+            _, client_state = self.deepspeed_engine.load_checkpoint(
+                path, tag=tag, load_optimizer_states=self.lightning_module.trainer.state.fn == TrainerFn.FITTING,
+                load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading,
+            )
+        return client_state
+
+    def _restore_rng_state(self) -> None:
+        if self._rng_checkpoint is not None:
+            load_rng_state(self._rng_checkpoint, self.global_rank)
+            self._rng_checkpoint = None
+
+    def _saved_layout(self) -> SavedLayout:
+        stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        return SavedLayout(self.world_size, stage, self.layout.sp if self.layout is not None else None)
+
+    def _on_rank_zero(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on rank 0 (file work on a shared checkpoint); its result, or its error, on every rank."""
+        outcome: Any = None
+        if self.is_global_zero:
+            try:
+                outcome = ("ok", fn(*args))
+            except Exception as exc:  # reported below on rank 0, the others stop quietly
+                outcome = ("error", exc)
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "error":
+            raise_once(outcome[1])
+        return outcome[1]
 
     @override
     def teardown(self) -> None:

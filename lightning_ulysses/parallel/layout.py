@@ -404,8 +404,9 @@ class DeepSpeedSequenceParallelMPU:
     "sequence data parallel" group (all ranks) and treats model parallelism as absent. The
     ``get_model_parallel_*`` aliases mirror ``deepspeed.runtime.sequence_parallel.parallel_state_sp``
     so that gradient-norm code deduplicates the SP replicas exactly as DeepSpeed's own path does.
-    The tensor-parallel accessors are what makes ZeRO-0 (BF16_Optimizer) work: DeepSpeed's own
-    module lacks them and crashes there (deepspeedai/DeepSpeed#7833).
+    Those aliases are also what ZeRO-0 (BF16_Optimizer) reads: DeepSpeed's own module crashes there
+    (deepspeedai/DeepSpeed#7833). Tensor parallelism is reported as absent (degree 1), which is what makes a
+    checkpoint convertible to DeepSpeed's universal format, and so resumable at another layout.
     """
 
     def __init__(self, groups: ProcessGroups) -> None:
@@ -435,6 +436,14 @@ class DeepSpeedSequenceParallelMPU:
     get_model_parallel_group = get_sequence_parallel_group
     get_model_parallel_world_size = get_sequence_parallel_world_size
     get_model_parallel_rank = get_sequence_parallel_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        """No tensor parallelism: every SP rank holds whole parameters. DeepSpeed prefers this accessor over the
+        model-parallel alias when it records a checkpoint's ``tp_degree``; with the alias it would record the SP
+        degree, and its universal-checkpoint converter would then look for TP slices that do not exist. (The
+        *rank* keeps falling back to the SP rank: the gradient-norm code counts replicated parameters on SP rank 0
+        only, then sums over the SP group.)"""
+        return 1
 
 
 def rank_in_group(group: Optional[dist.ProcessGroup]) -> int:

@@ -35,6 +35,10 @@ def load_checkpoint(checkpoint: str) -> dict[str, Any]:
             )
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
+        from lightning_ulysses.checkpoint import verify_checkpoint
+
+        verify_checkpoint(str(path))  # unfinished or truncated: say so, not a torch.load error deep inside
+
         with tempfile.TemporaryDirectory() as tmp:
             return convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(tmp) / "fp32.ckpt"))
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -69,8 +73,6 @@ def export_hf(
     """Write the Hugging Face model of ``checkpoint`` to ``out_dir`` (see the module docstring); returns it.
     A LoRA/PEFT run writes its adapters (``PeftModel.from_pretrained(base, out_dir)``), or with ``merge`` the base
     model with the adapters merged into it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     state = load_checkpoint(checkpoint)
     hparams = state.get("hyper_parameters") or {}
     spec = hparams.get("model")
@@ -82,36 +84,60 @@ def export_hf(
     if adapters is None and any(".lora_" in k for k in weights):
         raise ValueError("The checkpoint holds LoRA weights but not their config (a PeftConfig object is not saved as a "
                          "hyperparameter); train with peft given as a dict (YAML) to export it.")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    source = tokenizer or (spec if isinstance(spec, str) else None)
+    return write_hf(weights, cfg, out_dir, adapters=adapters, base=spec if isinstance(spec, str) else None,
+                    tokenizer=source, tokenizer_required=tokenizer is not None, max_shard_size=max_shard_size,
+                    dtype=dtype, merge=merge)
+
+
+def write_hf(  # long: 35 lines of one sequence: build on meta, load, tie, merge or name the base, cast, save
+    weights: dict[str, torch.Tensor],
+    config: Any,
+    out_dir: str,
+    adapters: Any = None,
+    base: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    tokenizer_required: bool = False,
+    max_shard_size: str = "5GB",
+    dtype: Optional[str] = None,
+    merge: bool = False,
+) -> Path:
+    """``save_pretrained`` of the model ``config`` describes holding ``weights`` (a full state dict, the HF model's
+    own keys; with ``adapters``, the PEFT model's). The model is built on the meta device and takes the tensors as
+    they are (no second copy). ``base``: the hub name/path adapters record as their base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_ulysses.compat.transformers import plain_model_init
+
+    with torch.device("meta"), plain_model_init():  # also called by rank 0 alone during a ZeRO-3 fit (HFExport)
+        model = AutoModelForCausalLM.from_config(config)
         if adapters is not None:
             from lightning_ulysses.models.adapters import apply_peft
 
             model = apply_peft(model, adapters)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"The checkpoint does not match the model config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}. Pass the model it was trained from with --config.")
-    if cfg.tie_word_embeddings:
+    if config.tie_word_embeddings:
         model.tie_weights()
     if adapters is not None:
         if merge:  # the base model with the adapters folded into its weights
             model = model.merge_and_unload()
-        elif isinstance(spec, str):  # adapters only: PeftModel.from_pretrained(base, OUT_DIR) finds the base
+        elif base is not None:  # adapters only: PeftModel.from_pretrained(base, OUT_DIR) finds the base
             for adapter_config in model.peft_config.values():
-                adapter_config.base_model_name_or_path = spec
+                adapter_config.base_model_name_or_path = base
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     out = Path(out_dir)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    source = tokenizer or (hparams.get("model") if isinstance(hparams.get("model"), str) else None)
-    if source is not None:
+    if tokenizer is not None:
         try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
         except (OSError, ValueError):
-            if tokenizer is not None:
+            if tokenizer_required:
                 raise
     return out
 

@@ -1,5 +1,6 @@
-"""Fit a tiny CausalLMModule under the strategy (sp=2, ZeRO ``stage``), save a checkpoint, and write the trained
-model's logits on a fixed input (weights gathered from the ranks) for the export test.
+"""Fit a tiny CausalLMModule under the strategy (sp=2, ZeRO ``stage``) with the ``HFExport`` callback, save a
+checkpoint, and write the trained model's logits on a fixed input (weights gathered from the ranks) for the export
+test.
 
 ``export_fit.py CASE_JSON RESULT_JSON``: CASE has ``stage``; RESULT gets the checkpoint path and a logits file.
 """
@@ -18,6 +19,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.data import SyntheticLMDataModule  # noqa: E402
+from lightning_ulysses.lightning.callbacks import HFExport  # noqa: E402
 from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
 
 CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -32,7 +34,8 @@ def main() -> None:
     module = CausalLMModule(model=model, peft=case.get("lora"), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
     data = SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1)
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=case["stage"])
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
+    export = HFExport(str(out / "hf_export"), every_n_train_steps=1)  # writes step=1, step=2 and final while fitting
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[export],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, data)
@@ -64,7 +67,8 @@ def main() -> None:
         with torch.no_grad():
             logits = plain.eval()(input_ids=ids, use_cache=False).logits
         torch.save({"ids": ids, "logits": logits}, out / "trained_logits.pt")
-        result.write_text(json.dumps({"checkpoint": str(ckpt), "logits": str(out / "trained_logits.pt")}))
+        result.write_text(json.dumps({"checkpoint": str(ckpt), "logits": str(out / "trained_logits.pt"),
+                                      "exported": export.written}))
     shutdown_distributed()
 
 
