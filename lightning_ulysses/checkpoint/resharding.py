@@ -53,11 +53,13 @@ def universal_tag(path: str, workers: int = 1) -> str:
         try:
             convert_to_universal(str(Path(path) / TAG), staging, workers=workers)
         except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
                 f"Could not convert {path} to DeepSpeed's universal format to load it at another layout ({exc}). "
-                "A checkpoint written before resharding was supported records the SP degree as tensor parallelism "
-                "(`checkpoint_parallel_dimensions` in its model-state file) and cannot be converted: resume it at "
-                "the world size it was saved at."
+                "The conversion writes about twice the optimizer state next to the checkpoint: check free disk "
+                "space. A checkpoint written before resharding was supported records the SP degree as tensor "
+                "parallelism (`checkpoint_parallel_dimensions` in its model-state file) and cannot be converted. "
+                "Either way, resuming at the world size it was saved at needs no conversion."
             ) from exc
         os.replace(staging, out)
     return UNIVERSAL_TAG

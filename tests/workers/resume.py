@@ -1,7 +1,7 @@
 """Fit, save mid-epoch with ModelCheckpoint, resume: several runs in one launched job.
 
 ``resume.py CASES_JSON OUT_DIR``: CASES_JSON maps a name to a run ``{stage, sp, batch_size, steps, save_every,
-resume_from, ring_size, accumulate, expect_error}``; runs go in order in the same processes (a resume case names an
+resume_from, ring_size, accumulate, dropout, strategy (more strategy options), expect_error}``; runs go in order in the same processes (a resume case names an
 earlier case's checkpoint, possibly written by another job at another world size). Rank 0 writes
 ``OUT_DIR/<name>.json``: the loss of every optimizer step (``{global_step: loss}``), the checkpoints written and the
 final weights (gathered, ``<name>.pt``).
@@ -35,8 +35,9 @@ class StepLosses(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # after the optimizer step of this batch, when it stepped
-        self.losses[step] = float(trainer.callback_metrics["train_loss"])  # the step's loss over all ranks
         self.samples.setdefault(step, []).append(int(batch["input_ids"][0, 0]))
+        if "train_loss" in trainer.callback_metrics and step > 0:  # logged when the step completes
+            self.losses[step] = float(trainer.callback_metrics["train_loss"])  # the step's loss over all ranks
 
 
 def _weights(module: CausalLMModule) -> dict[str, torch.Tensor]:
@@ -52,10 +53,12 @@ def _weights(module: CausalLMModule) -> dict[str, torch.Tensor]:
 def run(name: str, case: dict, out: Path) -> None:
     torch.manual_seed(0)
     module = CausalLMModule(model=dict(CONFIG, attention_dropout=case.get("dropout", 0.0)),
-                            optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=0.01),
+                            # halves the learning rate every 2 steps: a resume must restore the scheduler too
+                            lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
     data = SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=8, batch_size=case["batch_size"])
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
-                                        ring_size=case.get("ring_size"))
+                                        ring_size=case.get("ring_size"), **case.get("strategy", {}))
     losses = StepLosses()
     callbacks = [losses]
     if case.get("save_every"):
