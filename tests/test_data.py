@@ -125,9 +125,10 @@ def test_ring_pads_to_twice_sp_and_shards_positions_and_labels_alike() -> None:
     assert shards[1]["shift_labels"].tolist() == [[5, 6, 7, 8, 9, 10]]
 
 
-def test_ring_rejects_packed_rows_and_bad_pad_multiple() -> None:
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match="context_parallel_mode='ulysses_only'"):
-        shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long), "position_ids": pos}, 0, 2, ring=2)
+def test_ring_shards_packed_rows_and_rejects_a_bad_pad_multiple() -> None:
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])  # packed rows shard like any row; ring attention reads the samples
+    shard = shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long), "position_ids": pos}, 0, 2,
+                                        ring=2)
+    assert shard["position_ids"].tolist() == [[0, 1, 2, 3]]  # zigzag: chunks 0 and 3 of 4
     with pytest.raises(ValueError, match=r"2 x sequence_parallel_size = 4 \(zigzag ring\)"):
         shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long)}, 0, 2, pad_to_multiple_of=6, ring=2)

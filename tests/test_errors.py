@@ -85,9 +85,6 @@ def test_layout_and_sharding_errors_name_the_fix() -> None:
     assert "eager" not in str(err.value)
     with pytest.raises(ValueError, match="must be a multiple of sequence_parallel_size=4"):
         prepare_for_sharding({"input_ids": IDS}, 4, pad_to_multiple_of=6)
-    packed = {"input_ids": IDS, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])}
-    with pytest.raises(ValueError, match="context_parallel_mode='ulysses_only'"):
-        prepare_for_sharding(packed, 2, ring=2)
 
 
 def test_module_refuses_what_it_cannot_build() -> None:

@@ -62,6 +62,11 @@ CASES = {
     "sp1_dp2_gqa_zero2_packed": (2, dict(sp=1, stage=2, heads=4, kv_heads=2, packed=True)),
     # Ulysses x ring (issue #5): ring attention nested in the all-to-all, zigzag-sharded data
     "ring_only_rp4_gqa_zero2": (4, dict(sp=4, stage=2, heads=4, kv_heads=2, mode="ring_only", ring=4)),
+    # packed rows through the ring (issue #17): attention inside each sample, per sample run of every block pair
+    "ring_only_rp4_gqa_zero2_packed_batch2": (
+        4, dict(sp=4, stage=2, heads=4, kv_heads=2, mode="ring_only", ring=4, packed=True, batch_size=2)),
+    "hybrid_u2_r2_gqa_zero3_packed_batch2": (
+        4, dict(sp=4, stage=3, heads=4, kv_heads=2, mode="hybrid", ring=2, packed=True, batch_size=2)),
     "hybrid_u2_r2_mqa_zero3_padded_tiled_offload": (
         4,
         dict(sp=4, stage=3, heads=4, kv_heads=1, mode="hybrid", ring=2, seq_len=13, padded=True, tile_tokens=3,

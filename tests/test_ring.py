@@ -1,4 +1,5 @@
-"""Ring attention (forward and backward) equals causal SDPA on the whole sequence, on CPU/gloo."""
+"""Ring attention (forward and backward) equals causal SDPA on the whole sequence, on CPU/gloo; with packed rows,
+SDPA with each row's block-diagonal causal mask."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from lightning_ulysses.parallel.ring import _blocks, select_kernel
-from tests.harness import run_workers
+from tests.harness import WORKERS, worker_env
 
 CASES = {
     "rp2_zigzag_mha": (2, dict(heads=4, kv_heads=4, seq=24, zigzag=True)),
@@ -14,14 +15,33 @@ CASES = {
     "rp4_zigzag_gqa": (4, dict(heads=4, kv_heads=2, seq=32, zigzag=True)),
     "rp4_contiguous_mqa": (4, dict(heads=4, kv_heads=1, seq=32, zigzag=False)),
     "rp4_zigzag_math_kernel": (4, dict(heads=2, kv_heads=1, seq=16, zigzag=True, backend="math", batch=1)),
+    # packed rows: attention stays inside each sample (different boundaries per batch row, across shard borders)
+    "rp2_zigzag_gqa_packed": (2, dict(heads=4, kv_heads=2, seq=24, zigzag=True, packed=4)),
+    "rp4_contiguous_mha_packed": (4, dict(heads=2, kv_heads=2, seq=32, zigzag=False, packed=6)),
+    "rp4_zigzag_math_packed": (4, dict(heads=2, kv_heads=1, seq=32, zigzag=True, packed=5, backend="math")),
 }
 
 
+@pytest.fixture(scope="module")
+def kernel_errors(tmp_path_factory) -> dict:
+    """Every case's worst errors; the cases of one world size run in one launched job."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ring_kernel")
+    for nproc in sorted({n for n, _ in CASES.values()}):
+        cases = {name: case for name, (n, case) in CASES.items() if n == nproc}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(WORKERS / "ring_kernel.py"), json.dumps(cases), str(out)]
+        proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in CASES}
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_ring_attention_equals_full_causal_sdpa(name, tmp_path) -> None:
-    nproc, case = CASES[name]
-    errs = run_workers("ring_kernel.py", nproc, case, tmp_path, timeout=120)
-    for key, err in errs.items():
+def test_ring_attention_equals_full_causal_sdpa(name, kernel_errors) -> None:
+    for key, err in kernel_errors[name].items():
         assert err <= 1e-5, f"{name}: {key} max error {err}"
 
 

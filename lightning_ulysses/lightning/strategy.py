@@ -442,10 +442,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _sequence_positions(self, full: dict, local: dict) -> dict[str, Any]:
         """The full batch's position ids and packed segments (host-side bounds included), once per batch, for every
-        attention layer of its forward and recompute (Ulysses, and packed rows at sp=1). Ring layouts need none (one
-        causal sequence per row)."""
+        attention layer of its forward and recompute (Ulysses, ring with packed rows, and packed rows at sp=1)."""
         groups = self.groups
-        if groups is None or groups.ring > 1:
+        if groups is None:
             return {}
         device = local["position_ids"].device
         positions = full["position_ids"]  # [b, S]
@@ -454,7 +453,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             "local_positions": local["position_ids"],
             "global_positions": local["position_ids"] if groups.sp == 1 else positions.to(device),
             "segments": segments.to(device) if segments is not None else None,
-            "segment_bounds": segment_bounds(segments) if segments is not None else None,
+            # per-segment kernels under Ulysses alone; the ring finds its samples' runs itself
+            "segment_bounds": segment_bounds(segments) if segments is not None and groups.ring == 1 else None,
         }
 
     @contextmanager

@@ -22,6 +22,13 @@ Layouts (:func:`lightning_ulysses.parallel.sharding.shard_token_index` shards th
   block from a later rank ``j > i`` is seen in full by our second half only. Every rank then
   computes the same amount: one causal block plus ``R - 1`` half-size blocks.
 
+Packed rows (several samples per row, ``segments``: the ``[b, S]`` sample id of every token of the whole
+sequence): a token attends only to earlier tokens of its own sample. Samples are contiguous in the sequence and
+each rank's local order is increasing in it, so inside every (query rows, K/V block) pair of the plan the tokens
+of one sample form one contiguous run on each side; the pair becomes one kernel call per sample present on both
+sides (same causal flag as the pair), each writing only its own query rows. No mask is built, and a query row
+with no visible key in a block simply receives nothing from it.
+
 The block kernels (:mod:`lightning_ulysses.kernels.attention`) return the log-sum-exp and take it back
 in backward: torch's cuDNN / flash SDPA ops on CUDA, the flash CPU op on CPU, a matmul fallback otherwise.
 """
@@ -101,41 +108,76 @@ def _ring_steps(kv: Tensor, ring: RingGroup, zigzag: bool, s: int):
             kv = next_kv
 
 
+def _runs(ids: list[int], part: slice) -> dict[int, tuple[int, int]]:
+    """``{sample id: (start, end)}`` of the contiguous runs of ``ids[part]`` (indices into ``ids``)."""
+    out: dict[int, tuple[int, int]] = {}
+    start = part.start
+    for i in range(part.start + 1, part.stop + 1):
+        if i == part.stop or ids[i] != ids[start]:
+            out[ids[start]] = (start, i)
+            start = i
+    return out
+
+
+def _calls(plan: tuple[slice, slice, bool], src: int, local_ids: Optional[list], b: int) -> list:
+    """The kernel calls of one (query rows, K/V block) pair: ``(batch rows, q rows, kv cols)``; without packed
+    samples one call over the whole batch, with them one per batch row and sample present on both sides."""
+    rows, cols, _ = plan
+    if local_ids is None:
+        return [(slice(0, b), rows, cols)]
+    calls = []
+    for i in range(b):
+        q_runs, k_runs = _runs(local_ids[-1][i], rows), _runs(local_ids[src][i], cols)
+        for sample, (qa, qb) in q_runs.items():
+            if sample in k_runs:
+                calls.append((slice(i, i + 1), slice(qa, qb), slice(*k_runs[sample])))
+    return calls
+
+
+def local_sample_ids(segments: Tensor, ring: int, rank: int, zigzag: bool) -> list:
+    """Per ring rank (and, last, this rank) the ``[b][s]`` sample ids of its tokens in local order (host lists)."""
+    from lightning_ulysses.parallel.sharding import ring_token_index
+
+    index = ring_token_index(segments.shape[1], ring, zigzag)
+    by_rank = [segments[:, index[r].to(segments.device)].tolist() for r in range(ring)]
+    return by_rank + [by_rank[rank]]
+
+
 def _kv_block(kv: Tensor, cols: slice, groups: int) -> tuple[Tensor, Tensor]:
     return expand_kv(kv[0][:, :, cols], groups).contiguous(), expand_kv(kv[1][:, :, cols], groups).contiguous()
 
 
-def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor) -> None:
-    """In place: fold block result (o, l) into the running (out fp32, lse) for query ``rows``."""
-    old = lse[:, :, rows]
+def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor, batch: slice = slice(None)) -> None:
+    """In place: fold block result (o, l) into the running (out fp32, lse) for query ``rows`` of ``batch``."""
+    old = lse[batch, :, rows]
     new = torch.logaddexp(old, l)
-    out[:, :, rows] = out[:, :, rows] * torch.exp(old - new)[..., None] + o.float() * torch.exp(l - new)[..., None]
-    lse[:, :, rows] = new
+    out[batch, :, rows] = out[batch, :, rows] * torch.exp(old - new)[..., None] + o.float() * torch.exp(l - new)[..., None]
+    lse[batch, :, rows] = new
 
 
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: AttentionKernel):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: AttentionKernel,
+                local_ids: Optional[list]):
         groups = q.shape[1] // k.shape[1]
-        s = q.shape[2]
+        b, s = q.shape[0], q.shape[2]
         kv = torch.stack([k, v]).contiguous()
-        out = lse = None
-        auxes: list[Any] = []  # per-step kernel metadata (CUDA ops want their forward's seq info back)
-        for block, plan in _ring_steps(kv, ring, zigzag, s):
-            if plan is not None:
-                rows, cols, causal = plan
-                kb, vb = _kv_block(block, cols, groups)
-                o, l, aux = kernel.forward(q[:, :, rows].contiguous(), kb, vb, causal, scale)
+        # step 0 covers every row (each token sees itself), so lse is finite after it
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        auxes: list[Any] = []  # per-call kernel metadata (CUDA ops want their forward's seq info back)
+        for step, (block, plan) in enumerate(_ring_steps(kv, ring, zigzag, s)):
+            if plan is None:
+                continue
+            for batch, rows, cols in _calls(plan, (ring.rank - step) % ring.size, local_ids, b):
+                kb, vb = _kv_block(block[:, batch], cols, groups)
+                o, l, aux = kernel.forward(q[batch, :, rows].contiguous(), kb, vb, plan[2], scale)
                 auxes.append(aux)
-                if out is None:  # step 0 covers every row (each token sees itself), so lse is finite after it
-                    # fresh copies: the merge writes in place, and the kernel outputs may be cached
-                    # (selective checkpointing keeps attention-kernel outputs for the recompute)
-                    out, lse = o.to(torch.float32, copy=True), l.to(torch.float32, copy=True)
-                else:
-                    _merge(out, lse, rows, o, l)
+                _merge(out, lse, rows, o, l, batch)  # copies: kernel outputs may be cached (selective checkpointing)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale, ctx.zigzag, ctx.kernel, ctx.auxes = ring, scale, zigzag, kernel, auxes
+        ctx.local_ids = local_ids
         return out
 
     @staticmethod
@@ -149,19 +191,19 @@ class _RingAttentionFunction(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with kv and ends at its owner
         auxes = iter(ctx.auxes)
-        for block, plan in _ring_steps(kv, ring, zigzag, s):
-            if plan is not None:
-                rows, cols, causal = plan
-                kb, vb = _kv_block(block, cols, groups)
-                qb, ob, lb, dob = (t[:, :, rows].contiguous() for t in (q, out, lse, dout))
-                dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), causal, scale)
-                dq[:, :, rows] += dqb.float()
-                dkv[0][:, :, cols] += reduce_kv(dkb.float(), groups)
-                dkv[1][:, :, cols] += reduce_kv(dvb.float(), groups)
+        for step, (block, plan) in enumerate(_ring_steps(kv, ring, zigzag, s)):
+            for batch, rows, cols in (() if plan is None else _calls(plan, (ring.rank - step) % ring.size,
+                                                                       ctx.local_ids, q.shape[0])):
+                kb, vb = _kv_block(block[:, batch], cols, groups)
+                qb, ob, lb, dob = (t[batch, :, rows].contiguous() for t in (q, out, lse, dout))
+                dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), plan[2], scale)
+                dq[batch, :, rows] += dqb.float()
+                dkv[0][batch, :, cols] += reduce_kv(dkb.float(), groups)
+                dkv[1][batch, :, cols] += reduce_kv(dvb.float(), groups)
             # the accumulator follows its block to the next rank; after ring.size hops it is home
             dkv, dkv_works = ring.shift(dkv)
             _wait(dkv_works)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(
@@ -172,9 +214,13 @@ def ring_attention(
     scale: Optional[float] = None,
     zigzag: bool = True,
     backend: str = "auto",
+    segments: Optional[Tensor] = None,
 ) -> Tensor:
     """Exact causal attention of local ``q``/``k``/``v`` (``[b, h, s, d]``, kv heads may be fewer and must
     divide the query heads) whose sequence is split over ``group`` in the contiguous or zigzag layout.
+
+    ``segments``: for packed rows, the ``[b, S]`` sample id of every token of the *whole* sequence (S = s x ring
+    size; :func:`lightning_ulysses.parallel.sharding.packed_segments`); attention then stays inside each sample.
 
     Returns ``[b, h, s, d]`` in ``q``'s layout and dtype. Collective over ``group`` (every rank calls it
     in the same order, forward and backward). Pass a :class:`RingGroup` to skip resolving the neighbours.
@@ -186,9 +232,13 @@ def ring_attention(
     ring = group if isinstance(group, RingGroup) else RingGroup.of(group)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kernel = select_kernel(q.device, q.dtype, backend)
-    if ring.size == 1:
+    if segments is not None and segments.shape != (q.shape[0], q.shape[2] * ring.size):
+        raise ValueError(f"segments must be [b, S] = {[q.shape[0], q.shape[2] * ring.size]} for the whole sequence, "
+                         f"got {list(segments.shape)}.")
+    local_ids = local_sample_ids(segments, ring.size, ring.rank, zigzag) if segments is not None else None
+    if ring.size == 1 and local_ids is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    return _RingAttentionFunction.apply(q, k, v, ring, scale, zigzag, kernel)
+    return _RingAttentionFunction.apply(q, k, v, ring, scale, zigzag, kernel, local_ids)
 
 
 __all__ = ["RING_BACKENDS", "RingGroup", "ring_attention", "select_kernel"]

@@ -192,23 +192,28 @@ def shard_multiple(sp: int, ring: int = 1, zigzag: bool = True) -> int:
 def shard_token_index(seq_len: int, sp: int, ring: int = 1, zigzag: bool = True) -> Tensor:
     """``[sp, seq_len // sp]``: the global token indices each SP rank holds, in its local order.
 
-    SP rank ``c = ring_rank * ulysses + ulysses_rank``. A ring rank ``i`` owns a *segment*: chunk
-    ``i`` of ``ring`` (contiguous) or chunks ``i`` and ``2*ring-1-i`` of ``2*ring`` (zigzag). Its
-    Ulysses ranks split the segment into consecutive pieces, so that the Ulysses all-to-all puts
-    the segment back together in order. With ``ring == 1`` this is plain contiguous sharding.
+    SP rank ``c = ring_rank * ulysses + ulysses_rank``. A ring rank ``i`` owns a *part*: chunk
+    ``i`` of ``ring`` (contiguous) or chunks ``i`` and ``2*ring-1-i`` of ``2*ring`` (zigzag,
+    :func:`ring_token_index`). Its Ulysses ranks split the part into consecutive pieces, so that the Ulysses
+    all-to-all puts the part back together in order. With ``ring == 1`` this is plain contiguous sharding.
     """
     if seq_len % shard_multiple(sp, ring, zigzag) != 0:
         raise ValueError(
             f"Sequence length {seq_len} is not a multiple of {shard_multiple(sp, ring, zigzag)} (sp={sp}, ring={ring}, "
             f"zigzag={zigzag}); call prepare_batch first."
         )
+    return ring_token_index(seq_len, ring, zigzag).reshape(sp, -1)  # each ring part split into sp // ring pieces
+
+
+def ring_token_index(seq_len: int, ring: int, zigzag: bool = True) -> Tensor:
+    """``[ring, seq_len // ring]``: the global token indices a ring rank holds after the Ulysses all-to-all (its
+    Ulysses group's pieces put back together), in local order: chunk ``i`` of ``ring``, or chunks ``i`` and
+    ``2*ring-1-i`` of ``2*ring`` (zigzag). Increasing along each row."""
     idx = torch.arange(seq_len)
     if uses_zigzag(ring, zigzag):
         chunks = idx.view(2 * ring, -1)
-        segments = torch.stack([torch.cat([chunks[i], chunks[2 * ring - 1 - i]]) for i in range(ring)])
-    else:
-        segments = idx.view(ring, -1)
-    return segments.reshape(sp, -1)  # each segment split into sp // ring consecutive pieces
+        return torch.stack([torch.cat([chunks[i], chunks[2 * ring - 1 - i]]) for i in range(ring)])
+    return idx.view(ring, -1)
 
 
 def shard_batch(
@@ -257,15 +262,6 @@ def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
     return seg
 
 
-def _check_not_packed(position_ids: Tensor) -> None:
-    if packed_segments(position_ids) is not None:
-        raise ValueError(
-            "Ring attention supports one causal sequence per row (right padding allowed), but position_ids restart "
-            "inside a row (packed sequences). Use context_parallel_mode='ulysses_only' (Ulysses handles packing) or "
-            "do not pack."
-        )
-
-
 def sharding_multiple(sp: int, ring: int = 1, zigzag: bool = True, pad_to_multiple_of: Optional[int] = None) -> int:
     """What the strategy pads every sequence to a multiple of: ``pad_to_multiple_of`` (checked against what
     sharding needs, :func:`shard_multiple`) or, by default, exactly what sharding needs."""
@@ -288,11 +284,8 @@ def prepare_for_sharding(
     ring: int = 1,
     zigzag: bool = True,
 ) -> dict[str, Any]:
-    """:func:`prepare_batch` at the multiple the layout needs; refuses packed rows inside a ring."""
-    full = prepare_batch(batch, sharding_multiple(sp, ring, zigzag, pad_to_multiple_of), pad_token_id)
-    if ring > 1:
-        _check_not_packed(full["position_ids"])
-    return full
+    """:func:`prepare_batch` at the multiple the layout needs."""
+    return prepare_batch(batch, sharding_multiple(sp, ring, zigzag, pad_to_multiple_of), pad_token_id)
 
 
 def shard_for_sequence_parallel(
@@ -315,6 +308,7 @@ __all__ = [
     "prepare_batch",
     "prepare_for_sharding",
     "real_token_mask",
+    "ring_token_index",
     "shard_batch",
     "shard_for_sequence_parallel",
     "shard_multiple",

@@ -173,8 +173,12 @@ class UlyssesAttention:
     # ---- the attention paths (one is chosen in __init__); each returns ([b, S, h/u, d], weights)
     def _attend_ring(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
                      kwargs: dict) -> tuple[Tensor, Any]:
-        # ring layouts are causal over one sequence per row (the data layer refuses packing): no positions needed
-        return self._ring(module, q, k, v, kwargs), None
+        # packed rows: the sample ids of the whole sequence, from the step context (the batch before sharding)
+        ctx = current_step_context()
+        local = kwargs.get("position_ids")
+        packed = ctx is not None and ctx.segments is not None and local is not None and ctx.positions_apply_to(
+            local if local.dim() == 2 else local.unsqueeze(0))
+        return self._ring(module, q, k, v, kwargs, ctx.segments if packed else None), None
 
     def _attend_sdpa(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
                      kwargs: dict) -> tuple[Tensor, Any]:
@@ -226,7 +230,8 @@ class UlyssesAttention:
         )
         return out.transpose(1, 2)  # [b, S, h/u, d], as HF kernels return
 
-    def _ring(self, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
+    def _ring(self, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict,
+              segments: Optional[Tensor] = None) -> Tensor:
         """Ring attention over the gathered segment; refuses what its causal-only kernels cannot do."""
         unsupported = []
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -246,8 +251,11 @@ class UlyssesAttention:
             )
         if self._ring_peers is None:
             self._ring_peers = RingGroup.of(self.ring_group)
+        if segments is not None and segments.shape[0] != q.shape[0]:
+            segments = segments.expand(q.shape[0], -1)
         out = ring_attention(
-            q, k, v, self._ring_peers, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend
+            q, k, v, self._ring_peers, scale=kwargs.get("scaling"), zigzag=self.ring_zigzag, backend=self.ring_backend,
+            segments=segments,
         )
         return out.transpose(1, 2)
 
