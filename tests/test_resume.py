@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ulysses.checkpoint import CheckpointError, ResumableLoader, SavedLayout, needs_resharding
+from lightning_ulysses.checkpoint import CheckpointError, ResumableLoader, SavedLayout, needs_resharding, read_layout
 from lightning_ulysses.checkpoint.files import publish, staging_path, verify_checkpoint, write_manifest
 from tests.harness import WORKERS, worker_env
 
@@ -112,7 +112,9 @@ def test_saves_are_complete_and_listed(runs) -> None:
     ckpts = runs / "ref_z2_ckpts"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step=3.ckpt", "step=6.ckpt"]  # no .partial left behind
     manifest = json.loads((ckpts / "step=3.ckpt" / "ulysses_checkpoint.json").read_text())
-    assert manifest["layout"] == {"world_size": 4, "zero_stage": 2, "sequence_parallel_size": 2}
+    assert manifest["layout"] == {"world_size": 4, "zero_stage": 2, "sequence_parallel_size": 2,
+                                  "optimizer_partitions": 4}
+    assert read_layout(str(ckpts / "step=3.ckpt")) == SavedLayout(4, 2, 2, 4)
     assert sum(1 for f in manifest["files"] if f.endswith("optim_states.pt")) == 4
 
 
@@ -145,6 +147,10 @@ def test_which_layout_changes_need_resharding() -> None:
     assert not needs_resharding(SavedLayout(4, 0), SavedLayout(1, 0))
     with pytest.raises(CheckpointError, match="ZeRO-0"):
         needs_resharding(SavedLayout(4, 0), SavedLayout(4, 2))
+    # ZeRO-0 with DeepSpeed's bf16 optimizer (GPU) keeps per-rank optimizer partitions: same world size only
+    assert not needs_resharding(SavedLayout(4, 0, 2, optimizer_partitions=4), SavedLayout(4, 0, 4))
+    with pytest.raises(CheckpointError, match="bf16 optimizer"):
+        needs_resharding(SavedLayout(4, 0, 2, optimizer_partitions=4), SavedLayout(2, 0, 2))
 
 
 def test_resumable_loader_skips_the_samples_read_at_any_global_batch() -> None:

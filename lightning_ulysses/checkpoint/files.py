@@ -12,9 +12,9 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 MANIFEST = "ulysses_checkpoint.json"
 PARTIAL_SUFFIX = ".partial"
@@ -37,6 +37,7 @@ class SavedLayout:
     world_size: int
     zero_stage: int
     sequence_parallel_size: Optional[int] = None
+    optimizer_partitions: int = 0  # per-rank optimizer files (ZeRO-1/2/3, and DeepSpeed's bf16 optimizer at ZeRO-0)
 
     def describe(self) -> str:
         sp = f", sp={self.sequence_parallel_size}" if self.sequence_parallel_size else ""
@@ -55,11 +56,11 @@ def read_layout(path: str) -> SavedLayout:
         return SavedLayout(**manifest["layout"])
     tag_dir = Path(path) / TAG
     names = [p.name for p in tag_dir.iterdir()] if tag_dir.is_dir() else []
-    partitions = {m.group(1) for n in names if (m := _OPTIM.search(n))}
+    partitions = _partitions(names)
     if not partitions:
         return SavedLayout(world_size=1, zero_stage=0)  # the optimizer state lives in the model-state file
     stage = 3 if any(_ZERO3_MODEL.search(n) for n in names) else 2
-    return SavedLayout(world_size=len(partitions), zero_stage=stage)
+    return SavedLayout(world_size=partitions, zero_stage=stage, optimizer_partitions=partitions)
 
 
 def read_manifest(path: str) -> Optional[dict]:
@@ -71,7 +72,12 @@ def write_manifest(path: str, layout: SavedLayout) -> None:
     """Record every file under ``path`` with its size (call after all ranks finished writing)."""
     root = Path(path)
     files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    layout = replace(layout, optimizer_partitions=_partitions(files))
     (root / MANIFEST).write_text(json.dumps({"layout": asdict(layout), "files": files}, indent=1))
+
+
+def _partitions(names: Iterable[str]) -> int:
+    return len({m.group(1) for n in names if (m := _OPTIM.search(Path(n).name))})
 
 
 def publish(staging: str, path: str) -> None:

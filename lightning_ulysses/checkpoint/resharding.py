@@ -26,6 +26,12 @@ UNIVERSAL_TAG = "universal"
 def needs_resharding(saved: SavedLayout, current: SavedLayout) -> bool:
     """Whether DeepSpeed cannot load ``saved`` as it is at ``current`` (raises for what cannot work at all)."""
     if saved.zero_stage == 0 and current.zero_stage == 0:
+        if saved.optimizer_partitions and saved.world_size != current.world_size:
+            raise CheckpointError(
+                f"The checkpoint was saved at {saved.describe()} with DeepSpeed's bf16 optimizer, which partitions the "
+                f"optimizer state over the {saved.world_size} ranks; this run has {current.world_size}. Resume at the "
+                "saved world size (any SP degree), or train at ZeRO-1/2, whose checkpoints reshard."
+            )
         return False  # nothing partitioned: the full optimizer state is in the model-state file
     if (saved.zero_stage == 0) != (current.zero_stage == 0):
         raise CheckpointError(

@@ -67,7 +67,8 @@ def run(name: str, case: dict, out: Path) -> None:
     trainer = Trainer(strategy=strategy, accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),
                       max_steps=case["steps"], logger=False, enable_checkpointing=bool(case.get("save_every")),
                       callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, accumulate_grad_batches=case.get("accumulate", 1))
+                      num_sanity_val_steps=0, limit_val_batches=0, accumulate_grad_batches=case.get("accumulate", 1),
+                      precision=case.get("precision", "32-true"))
     trainer.fit(module, data, ckpt_path=case.get("resume_from"))
     weights = _weights(module)
     if trainer.global_rank == 0:
