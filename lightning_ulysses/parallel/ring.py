@@ -108,15 +108,16 @@ def _ring_steps(kv: Tensor, ring: RingGroup, zigzag: bool, s: int):
             kv = next_kv
 
 
-def _runs(ids: list[int], part: slice) -> dict[int, tuple[int, int]]:
-    """``{sample id: (start, end)}`` of the contiguous runs of ``ids[part]`` (indices into ``ids``)."""
-    out: dict[int, tuple[int, int]] = {}
-    start = part.start
-    for i in range(part.start + 1, part.stop + 1):
-        if i == part.stop or ids[i] != ids[start]:
-            out[ids[start]] = (start, i)
-            start = i
-    return out
+def _runs(ids: Tensor, part: slice) -> dict[int, tuple[int, int]]:
+    """``{sample id: (start, end)}`` of the contiguous runs of ``ids[part]`` (host ``[s]``; indices into ``ids``).
+    Vectorised: one pass over the tokens in torch, a Python step per run only."""
+    seg = ids[part]
+    starts = torch.ones(seg.shape[0], dtype=torch.bool)
+    starts[1:] = seg[1:] != seg[:-1]
+    first = starts.nonzero().flatten().tolist()
+    ends = first[1:] + [seg.shape[0]]
+    values = seg[first].tolist()
+    return {v: (part.start + a, part.start + b) for v, a, b in zip(values, first, ends)}
 
 
 def _calls(plan: tuple[slice, slice, bool], src: int, local_ids: Optional[list], b: int) -> list:
@@ -135,11 +136,13 @@ def _calls(plan: tuple[slice, slice, bool], src: int, local_ids: Optional[list],
 
 
 def local_sample_ids(segments: Tensor, ring: int, rank: int, zigzag: bool) -> list:
-    """Per ring rank (and, last, this rank) the ``[b][s]`` sample ids of its tokens in local order (host lists)."""
+    """Per ring rank (and, last, this rank) the ``[b, s]`` sample ids of its tokens in local order (host tensors;
+    one device-to-host copy)."""
     from lightning_ulysses.parallel.sharding import ring_token_index
 
     index = ring_token_index(segments.shape[1], ring, zigzag)
-    by_rank = [segments[:, index[r].to(segments.device)].tolist() for r in range(ring)]
+    host = segments.cpu()
+    by_rank = [host[:, index[r]] for r in range(ring)]
     return by_rank + [by_rank[rank]]
 
 
