@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lightning_ulysses  # noqa: F401  (registers the "ulysses" strategy names)
-from lightning_ulysses import UlyssesDeepSpeedStrategy, sp_causal_lm_loss
-from lightning_ulysses.parallel.layout import shutdown_distributed
+from lightning_ulysses import UlyssesDeepSpeedStrategy, exit_distributed, sp_causal_lm_loss
 from lightning_ulysses.data.synthetic import MarkovTokens
 
 
@@ -57,7 +56,7 @@ def main() -> None:
     trainer.fit(MyLM(), data)
     if trainer.is_global_zero:
         print(f"layout: {trainer.strategy.layout.describe()}; final train_loss {float(trainer.callback_metrics['train_loss']):.4f}")
-    shutdown_distributed()
+    exit_distributed()  # ends the process (see README: a clean exit code after distributed training)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from lightning_ulysses.memory.swiglu import disable_memory_efficient_swiglu, ena
 from lightning_ulysses.memory.tiled_attention import disable_tiled_attention, enable_tiled_attention  # noqa: E402
 from lightning_ulysses.memory.tiled_loss import disable_tiled_loss, enable_tiled_loss  # noqa: E402
 from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp  # noqa: E402
-from lightning_ulysses.parallel.layout import ParallelLayout, ProcessGroups, shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import ParallelLayout, ProcessGroups, exit_distributed, shutdown_distributed  # noqa: E402
 from lightning_ulysses.parallel.loss import count_valid_tokens, deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean  # noqa: E402
 from lightning_ulysses.parallel.sharding import prepare_batch, shard_batch, shard_for_sequence_parallel  # noqa: E402
 from lightning_ulysses.parallel.ulysses import apply_ulysses, remove_ulysses  # noqa: E402
@@ -151,5 +151,6 @@ __all__ = [
     "shard_for_sequence_parallel",
     "sp_causal_lm_loss",
     "sp_token_mean",
+    "exit_distributed",
     "shutdown_distributed",
 ]

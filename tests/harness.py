@@ -30,9 +30,6 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-_KNOWN_GLOO_ABORT = "terminate called without an active exception"
-
-
 def run_workers(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, timeout: int = 300) -> dict[str, Any]:
     """Run ``tests/workers/<script>`` on ``nproc`` ranks; return what rank 0 wrote as JSON."""
     out = tmp_path / "result.json"
@@ -41,14 +38,6 @@ def run_workers(script: str, nproc: int, case: dict[str, Any], tmp_path: Path, t
         str(WORKERS / script), json.dumps(case), str(out),
     ]
     proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    # torchrun's own ChildFailedError traceback is always there; a worker exception would add another
-    native_abort_only = proc.stderr.count("Traceback (most recent call last)") <= 1
-    if proc.returncode != 0 and _KNOWN_GLOO_ABORT in proc.stderr and native_abort_only:
-        # Known CPU-only flake (about 1 run in 150 on 2 cores): a rank aborts in a gloo/DeepSpeed
-        # background thread after training finished, with no Python exception. Retry once; a real
-        # failure fails again (and any Python traceback is never retried).
-        print(f"retrying {script} once after a native abort:\n{proc.stderr[-2000:]}")
-        proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(
             f"{script} with {nproc} ranks failed (rc={proc.returncode}) for case {case}\n"

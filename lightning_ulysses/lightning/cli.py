@@ -11,13 +11,13 @@ On GPU machines ``auto`` is Lightning's (every visible GPU).
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 import lightning_ulysses  # noqa: F401  (registers the "ulysses*" strategy names)
-from lightning_ulysses.parallel.layout import shutdown_distributed
+from lightning_ulysses.parallel.layout import exit_distributed, shutdown_distributed
 from lightning_ulysses.lightning.module import CausalLMModule
 
 CPU_AUTO_DEVICES = 2
@@ -57,5 +57,13 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     shutdown_distributed()
 
 
-if __name__ == "__main__":
+def entry_point() -> NoReturn:
+    """``lightning-ulysses`` and ``python -m lightning_ulysses``: :func:`main`, then the process ends through
+    :func:`~lightning_ulysses.parallel.layout.exit_distributed`, so a finished run exits 0 instead of racing the
+    process groups' threads during interpreter shutdown. An error propagates as usual (non-zero exit)."""
     main()
+    exit_distributed(0)
+
+
+if __name__ == "__main__":
+    entry_point()

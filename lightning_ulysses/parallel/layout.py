@@ -18,8 +18,12 @@ carry the gradient reduction.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import threading
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, NoReturn, Optional, Union
 
 import torch.distributed as dist
 
@@ -462,6 +466,34 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_distributed(code: int = 0) -> NoReturn:
+    """End this process after its distributed work: :func:`shutdown_distributed`, then what the interpreter's exit
+    would run (non-daemon threads joined, ``atexit`` handlers such as loggers' final uploads, stdio flushed), then
+    ``os._exit(code)``, skipping the interpreter's finalization. Call it last in a training script; the CLI does.
+
+    Why: ``destroy_process_group`` only unregisters groups; their C++ backends live on while anything references
+    them (DeepSpeed's engine and optimizer, every parameter's ``_dp_group``), with their worker threads. A gloo
+    worker thread drops a finished collective's tensors a moment after the collective completes; when Python has
+    already let go of such a tensor, that release decrefs its Python object and so takes the GIL. Once the
+    interpreter is finalizing, CPython ends any thread that asks for the GIL with ``pthread_exit``; its forced
+    unwinding reaches a ``noexcept`` destructor (``TensorImpl`` release in ``ProcessGroupGloo::runLoop``) and
+    calls ``std::terminate``: the process aborts with "terminate called without an active exception" (exit -6)
+    although training succeeded. It takes a worker thread descheduled at that instant, so it is rare (CPU ranks
+    outnumbering cores make it likelier); without finalization there is nothing for such a thread to race.
+    """
+    shutdown_distributed()
+    for thread in threading.enumerate():  # what finalization does first: wait for non-daemon threads
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # stdlib-private; runs (and clears) the handlers finalization would run next
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # replaced or already closed streams
+            pass
+    os._exit(code)
+
+
 __all__ = [
     "CONTEXT_PARALLEL_MODES",
     "rank_in_group",
@@ -473,6 +505,7 @@ __all__ = [
     "DeepSpeedSequenceParallelMPU",
     "auto_sequence_parallel_size",
     "heads_allow",
+    "exit_distributed",
     "shutdown_distributed",
     "validate_attn_implementation",
 ]

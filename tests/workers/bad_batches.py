@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 from tests.workers.parity import build_model  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     if trainer.global_rank == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "empty_batches": strategy.empty_batches}, f)
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_ulysses.lightning.callbacks import ActivationOffload, TiledAttentionBackward, TiledLoss, TiledMLP  # noqa: E402
 from lightning_ulysses.memory.tiled_attention import tiled_attention_of  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 from tests.test_callbacks import PlainLM, token_data  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     if int(os.environ["RANK"]) == 0:
         with open(sys.argv[2], "w") as f:
             json.dump({"plain": plain, "tiled": tiled}, f)
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

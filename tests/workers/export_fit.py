@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.data import SyntheticLMDataModule  # noqa: E402
 from lightning_ulysses.lightning.callbacks import HFExport  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -69,7 +69,7 @@ def main() -> None:
         torch.save({"ids": ids, "logits": logits}, out / "trained_logits.pt")
         result.write_text(json.dumps({"checkpoint": str(ckpt), "logits": str(out / "trained_logits.pt"),
                                       "exported": export.written}))
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

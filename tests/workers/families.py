@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tests.workers.parity import run  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
                     (out / f"{name}.json").write_text(json.dumps({"error": str(exc)}))
             continue
         run(case, str(out / f"{name}.json"))
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 from lightning_ulysses.lightning.module import build_causal_lm  # noqa: E402
 
 SPEC = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -66,7 +66,7 @@ def main() -> None:
             plain = build_causal_lm(dict(SPEC))
         with open(out, "w") as f:
             json.dump({"ranks": everyone, "plain": stats(dict(plain.named_parameters()))}, f)
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.data import PretrainDataModule, SFTDataModule  # noqa: E402
 from lightning_ulysses.data.modules import collate_rows  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 0.5
@@ -134,7 +134,7 @@ def main() -> None:
     cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     for name, case in cases.items():
         run(name, case, out)
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.lightning.callbacks import SequenceThroughput  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 from lightning_ulysses.memory.checkpointing import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
 from lightning_ulysses.memory.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
 from lightning_ulysses.memory.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
@@ -308,7 +308,7 @@ def main() -> None:
     # Every rank waits for rank 0's reference, then tears the groups down before the interpreter exits.
     # Only on success: a rank that failed must exit (its closed sockets end its peers' collectives), not wait
     # in a barrier that the others, stuck in the collective it left, never reach.
-    shutdown_distributed()
+    exit_distributed()
 
 
 def run(case: dict, out_path: str) -> None:

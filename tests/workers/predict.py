@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy, build_causal_lm  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -57,7 +57,7 @@ def main() -> None:
         errors[output] = worst
     if trainer.global_rank == 0:
         result.write_text(json.dumps({"errors": errors, "shapes": shapes, "layout": str(strategy.layout)}))
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.data import SyntheticLMDataModule  # noqa: E402
-from lightning_ulysses.parallel.layout import shutdown_distributed  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -89,7 +89,7 @@ def main() -> None:
                     (out / f"{name}.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
             continue
         run(name, case, out)
-    shutdown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from lightning_ulysses.parallel.layout import exit_distributed
 from lightning_ulysses.parallel.sharding import shard_token_index
 from lightning_ulysses.parallel.ring import ring_attention
 
@@ -27,7 +28,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             with open(f"{out_dir}/{name}.json", "w") as f:
                 json.dump(errs, f)
-    dist.destroy_process_group()
+    exit_distributed()
 
 
 def check(case: dict) -> dict:
