@@ -15,6 +15,10 @@ One process group per (path, sequence length), launched by torchrun:
   (its ``TiledMLP`` on every decoder MLP) and ``--offload`` (its ``checkpoint_in_cpu`` activation offload via
   ``deepspeed.checkpointing``); the same flags switch on our own implementations on the ``ours`` path.
 
+``--runs JSON`` (``ours`` only): several configurations in one launch, each a list of arguments added to the
+command's own (its own ``--label``/``--out``), in the same processes and process group; host RSS is then the
+running maximum. The CPU test uses it to save process start-ups.
+
 Each run: ``--warmup`` untimed steps, then ``--steps`` timed steps; median step time, tokens/s, model TFLOPS/GPU
 (6·N·S + 6·L·S²·H, N without the input embedding), peak GPU memory (max over ranks), peak host RSS.
 An OOM is caught and reported.
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -452,9 +457,12 @@ def _alst_tiled_mlp(model, zero3: bool) -> int:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def run(args) -> None:
+def run(args, last: bool = True) -> None:
+    """One configuration; ``last``: tear the process group down afterwards (``--runs`` keeps it for the next)."""
     import torch.distributed as tdist
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     cfg = hf_config(args.preset, args.seq, args.layers)
     result = {"path": args.label or args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
               "packed_docs": args.packed_docs,
@@ -494,7 +502,8 @@ def run(args) -> None:
         print(json.dumps(result), flush=True)
     if tdist.is_initialized():
         tdist.barrier()
-        tdist.destroy_process_group()
+        if last:
+            tdist.destroy_process_group()
 
 
 def _param_count(cfg) -> int:
@@ -592,19 +601,32 @@ def main() -> None:
                         "peak's memory lives to <out>.memory.json (slows that step)")
     p.add_argument("--report", nargs="+")
     p.add_argument("--plot", default=None)
+    p.add_argument("--runs", default=None, metavar="JSON",
+                   help="--path ours only: a JSON list of argument lists, each run in turn in the same processes")
     args = p.parse_args()
+    if args.runs:
+        runs = [p.parse_args(sys.argv[1:] + list(extra)) for extra in json.loads(args.runs)]
+        if any(r.path != "ours" for r in runs):
+            raise SystemExit("--runs chains --path ours runs only (the alst path registers global DeepSpeed state)")
+        for i, r in enumerate(runs):
+            check_and_run(r, last=i == len(runs) - 1)
+        return
     if args.report:
         report(args.report, args.plot)
     else:
-        if args.path == "alst" and (args.packed_docs > 1 or args.zero3_prefetch):
-            raise SystemExit("--packed-docs and --zero3-prefetch are options of --path ours")
-        if args.packed_docs < 1 or args.seq % args.packed_docs:
-            raise SystemExit(f"--packed-docs must divide --seq ({args.seq}) into equal documents, got {args.packed_docs}")
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        if args.rss_trace:
-            os.environ["ALST_COMPARE_RSS_TRACE"] = "1"
-            start_rss_sampler()
-        run(args)
+        check_and_run(args)
+
+
+def check_and_run(args, last: bool = True) -> None:
+    if args.path == "alst" and (args.packed_docs > 1 or args.zero3_prefetch):
+        raise SystemExit("--packed-docs and --zero3-prefetch are options of --path ours")
+    if args.packed_docs < 1 or args.seq % args.packed_docs:
+        raise SystemExit(f"--packed-docs must divide --seq ({args.seq}) into equal documents, got {args.packed_docs}")
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.rss_trace:
+        os.environ["ALST_COMPARE_RSS_TRACE"] = "1"
+        start_rss_sampler()
+    run(args, last)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ init), the data of ``data/`` repeated to length, ``seq_len`` tokens per row.
     python benchmarks/data_throughput.py OUT_DIR [--seq 131072] [--steps 4] [--only sft pretrain synthetic]
 
 Prints, per run, the packing line and the SequenceThroughput summary (model TFLOPS count attention per packed
-segment), then a table. The rows are built here with the package's own tokenizing and packing functions
+segment), then a table. By default the rows are built here with the package's own tokenizing and packing functions
 (``lightning_ulysses.data.formats`` / ``.packing``, what the data modules run inside ``datasets.map``) and served by
-:class:`PackedRowsDataModule`, so the GPU machine needs no ``datasets`` (not on its image).
+:class:`PackedRowsDataModule`, so the machine needs no ``datasets``. With ``--datamodules`` the CLI runs the
+package's own ``SFTDataModule`` / ``PretrainDataModule`` (``datasets`` needed) on the shipped files listed as many
+times as the rows need.
 """
 
 from __future__ import annotations
@@ -47,22 +49,48 @@ class PackedRowsDataModule(LightningDataModule):
                           collate_fn=functools.partial(collate_rows, pad_id=saved["pad_id"]))
 
 
-def build_rows(kind: str, out: Path, seq: int, rows: int) -> str:
+SOURCES = {"sft": ("conversations.jsonl", "messages"), "pretrain": ("documents.jsonl", "text")}
+
+
+def tokenized_samples(kind: str) -> tuple[list, int]:
+    """The shipped file of ``kind`` tokenized as the data modules do: ``([(ids, labels)], pad id)``."""
     from lightning_ulysses.data.formats import labels_from_mask, tokenize_sample
-    from lightning_ulysses.data.packing import pack
     from lightning_ulysses.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(ROOT / "data" / "tokenizer"))
-    src, fmt = {"sft": ("conversations.jsonl", "messages"), "pretrain": ("documents.jsonl", "text")}[kind]
+    src, fmt = SOURCES[kind]
     samples = []
     for line in (ROOT / "data" / src).read_text().splitlines():
         ids, mask = tokenize_sample(json.loads(line), tok, fmt)
         samples.append((ids, labels_from_mask(ids, mask)))
-    per_copy = sum(len(s[0]) for s in samples)
-    packed, stats = pack(samples * (1 + rows * seq // per_copy), seq, tok.pad_token_id, "best_fit", "split")
+    return samples, tok.pad_token_id
+
+
+def copies_needed(kind: str, seq: int, rows: int) -> int:
+    """How many times the shipped file must be repeated to fill ``rows`` rows of ``seq`` tokens."""
+    samples, _ = tokenized_samples(kind)
+    return 1 + rows * seq // sum(len(s[0]) for s in samples)
+
+
+def datamodule_config(kind: str, seq: int, rows: int) -> dict:
+    """The package's own data module over the shipped file repeated to length (``datasets`` tokenizes and packs)."""
+    src, _ = SOURCES[kind]
+    cls = {"sft": "SFTDataModule", "pretrain": "PretrainDataModule"}[kind]
+    # 5% of every copy would be held out as validation; fit without validation here (limit_val_batches=0)
+    return {"class_path": f"lightning_ulysses.data.{cls}",
+            "init_args": {"data": [str(ROOT / "data" / src)] * copies_needed(kind, seq, rows),
+                          "tokenizer": str(ROOT / "data" / "tokenizer"), "seq_len": seq, "packing": "best_fit",
+                          "val_size": 0}}
+
+
+def build_rows(kind: str, out: Path, seq: int, rows: int) -> str:
+    from lightning_ulysses.data.packing import pack
+
+    samples, pad_id = tokenized_samples(kind)
+    packed, stats = pack(samples * copies_needed(kind, seq, rows), seq, pad_id, "best_fit", "split")
     describe = f"lightning_ulysses {kind}DataModule train: {stats.describe()} (packing='best_fit')"
     path = out / f"{kind}_rows.pt"
-    torch.save({"rows": packed[:rows], "pad_id": tok.pad_token_id, "describe": describe}, path)
+    torch.save({"rows": packed[:rows], "pad_id": pad_id, "describe": describe}, path)
     return str(path)
 
 
@@ -100,6 +128,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=131072)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*", default=["synthetic", "sft", "pretrain"])
+    ap.add_argument("--datamodules", action="store_true",
+                    help="sft/pretrain through the package's SFTDataModule/PretrainDataModule (needs `datasets`)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +138,9 @@ def main() -> None:
                           "init_args": {"vocab_size": 128256, "seq_len": args.seq, "num_train_samples": 64}}}
     for kind in ("sft", "pretrain"):
         if kind in args.only:
-            runs[kind] = {"class_path": "data_throughput.PackedRowsDataModule",
-                          "init_args": {"rows": build_rows(kind, out, args.seq, rows)}}
+            runs[kind] = (datamodule_config(kind, args.seq, rows) if args.datamodules else
+                          {"class_path": "data_throughput.PackedRowsDataModule",
+                           "init_args": {"rows": build_rows(kind, out, args.seq, rows)}})
     results = [run(name, runs[name], out, args.seq, args.steps) for name in args.only]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print("| run | real tokens % | tokens/s | model TFLOPS (per segment) | peak GiB |\n|---|---|---|---|---|")

@@ -19,6 +19,8 @@ CASES = {
     "rp2_zigzag_gqa_packed": (2, dict(heads=4, kv_heads=2, seq=24, zigzag=True, packed=4)),
     "rp4_contiguous_mha_packed": (4, dict(heads=2, kv_heads=2, seq=32, zigzag=False, packed=6)),
     "rp4_zigzag_math_packed": (4, dict(heads=2, kv_heads=1, seq=32, zigzag=True, packed=5, backend="math")),
+    # many short samples: runs of equal padded length batched into one call per rank (and samples across borders)
+    "rp4_zigzag_gqa_packed_many_short": (4, dict(heads=4, kv_heads=2, seq=96, zigzag=True, packed=40)),
 }
 
 
@@ -65,3 +67,69 @@ def test_kernel_selection_and_bad_backend() -> None:
     assert select_kernel(torch.device("cpu"), torch.float32).name == "cpu"
     with pytest.raises(ValueError, match="must be one of"):
         select_kernel(torch.device("cpu"), torch.float32, "xformers")
+
+
+def _masked_reference(q, k, v, segments, dout):
+    ref_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    s = q.shape[2]
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs, attn_mask=mask, enable_gqa=True)
+    ref.backward(dout)
+    return ref, [t.grad for t in ref_inputs]
+
+
+@pytest.mark.parametrize("backend,batch_tokens", [("auto", None), ("math", None), ("auto", 64)])
+def test_many_short_samples_are_batched_per_length_bucket_and_stay_exact(backend, batch_tokens) -> None:
+    """A ring rank's own (step-0) block with hundreds of short samples: a few kernel calls (one per padded-length
+    bucket, plus long samples alone; more when a call may hold only ``batch_tokens``), same output and gradients as
+    SDPA with the block-diagonal causal mask."""
+    from lightning_ulysses.parallel import ring as ring_mod
+    from lightning_ulysses.parallel.ring import RingGroup, ring_attention
+
+    torch.manual_seed(0)
+    b, h, hkv, d = 2, 4, 2, 8
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(b):  # lengths 1..40 (many share a bucket), one long sample, then more short ones
+        lengths = torch.randint(1, 41, (60,), generator=g).tolist() + [300] + torch.randint(1, 9, (40,), generator=g).tolist()
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    s = min(len(r) for r in rows)
+    segments = torch.stack([r[:s] for r in rows])
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    dout = torch.randn(b, h, s, d)
+    ref, ref_grads = _masked_reference(q, k, v, segments, dout)
+
+    calls = []
+    kernel = ring_mod.select_kernel(q.device, q.dtype, backend)
+    original = type(kernel).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].shape)
+        return original(self, *args, **kwargs)
+
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    one = RingGroup(group=None, size=1, rank=0, next_rank=0, prev_rank=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(kernel), "forward", counting)
+        if batch_tokens:
+            mp.setattr(ring_mod, "BATCH_TOKENS", batch_tokens)
+        out = ring_attention(*local, one, zigzag=False, backend=backend, segments=segments)
+    out.backward(dout)
+    assert (out - ref).abs().max() <= 1e-5
+    for got, want in zip(local, ref_grads):
+        assert (got.grad - want).abs().max() <= 1e-5
+    samples = sum(int(r.unique().numel()) for r in segments)
+    assert samples > 150, samples
+    if batch_tokens is None:
+        assert len(calls) <= 2 * 24, len(calls)  # per row: <= 22 buckets (lengths 1..40) + the long sample
+    else:
+        assert 2 * 24 < len(calls) < samples, len(calls)
+        assert all(shape[0] * shape[2] <= batch_tokens for shape in calls if shape[0] > 1)
+
+
+def test_bucket_pads_at_most_a_quarter() -> None:
+    from lightning_ulysses.parallel.ring import _bucket
+
+    for n in range(1, 5000):
+        assert n <= _bucket(n) <= max(n + 1, int(n * 1.25) + 1)
+    assert [_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 17, 33)] == [1, 2, 3, 4, 5, 7, 10, 20, 40]

@@ -27,7 +27,10 @@ sequence): a token attends only to earlier tokens of its own sample. Samples are
 each rank's local order is increasing in it, so inside every (query rows, K/V block) pair of the plan the tokens
 of one sample form one contiguous run on each side; the pair becomes one kernel call per sample present on both
 sides (same causal flag as the pair), each writing only its own query rows. No mask is built, and a query row
-with no visible key in a block simply receives nothing from it.
+with no visible key in a block simply receives nothing from it. Only the causal step-0 block holds many runs (a
+later block shares at most the sample or two that cross a shard border), and there short runs are batched: padded
+at their end to a common length and attended in one causal call per length bucket (:class:`_Batched`), so a rank
+holding thousands of short samples makes tens of kernel calls, not thousands.
 
 The block kernels (:mod:`lightning_ulysses.kernels.attention`) return the log-sum-exp and take it back
 in backward: torch's cuDNN / flash SDPA ops on CUDA, the flash CPU op on CPU, a matmul fallback otherwise.
@@ -72,6 +75,8 @@ class RingGroup:
 
     def shift(self, send: Tensor) -> tuple[Tensor, list]:
         """Start sending ``send`` to the next rank and receiving the previous rank's into a new buffer."""
+        if self.size == 1:  # a ring of one: what would travel is already where it goes
+            return send, []
         recv = torch.empty_like(send)
         ops = [
             dist.P2POp(dist.isend, send, self.next_rank, self.group),
@@ -120,18 +125,79 @@ def _runs(ids: Tensor, part: slice) -> dict[int, tuple[int, int]]:
     return {v: (part.start + a, part.start + b) for v, a, b in zip(values, first, ends)}
 
 
-def _calls(plan: tuple[slice, slice, bool], src: int, local_ids: Optional[list], b: int) -> list:
-    """The kernel calls of one (query rows, K/V block) pair: ``(batch rows, q rows, kv cols)``; without packed
-    samples one call over the whole batch, with them one per batch row and sample present on both sides."""
-    rows, cols, _ = plan
+# Runs shorter than this in a causal block are batched (:class:`_Batched`); a longer run gets its own call. One
+# batched call holds at most BATCH_TOKENS (padded) tokens: its gathered copies and fp32 gradient temporaries are
+# transient per call, so this bounds them (measured: one call over a whole 32K-token rank added ~3 GiB of peak).
+BATCH_RUNS_BELOW = 2048
+BATCH_TOKENS = 8192
+
+
+def _bucket(n: int) -> int:
+    """Padded length of a run of ``n`` tokens: the next multiple of a quarter of ``n``'s power of two (at most 25%
+    padding, so at most ~1.6x the run's attention work; four buckets per octave)."""
+    step = max(1, (1 << (n.bit_length() - 1)) // 4)
+    return -(-n // step) * step
+
+
+@dataclass
+class _Batched:
+    """Runs of one padded length ``L`` (from any batch rows) attended as one ``[n, h, L, d]`` causal kernel call.
+
+    Each run is padded at its *end* by repeating its last token: under the causal mask no real query sees a later
+    position, so the padding changes no real output; padded query rows are dropped, and in backward get a zero
+    upstream gradient (so they add nothing to any dq/dk/dv) and a finite lse (their copy's)."""
+
+    rows: Tensor  # [n, 1] batch row of each run
+    pos: Tensor  # [n, L] local position of each (padded) token
+    valid: Tensor  # [n, L] True for real tokens
+
+    @classmethod
+    def of(cls, runs: list[tuple[int, int, int]], length: int, device: torch.device) -> "_Batched":
+        rows, starts, ends = (torch.tensor(c, device=device) for c in zip(*runs))
+        offsets = torch.arange(length, device=device)
+        pos = torch.minimum(starts[:, None] + offsets, ends[:, None] - 1)
+        return cls(rows[:, None], pos, offsets[None, :] < (ends - starts)[:, None])
+
+    def take(self, t: Tensor) -> Tensor:
+        """``[b, h, s, ...]`` -> ``[n, h, L, ...]`` (a copy)."""
+        return t[self.rows, :, self.pos].transpose(1, 2).contiguous()  # advanced indices first: [n, L, h, ...]
+
+    def real(self, t: Tensor) -> Tensor:
+        """``[n, h, L, ...]`` -> the real tokens' ``[m, h, ...]``, in the order of :meth:`index`."""
+        return t.transpose(1, 2)[self.valid]
+
+    def index(self) -> tuple[Tensor, Tensor]:
+        """(batch row, local position) of every real token: index ``[b, h, s, ...]`` tensors with ``[r, :, p]``."""
+        return self.rows.expand_as(self.pos)[self.valid], self.pos[self.valid]
+
+
+def _calls(plan: tuple[slice, slice, bool], src: int, local_ids: Optional[list], b: int, device: torch.device) -> list:
+    """The kernel calls of one (query rows, K/V block) pair: ``(batch rows, q rows, kv cols)`` slices, or
+    :class:`_Batched` runs. Without packed samples one call over the whole batch; with them one per batch row and
+    sample present on both sides, except short runs of a causal block, batched per padded length."""
+    rows, cols, causal = plan
     if local_ids is None:
         return [(slice(0, b), rows, cols)]
-    calls = []
+    calls: list = []
+    short: dict[int, list[tuple[int, int, int]]] = {}  # padded length -> (batch row, start, end)
     for i in range(b):
         q_runs, k_runs = _runs(local_ids[-1][i], rows), _runs(local_ids[src][i], cols)
         for sample, (qa, qb) in q_runs.items():
-            if sample in k_runs:
-                calls.append((slice(i, i + 1), slice(qa, qb), slice(*k_runs[sample])))
+            if sample not in k_runs:
+                continue
+            ka, kb = k_runs[sample]
+            if causal and (qa, qb) == (ka, kb) and qb - qa < BATCH_RUNS_BELOW:
+                short.setdefault(_bucket(qb - qa), []).append((i, qa, qb))
+            else:
+                calls.append((slice(i, i + 1), slice(qa, qb), slice(ka, kb)))
+    for length, runs in sorted(short.items()):
+        per_call = max(1, BATCH_TOKENS // length)
+        for part in (runs[j : j + per_call] for j in range(0, len(runs), per_call)):
+            if len(part) == 1:  # alone: no padding needed
+                i, a, e = part[0]
+                calls.append((slice(i, i + 1), slice(a, e), slice(a, e)))
+            else:
+                calls.append(_Batched.of(part, length, device))
     return calls
 
 
@@ -158,6 +224,16 @@ def _merge(out: Tensor, lse: Tensor, rows: slice, o: Tensor, l: Tensor, batch: s
     lse[batch, :, rows] = new
 
 
+def _merge_batched(out: Tensor, lse: Tensor, call: _Batched, o: Tensor, l: Tensor) -> None:
+    """:func:`_merge` for a :class:`_Batched` call: only its real tokens, scattered back to their rows."""
+    r, p = call.index()
+    o_real, l_real = call.real(o).float(), call.real(l)  # [m, h, d], [m, h]
+    old = lse[r, :, p]
+    new = torch.logaddexp(old, l_real)
+    out[r, :, p] = out[r, :, p] * torch.exp(old - new)[..., None] + o_real * torch.exp(l_real - new)[..., None]
+    lse[r, :, p] = new
+
+
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: RingGroup, scale: float, zigzag: bool, kernel: AttentionKernel,
@@ -169,18 +245,25 @@ class _RingAttentionFunction(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         auxes: list[Any] = []  # per-call kernel metadata (CUDA ops want their forward's seq info back)
+        plans: list[list] = []  # per ring step its calls, replayed by backward
         for step, (block, plan) in enumerate(_ring_steps(kv, ring, zigzag, s)):
-            if plan is None:
-                continue
-            for batch, rows, cols in _calls(plan, (ring.rank - step) % ring.size, local_ids, b):
-                kb, vb = _kv_block(block[:, batch], cols, groups)
-                o, l, aux = kernel.forward(q[batch, :, rows].contiguous(), kb, vb, plan[2], scale)
+            calls = [] if plan is None else _calls(plan, (ring.rank - step) % ring.size, local_ids, b, q.device)
+            plans.append(calls)
+            for call in calls:
+                if isinstance(call, _Batched):
+                    kb, vb = (expand_kv(call.take(t), groups) for t in (block[0], block[1]))
+                    o, l, aux = kernel.forward(call.take(q), kb, vb, True, scale)
+                    _merge_batched(out, lse, call, o, l)
+                else:
+                    batch, rows, cols = call
+                    kb, vb = _kv_block(block[:, batch], cols, groups)
+                    o, l, aux = kernel.forward(q[batch, :, rows].contiguous(), kb, vb, plan[2], scale)
+                    _merge(out, lse, rows, o, l, batch)  # copies: kernel outputs may be cached (selective checkpointing)
                 auxes.append(aux)
-                _merge(out, lse, rows, o, l, batch)  # copies: kernel outputs may be cached (selective checkpointing)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale, ctx.zigzag, ctx.kernel, ctx.auxes = ring, scale, zigzag, kernel, auxes
-        ctx.local_ids = local_ids
+        ctx.plans = plans
         return out
 
     @staticmethod
@@ -194,9 +277,19 @@ class _RingAttentionFunction(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         dkv = torch.zeros_like(kv, dtype=torch.float32)  # travels with kv and ends at its owner
         auxes = iter(ctx.auxes)
-        for step, (block, plan) in enumerate(_ring_steps(kv, ring, zigzag, s)):
-            for batch, rows, cols in (() if plan is None else _calls(plan, (ring.rank - step) % ring.size,
-                                                                       ctx.local_ids, q.shape[0])):
+        for (block, plan), calls in zip(_ring_steps(kv, ring, zigzag, s), ctx.plans):
+            for call in calls:
+                if isinstance(call, _Batched):
+                    kb, vb = (expand_kv(call.take(t), groups) for t in (block[0], block[1]))
+                    qb, ob, lb, dob = (call.take(t) for t in (q, out, lse, dout))
+                    dob = dob * call.valid[:, None, :, None].to(dob.dtype)  # padded query rows contribute nothing
+                    dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), True, scale)
+                    r, p = call.index()
+                    dq[r, :, p] += call.real(dqb.float())
+                    dkv[0][r, :, p] += call.real(reduce_kv(dkb.float(), groups))
+                    dkv[1][r, :, p] += call.real(reduce_kv(dvb.float(), groups))
+                    continue
+                batch, rows, cols = call
                 kb, vb = _kv_block(block[:, batch], cols, groups)
                 qb, ob, lb, dob = (t[batch, :, rows].contiguous() for t in (q, out, lse, dout))
                 dqb, dkb, dvb = kernel.backward(dob, qb, kb, vb, ob, lb, next(auxes), plan[2], scale)
