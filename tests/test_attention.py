@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -64,9 +66,33 @@ def test_apply_is_scoped_to_one_model_and_idempotent() -> None:
     torch.testing.assert_close(sp_model(ids).logits, before)
 
 
-def test_apply_rejects_eager_attention() -> None:
-    with pytest.raises(ValueError, match="build the model with one of"):
+def test_eager_at_one_rank_keeps_samples_apart_and_leaves_other_eager_models_untouched() -> None:
+    """Eager has no registry entry in transformers: the dispatcher registered under "eager" calls each layer's own
+    eager function. A model under the handler (one rank: no all-to-all) gives packed rows the samples' own mask
+    (every sample as if alone); another eager model is untouched, bit for bit."""
+    ones = ProcessGroups(layout=ParallelLayout(1, 1), rank=0, sp_group=None, dp_group=None, world_group=None)
+    sp_model, other = tiny_llama(attn="eager"), tiny_llama(attn="eager")
+    ids = torch.randint(0, 64, (2, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]] * 2)  # packed: three samples per row
+    with torch.no_grad():
+        alone = torch.cat([other(ids[:, a:b], position_ids=pos[:, a:b]).logits for a, b in ((0, 4), (4, 7), (7, 9))], 1)
+        before = other(ids, position_ids=pos).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # sp=1: no memory warning
+            apply_ulysses(sp_model, ones)
+        torch.testing.assert_close(sp_model(ids, position_ids=pos).logits, alone, rtol=0, atol=1e-5)
+        assert torch.equal(other(ids, position_ids=pos).logits, before)
+    remove_ulysses(sp_model)
+
+
+def test_eager_under_sequence_parallelism_warns_about_its_memory() -> None:
+    with pytest.warns(UserWarning, match="materialises \\[S, S\\] attention scores"):
         apply_ulysses(tiny_llama(attn="eager"), fake_groups())
+
+
+def test_apply_rejects_an_attention_kind_it_does_not_know() -> None:
+    with pytest.raises(ValueError, match="build the model with one of"):
+        apply_ulysses(tiny_llama(attn="flex_attention"), fake_groups())
 
 
 def test_missing_position_ids_in_the_model_call_is_an_error_that_names_the_fix() -> None:

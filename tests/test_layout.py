@@ -72,8 +72,9 @@ def test_layout_groups_are_contiguous_sp_blocks_and_strided_dp() -> None:
         ),
         (dict(sequence_parallel_size=2, world_size=2, num_heads=4, ulysses_size=0), "positive int or None"),
         (
-            dict(sequence_parallel_size=2, world_size=2, num_heads=4, num_kv_heads=4, attn_implementation="eager"),
-            "attn_implementation set to one of ['sdpa', 'flash_attention_2', 'flash_attention_3']",
+            dict(sequence_parallel_size=2, world_size=2, num_heads=4, num_kv_heads=4,
+                 attn_implementation="kernels-community/vllm-flash-attn3"),
+            "attn_implementation set to one of ['sdpa', 'flash_attention_2', 'flash_attention_3', 'eager']",
         ),
         (
             dict(sequence_parallel_size=2, world_size=2, num_heads=4, num_kv_heads=4, attn_implementation="flex_attention"),
@@ -95,7 +96,7 @@ def test_layout_groups_are_contiguous_sp_blocks_and_strided_dp() -> None:
         "manual_ulysses_cannot_split_heads",
         "hybrid_impossible",
         "ulysses_size_zero",
-        "eager_attention",
+        "hub_kernel_attention",
         "flex_attention_not_yet",
     ],
 )

@@ -18,10 +18,11 @@ class _AttentionFunctions:
     registered by a library goes through ``AttentionInterface.register``.
     """
 
-    def get(self, impl: str) -> Callable:
+    def get(self, impl: str) -> Optional[Callable]:
+        """The registered entry, or None ("eager" has none until one is set: layers use their own function)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        return ALL_ATTENTION_FUNCTIONS[impl]
+        return ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else None
 
     def set(self, impl: str, fn: Callable) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -58,6 +59,22 @@ def attention_functions() -> _AttentionFunctions:
 
 def mask_functions() -> _MaskFunctions:
     return _MASKS
+
+
+def eager_attention_of(module: torch.nn.Module) -> Callable:
+    """The eager attention a layer falls back to: transformers registers no "eager" entry; each modeling file
+    defines its own ``eager_attention_forward`` (Gemma-2's soft-caps the logits) and passes it to
+    ``ALL_ATTENTION_FUNCTIONS.get_interface`` as the default."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(module).__name__} ({type(module).__module__}) defines no eager_attention_forward, so its eager "
+            "attention cannot be routed through sequence parallelism; build the model with "
+            "attn_implementation='sdpa' or 'flash_attention_2'."
+        )
+    return fn
 
 
 def attn_implementation(obj: Any, default: Optional[str] = None) -> Optional[str]:

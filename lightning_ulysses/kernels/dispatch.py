@@ -25,7 +25,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_ulysses.compat.transformers import attention_functions, attn_implementation, mask_functions
+from lightning_ulysses.compat.transformers import (
+    attention_functions,
+    attn_implementation,
+    eager_attention_of,
+    mask_functions,
+)
 
 _SP_ATTR = "_lightning_ulysses_attention"
 _LOCAL_ATTR = "_lightning_ulysses_local_attention"
@@ -47,16 +52,20 @@ def plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
 
 
 def install_attention_dispatcher(impl: str) -> None:
-    """Wrap the global HF attention function ``impl`` once per process (idempotent)."""
+    """Wrap the global HF attention function ``impl`` once per process (idempotent). ``"eager"`` has no global
+    entry: the dispatcher registered under that name calls each layer's own eager function (its modeling file's)."""
     functions = attention_functions()
     with _install_lock:
         original = functions.get(impl)
         if getattr(original, _DISPATCH_MARK, False):
             return
+        if original is None and impl != "eager":
+            raise KeyError(f"transformers has no attention implementation {impl!r} registered.")
 
         def ulysses_dispatch(module, query, key, value, attention_mask, *args, **kwargs):
             local = getattr(module, _LOCAL_ATTR, None)
-            core = original if local is None else functools.partial(local, original)
+            kernel = original if original is not None else eager_attention_of(module)
+            core = kernel if local is None else functools.partial(local, kernel)
             handler = getattr(module, _SP_ATTR, None)
             if handler is None:
                 return core(module, query, key, value, attention_mask, *args, **kwargs)

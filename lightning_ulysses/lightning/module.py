@@ -80,8 +80,9 @@ class CausalLMModule(LightningModule):
         model: hub name or local path, config dict (``model_type`` + fields), ``PretrainedConfig``, or a
             ``PreTrainedModel`` / PEFT model instance. Built in :meth:`configure_model` (so ZeRO-3 can shard it at
             init; with ZeRO-3 a checkpoint is loaded straight into the partitions).
-        attn_implementation: ``"sdpa"`` (default), ``"flash_attention_2"`` or ``"flash_attention_3"``;
-            ``None`` keeps the model's own.
+        attn_implementation: ``"sdpa"`` (default), ``"flash_attention_2"``, ``"flash_attention_3"`` or
+            ``"eager"`` (under SP: [S, S] scores per head, for short sequences or models with nothing else, e.g.
+            Gemma-2 without flash-attn); ``None`` keeps the model's own.
         optimizer: optimizer factory (LightningCLI: ``class_path`` + ``init_args``).
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         gradient_checkpointing: recompute each layer in backward (non-reentrant); ``None`` leaves it to

@@ -32,7 +32,9 @@ CONTEXT_PARALLEL_MODES = ("auto", "hybrid", "ulysses_only", "ring_only")
 
 # Attention implementations whose HF kernels never need a materialised 4D mask, so the Ulysses
 # wrapper can drop the shard-local mask HF builds and re-derive causality from global position_ids.
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
+# "eager" materialises [S, S] scores per local head (S = the whole sequence under Ulysses): for short sequences and
+# models that have nothing else (Gemma-2's logit soft-capping without flash-attn)
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "eager")
 
 
 def heads_allow(sp: int, num_heads: int, num_kv_heads: int) -> bool:
@@ -62,10 +64,10 @@ def validate_attn_implementation(attn_implementation: Optional[str], sp: int) ->
         )
     if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
         raise ValueError(
-            f"Sequence parallelism (sp={sp}) does not support attn_implementation={attn_implementation!r}: "
-            "eager attention needs a full [seq, seq] mask per head and cannot be sharded. Build the model with "
-            f"attn_implementation set to one of {list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (e.g. "
-            "`AutoModelForCausalLM.from_config(cfg, attn_implementation='sdpa')`, or "
+            f"Sequence parallelism (sp={sp}) does not support attn_implementation={attn_implementation!r}: the "
+            "Ulysses path re-masks the gathered sequence for the attention kinds it knows, and this one is not tested "
+            f"under it. Build the model with attn_implementation set to one of {list(SUPPORTED_ATTN_IMPLEMENTATIONS)} "
+            "(e.g. `AutoModelForCausalLM.from_config(cfg, attn_implementation='sdpa')`, or "
             "`CausalLMModule(attn_implementation='sdpa')`)."
         )
 

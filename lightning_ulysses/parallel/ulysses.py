@@ -24,6 +24,7 @@ ring group instead of the HF kernel (ulysses == 1: no all-to-all at all).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -132,6 +133,8 @@ class UlyssesAttention:
             self._attend: Callable = self._attend_ring
         elif attn_implementation == "sdpa":
             self._attend = self._attend_sdpa
+        elif attn_implementation == "eager":
+            self._attend = self._attend_eager
         else:  # flash kernels take causality (and packing, through position_ids) from the kwargs
             self._attend = self._attend_flash
 
@@ -192,6 +195,17 @@ class UlyssesAttention:
             return self._packed(module, q, k, v, kwargs, bounds()), None
         # HF built a mask for the *local* shard; it is meaningless for the gathered sequence.
         mask = causal_mask(positions, segments, window) if (segments is not None or window) else None
+        return self._core(core, module, q, k, v, mask, args, kwargs)
+
+    def _attend_eager(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
+                      kwargs: dict) -> tuple[Tensor, Any]:
+        # eager takes no is_causal: it always gets the gathered sequence's mask (causal, inside each packed sample,
+        # within the sliding window), additive in the activations' dtype as transformers' own eager masks are
+        positions, segments, _ = self._positions(kwargs["position_ids"], q.shape[0])
+        kwargs["position_ids"] = positions
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        allowed = causal_mask(positions, segments, window if window is not None and window < q.shape[2] else None)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
         return self._core(core, module, q, k, v, mask, args, kwargs)
 
     def _attend_flash(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
@@ -332,6 +346,14 @@ def apply_ulysses(
         raise ValueError(
             f"Ulysses cannot wrap attn_implementation={impl!r}; build the model with one of "
             f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)}."
+        )
+    if impl == "eager" and groups.sp > 1:
+        warnings.warn(
+            "Sequence parallelism with attn_implementation='eager': every rank materialises [S, S] attention scores "
+            "for its heads over the whole sequence (4 GiB per head at 32K tokens in fp32, more for the softmax). "
+            "Fine for short sequences and models that have nothing else (Gemma-2's soft-capping without "
+            "flash-attn); for long ones use attn_implementation='flash_attention_2' or 'sdpa'.",
+            stacklevel=2,
         )
     remove_ulysses(model)
     ctx = UlyssesAttention(groups, comm_dtype, ring_zigzag, ring_backend, attn_implementation=impl)

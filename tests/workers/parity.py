@@ -54,7 +54,9 @@ FAMILY_EXTRAS = {
     "mistral": {},
     "qwen2": {},
     "qwen3": {},
-    "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 8},
+    # soft-capping at scales these tiny models' scores and logits reach (0.01-0.1), so that it changes them
+    "gemma2": {"sliding_window": 8, "query_pre_attn_scalar": 8, "attn_logit_softcapping": 0.005,
+               "final_logit_softcapping": 0.5},
     "gemma3_text": {"sliding_window": 8, "query_pre_attn_scalar": 8},  # sliding-window layers
     "phi3": {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1},  # fused qkv_proj / gate_up_proj
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
@@ -74,7 +76,7 @@ def tiny_config(case: dict):
             intermediate_size=case.get("intermediate", 64), num_hidden_layers=case.get("layers", 2),
             num_attention_heads=case["heads"], num_key_value_heads=case.get("kv_heads", case["heads"]),
             head_dim=case.get("head_dim", 8), max_position_embeddings=1024, tie_word_embeddings=False,
-            attn_implementation="sdpa", **{**FAMILY_EXTRAS[family], **case.get("config", {})},
+            attn_implementation=case.get("attn", "sdpa"), **{**FAMILY_EXTRAS[family], **case.get("config", {})},
         )
     return LlamaConfig(
         vocab_size=case.get("vocab", 96),
@@ -86,7 +88,7 @@ def tiny_config(case: dict):
         head_dim=case.get("head_dim", 8),
         max_position_embeddings=1024,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
+        attn_implementation=case.get("attn", "sdpa"),
     )
 
 
@@ -96,9 +98,11 @@ def build_model(case: dict):
 
     torch.manual_seed(case.get("seed", 0))
     if case.get("pretrained"):
-        model = AutoModelForCausalLM.from_pretrained(case["pretrained"], attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(case["pretrained"], attn_implementation=case.get("attn", "sdpa"),
+                                                     dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_config(tiny_config(case), attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(tiny_config(case), attn_implementation=case.get("attn", "sdpa"),
+                                                 dtype=torch.float32)
     if case.get("lora"):
         # CausalLMModule builds its adapters the same way (re-seeded, then get_peft_model), so both start equal
         from peft import get_peft_model
@@ -357,6 +361,7 @@ def run(case: dict, out_path: str) -> None:
     )
     module = CausalLMModule(
         model=module_model_spec(case),
+        attn_implementation=case.get("attn", "sdpa"),
         dtype="float32",
         peft=dict(case["lora"]) if case.get("lora") else None,
         optimizer=lambda p: torch.optim.SGD(p, lr=case["lr"]),
