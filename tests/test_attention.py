@@ -69,7 +69,8 @@ def test_apply_is_scoped_to_one_model_and_idempotent() -> None:
 def test_eager_at_one_rank_keeps_samples_apart_and_leaves_other_eager_models_untouched() -> None:
     """Eager has no registry entry in transformers: the dispatcher registered under "eager" calls each layer's own
     eager function. A model under the handler (one rank: no all-to-all) gives packed rows the samples' own mask
-    (every sample as if alone); another eager model is untouched, bit for bit."""
+    (every sample as if alone), also in a call with a KV cache, where transformers itself would let the samples see
+    each other; another eager model is untouched, bit for bit."""
     ones = ProcessGroups(layout=ParallelLayout(1, 1), rank=0, sp_group=None, dp_group=None, world_group=None)
     sp_model, other = tiny_llama(attn="eager"), tiny_llama(attn="eager")
     ids = torch.randint(0, 64, (2, 9))

@@ -28,8 +28,9 @@ def results(tmp_path_factory) -> dict:
     # sequence (causal + the sliding window of every other layer) and keeps the soft-capping. The tiled loss refuses
     # its final-logit soft-capping (it would not reproduce it), so the plain logits path runs.
     cases["gemma2"] = {**BASE, "family": "gemma2", "attn": "eager", "tiled_loss": False}
-    # eager with packed rows (the samples' mask is rebuilt from the gathered positions) and padding
+    # eager with packed rows (the samples' mask is rebuilt from the gathered positions), also at sp=1 x dp=2
     cases["llama_eager_packed"] = {**BASE, "attn": "eager", "packed": True}
+    cases["llama_eager_packed_sp1_dp2"] = {**BASE, "attn": "eager", "packed": True, "sp": 1}
     # the MoE router's balance term, over whole sequences (not the mean of per-shard values), padding excluded
     cases["qwen3_moe_router_aux_padded"] = {
         **BASE, "family": "qwen3_moe", "seq_len": 15, "padded": True, "batch_size": 2,
@@ -43,14 +44,17 @@ def results(tmp_path_factory) -> dict:
     return {f: json.loads((out / f"{f}.json").read_text()) for f in cases}
 
 
-@pytest.mark.parametrize("family", SUPPORTED + ["qwen3_moe_router_aux_padded", "gemma2", "llama_eager_packed"])
+@pytest.mark.parametrize(
+    "family", SUPPORTED + ["qwen3_moe_router_aux_padded", "gemma2", "llama_eager_packed", "llama_eager_packed_sp1_dp2"])
 def test_family_trains_under_sp2_like_plain_transformers(family: str, results: dict) -> None:
     r = results[family]
-    assert r["layout"] == {"sp": 2, "dp": 1, "ring": 1}
+    assert r["layout"] == ({"sp": 1, "dp": 2, "ring": 1} if family.endswith("sp1_dp2") else {"sp": 2, "dp": 1, "ring": 1})
     worst = max(r["grad_rel_err"].items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-5, f"{family}: gradient of {worst[0]} differs by {worst[1]:.2e}"
-    for k, losses in enumerate(r["sp_losses"]):
-        assert all(abs(x - r["ref_losses"][k][0]) <= 1e-5 for x in losses), (family, k, losses, r["ref_losses"][k])
+    sp = r["layout"]["sp"]
+    for k, losses in enumerate(r["sp_losses"]):  # rank i holds a shard of DP replica i // sp's sample
+        assert all(abs(x - r["ref_losses"][k][i // sp]) <= 1e-5 for i, x in enumerate(losses)), (
+            family, k, losses, r["ref_losses"][k])
     assert max(r["param_max_abs_err"].values()) <= 1e-5
     assert max(r["param_moved"].values()) > 1e-2
 

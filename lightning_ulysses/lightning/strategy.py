@@ -315,9 +315,10 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             self.groups = ProcessGroups.build(layout)
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
-        # under SP: Ulysses/ring attention; at sp=1 with sdpa: packed rows per segment, no dense mask (flash kernels
-        # handle packed rows natively from the position ids)
-        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) == "sdpa"):
+        # under SP: Ulysses/ring attention; at sp=1 with sdpa: packed rows per segment, no dense mask; with eager: the
+        # samples' mask from the position ids (transformers separates packed samples itself only when the call has
+        # no KV cache, i.e. use_cache=False); flash kernels handle packed rows natively from the position ids
+        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) in ("sdpa", "eager")):
             comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
             apply_ulysses(
                 hf_model,
