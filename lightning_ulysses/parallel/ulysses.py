@@ -334,8 +334,8 @@ def apply_ulysses(
     ``groups.ring_group`` (``ring_zigzag`` must match how the data was sharded).
 
     At ``groups.sp == 1`` (one rank per sequence) there is no all-to-all: the handler only gives packed rows
-    (position ids restarting) one kernel call per segment instead of transformers' dense block-diagonal mask
-    (the strategy applies it so for ``sdpa`` models).
+    (position ids restarting) one kernel call per segment instead of transformers' dense block-diagonal mask, or
+    for ``eager`` the samples' mask (the strategy applies it so for ``sdpa`` and ``eager`` models).
 
     Idempotent: applying again replaces the previous state. Only this model is affected.
     """
