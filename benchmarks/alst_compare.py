@@ -17,7 +17,8 @@ One process group per (path, sequence length), launched by torchrun:
 
 ``--runs JSON`` (``ours`` only): several configurations in one launch, each a list of arguments added to the
 command's own (its own ``--label``/``--out``), in the same processes and process group; host RSS is then the
-running maximum. The CPU test uses it to save process start-ups.
+running maximum, and a run's peak GPU memory is counted above what is still allocated when it starts
+(``retained_gib``: what earlier runs left behind). The CPU test uses it to save process start-ups.
 
 Each run: ``--warmup`` untimed steps, then ``--steps`` timed steps; median step time, tokens/s, model TFLOPS/GPU
 (6·N·S + 6·L·S²·H, N without the input embedding), peak GPU memory (max over ranks), peak host RSS.
@@ -27,6 +28,7 @@ An OOM is caught and reported.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -297,7 +299,7 @@ def run_ours(args, cfg) -> list[float]:
             profile.phase("optimizer step")
             rss_note(f"ours: after step {batch_idx}")
 
-    module = CausalLMModule(model=cfg, attn_implementation="sdpa", optimizer=optimizer, dtype="bfloat16")
+    module = CausalLMModule(model=cfg, attn_implementation=args.attn, optimizer=optimizer, dtype="bfloat16")
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=int(os.environ["WORLD_SIZE"]),
         precision="bf16-mixed", max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
@@ -461,11 +463,17 @@ def run(args, last: bool = True) -> None:
     """One configuration; ``last``: tear the process group down afterwards (``--runs`` keeps it for the next)."""
     import torch.distributed as tdist
 
+    # under --runs an earlier run's objects may still hold GPU memory (Lightning and DeepSpeed keep references):
+    # this run's peak is counted above what is allocated when it starts
+    gc.collect()
+    retained = 0
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        retained = torch.cuda.memory_allocated()
     cfg = hf_config(args.preset, args.seq, args.layers)
     result = {"path": args.label or args.path, "preset": args.preset, "layers": cfg.num_hidden_layers, "seq": args.seq, "sp": args.sp,
-              "packed_docs": args.packed_docs,
+              "packed_docs": args.packed_docs, "attn": args.attn,
               "world": int(os.environ["WORLD_SIZE"]), "zero_stage": args.zero_stage,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     try:
@@ -474,7 +482,8 @@ def run(args, last: bool = True) -> None:
         result["all_step_s"] = times
     except torch.OutOfMemoryError as e:
         result["oom"] = repr(e)[:300]
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+    result["retained_gib"] = retained / 2**30
+    peak = torch.tensor([(torch.cuda.max_memory_allocated() - retained) / 2**30 if torch.cuda.is_available() else 0.0,
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
     if tdist.is_initialized():
         if torch.cuda.is_available():
@@ -594,6 +603,8 @@ def main() -> None:
                    help="bf16 matmul peak per GPU for MFU, ideally measured on the same machine (H200: 786)")
     p.add_argument("--zero3-prefetch", action="store_true",
                    help="ours: keep DeepSpeed's ZeRO-3 trace prefetch/reuse (the strategy's zero3_prefetch=True)")
+    p.add_argument("--attn", default="sdpa", help="ours: the model's attn_implementation (flash_attention_2: the "
+                   "flash-attn package, varlen kernel for packed rows)")
     p.add_argument("--packed-docs", type=int, default=1, metavar="K",
                    help="ours: pack K equal causal documents per row (position_ids restart); FLOPs count S^2/K")
     p.add_argument("--memory-profile", action="store_true",
@@ -618,8 +629,8 @@ def main() -> None:
 
 
 def check_and_run(args, last: bool = True) -> None:
-    if args.path == "alst" and (args.packed_docs > 1 or args.zero3_prefetch):
-        raise SystemExit("--packed-docs and --zero3-prefetch are options of --path ours")
+    if args.path == "alst" and (args.packed_docs > 1 or args.zero3_prefetch or args.attn != "sdpa"):
+        raise SystemExit("--packed-docs, --zero3-prefetch and --attn are options of --path ours")
     if args.packed_docs < 1 or args.seq % args.packed_docs:
         raise SystemExit(f"--packed-docs must divide --seq ({args.seq}) into equal documents, got {args.packed_docs}")
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

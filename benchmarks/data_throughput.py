@@ -3,6 +3,7 @@ GPU: ``configs/llama3_8b_long_context.yaml`` (the whole memory stack) with 4 lay
 init), the data of ``data/`` repeated to length, ``seq_len`` tokens per row.
 
     python benchmarks/data_throughput.py OUT_DIR [--seq 131072] [--steps 4] [--only sft pretrain synthetic]
+        [--attn flash_attention_2]
 
 Prints, per run, the packing line and the SequenceThroughput summary (model TFLOPS count attention per packed
 segment), then a table. By default the rows are built here with the package's own tokenizing and packing functions
@@ -94,12 +95,18 @@ def build_rows(kind: str, out: Path, seq: int, rows: int) -> str:
     return str(path)
 
 
-def run(name: str, data: dict, out: Path, seq: int, steps: int) -> dict:
+def run(name: str, data: dict, out: Path, seq: int, steps: int, attn: str = "sdpa") -> dict:
     config = yaml.safe_load((ROOT / "configs" / "llama3_8b_long_context.yaml").read_text())
     config["model"]["model"] = MODEL
+    config["model"]["attn_implementation"] = attn
+    if attn != "sdpa":  # the tiled attention backward replaces the sdpa kernel only
+        config["trainer"]["strategy"]["init_args"]["tiled_attention_backward"] = False
     config["data"] = data
     config["trainer"].update(devices=1, max_steps=steps, default_root_dir=str(out / name), num_sanity_val_steps=0,
                              limit_val_batches=0)
+    # no checkpoints: throughput only (each would hold the model's optimizer states: ~30 GB here, runs fill the disk)
+    config["trainer"]["enable_checkpointing"] = False
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
     config["trainer"]["callbacks"].append({"class_path": "lightning_ulysses.callbacks.SequenceThroughput"})
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -119,7 +126,7 @@ def run(name: str, data: dict, out: Path, seq: int, steps: int) -> dict:
             nums = {"tokens_per_s": float(m.group(1).replace(",", "")), "model_tflops": float(m.group(2)),
                     "peak_gib": float(m.group(3))}
     eff = re.search(r"([\d.]+)% real tokens", packing[0]) if packing else None
-    return {"name": name, "rc": rc, "real_token_pct": float(eff.group(1)) if eff else None, **nums}
+    return {"name": name, "attn": attn, "rc": rc, "real_token_pct": float(eff.group(1)) if eff else None, **nums}
 
 
 def main() -> None:
@@ -128,6 +135,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=131072)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*", default=["synthetic", "sft", "pretrain"])
+    ap.add_argument("--attn", default="sdpa", help="the model's attn_implementation (e.g. flash_attention_2)")
     ap.add_argument("--datamodules", action="store_true",
                     help="sft/pretrain through the package's SFTDataModule/PretrainDataModule (needs `datasets`)")
     args = ap.parse_args()
@@ -141,11 +149,11 @@ def main() -> None:
             runs[kind] = (datamodule_config(kind, args.seq, rows) if args.datamodules else
                           {"class_path": "data_throughput.PackedRowsDataModule",
                            "init_args": {"rows": build_rows(kind, out, args.seq, rows)}})
-    results = [run(name, runs[name], out, args.seq, args.steps) for name in args.only]
+    results = [run(name, runs[name], out, args.seq, args.steps, args.attn) for name in args.only]
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("| run | real tokens % | tokens/s | model TFLOPS (per segment) | peak GiB |\n|---|---|---|---|---|")
+    print("| run | attention | real tokens % | tokens/s | model TFLOPS (per segment) | peak GiB |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r.get('real_token_pct')} | {r.get('tokens_per_s')} | {r.get('model_tflops')} | {r.get('peak_gib')} |")
+        print(f"| {r['name']} | {r['attn']} | {r.get('real_token_pct')} | {r.get('tokens_per_s')} | {r.get('model_tflops')} | {r.get('peak_gib')} |")
 
 
 if __name__ == "__main__":

@@ -156,3 +156,40 @@ def test_packed_rows_at_sp1_run_per_segment_without_a_dense_mask() -> None:
     # without the handler, transformers' own (dense block-diagonal mask) path gives the same numbers
     dense = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(dense, packed, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_packed_rows_of_a_micro_batch_go_to_the_varlen_kernel_together() -> None:
+    """transformers' flash path separates packed samples only for a one-row batch; the handler gives its varlen
+    kernel every row's samples (transformers' own flash code, torch kernels under it: tests/fake_flash.py)."""
+    from tests import fake_flash
+
+    undo = fake_flash.install()
+    try:
+        model = tiny_llama(attn="flash_attention_2")
+        _flash_packed_rows(model)
+    finally:
+        undo()
+
+
+def _flash_packed_rows(model) -> None:
+    from tests import fake_flash
+
+    rows = [[5, 3, 8], [9, 7]]  # sample lengths of two 16-token rows
+    samples = [[torch.randint(0, 64, (1, n)) for n in row] for row in rows]
+    ids = torch.cat([torch.cat(row, dim=1) for row in samples])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+    alone = torch.cat([torch.cat([model(input_ids=s, use_cache=False).logits for s in row], dim=1) for row in samples])
+    dense = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # transformers alone: across samples
+    assert (dense - alone).abs().max() > 1e-2
+    ctx = apply_ulysses(model, ProcessGroups.build(ParallelLayout(1, 1)))
+    before = dict(fake_flash.CALLS)
+    try:
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        cu = ctx._varlen_cache[1]
+    finally:
+        remove_ulysses(model)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert cu.tolist() == [0, 5, 8, 16, 25, 32]  # both rows' samples over the flattened [2 x 16] tokens
+    # one varlen call per layer over all 5 samples, the dense kernel never
+    assert fake_flash.CALLS["varlen"] - before["varlen"] == 2 and fake_flash.CALLS["dense"] == before["dense"]
+    assert fake_flash.CALLS["varlen_segments"] - before["varlen_segments"] == 10

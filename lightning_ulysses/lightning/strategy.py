@@ -48,7 +48,9 @@ from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import attention_spec, check_shardable, find_hf_model
 from lightning_ulysses.parallel.accumulation import WindowTokenCounter
-from lightning_ulysses.parallel.layout import CONTEXT_PARALLEL_MODES, ParallelLayout, ProcessGroups, SPSize
+from lightning_ulysses.parallel.layout import (
+    CONTEXT_PARALLEL_MODES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize,
+)
 from lightning_ulysses.parallel.loss import deepspeed_loss_scale
 from lightning_ulysses.parallel.ring import RING_BACKENDS
 from lightning_ulysses.kernels.tiled import segment_bounds
@@ -315,10 +317,10 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             self.groups = ProcessGroups.build(layout)
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
-        # under SP: Ulysses/ring attention; at sp=1 with sdpa: packed rows per segment, no dense mask; with eager: the
-        # samples' mask from the position ids (transformers separates packed samples itself only when the call has
-        # no KV cache, i.e. use_cache=False); flash kernels handle packed rows natively from the position ids
-        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) in ("sdpa", "eager")):
+        # under SP: Ulysses/ring attention. At sp=1 the same handler keeps packed samples apart: sdpa per segment (no
+        # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
+        # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
+        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) in SUPPORTED_ATTN_IMPLEMENTATIONS):
             comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
             apply_ulysses(
                 hf_model,

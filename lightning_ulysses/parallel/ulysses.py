@@ -129,13 +129,14 @@ class UlyssesAttention:
         self.comm_dtype = comm_dtype
         self.calls = 0
         self._gathered = _GatheredPositions(self.group, self.ulysses)
+        self._varlen_cache: Optional[tuple] = None  # flash kernels: (key, cu_seqlens, longest sample)
         if self.ring_group is not None:
             self._attend: Callable = self._attend_ring
         elif attn_implementation == "sdpa":
             self._attend = self._attend_sdpa
         elif attn_implementation == "eager":
             self._attend = self._attend_eager
-        else:  # flash kernels take causality (and packing, through position_ids) from the kwargs
+        else:  # flash kernels take causality from the kwargs, packed samples as varlen cu_seqlens
             self._attend = self._attend_flash
 
     def __call__(
@@ -210,8 +211,29 @@ class UlyssesAttention:
 
     def _attend_flash(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
                       kwargs: dict) -> tuple[Tensor, Any]:
-        kwargs["position_ids"] = self._positions(kwargs["position_ids"], q.shape[0])[0]
+        positions, segments, bounds = self._positions(kwargs["position_ids"], q.shape[0])
+        kwargs["position_ids"] = positions
+        if segments is not None:
+            # transformers derives packed samples from position ids only for a one-row batch (a [b > 1, S] packed
+            # batch would run the dense kernel across samples), and again in every layer with a host sync: hand its
+            # varlen kernel every row's samples at once, the [b, S] tokens flattened, cu_seqlens built once a step
+            cu, longest = self._varlen(bounds(), q.shape[0], q.shape[2], q.device)
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return self._core(core, module, q, k, v, None, args, kwargs)
+
+    def _varlen(self, bounds: list, batch: int, seq: int, device: torch.device) -> tuple[Tensor, int]:
+        """int32 ``cu_seqlens`` over the ``[batch * seq]`` flattened tokens (sample ``i`` at ``cu[i]:cu[i + 1]``)
+        and the longest sample, for the segment bounds of a step (cached on their identity: every layer, and
+        the recompute of checkpointed ones, gets the same list)."""
+        key = (bounds, batch, seq, device)
+        cached = self._varlen_cache
+        if cached is None or cached[0][0] is not bounds or cached[0][1:] != key[1:]:
+            rows = bounds if len(bounds) == batch else bounds * batch
+            ends = [r * seq + end for r, row in enumerate(rows) for _, end in row]
+            longest = max(end - start for row in rows for start, end in row)
+            cu = torch.tensor([0] + ends, dtype=torch.int32, device=device)
+            self._varlen_cache = cached = (key, cu, longest)
+        return cached[1], cached[2]
 
     def _core(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
               args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
@@ -333,9 +355,10 @@ def apply_ulysses(
     Ulysses over ``groups.ulysses_group`` and, when ``groups.ring > 1``, ring attention over
     ``groups.ring_group`` (``ring_zigzag`` must match how the data was sharded).
 
-    At ``groups.sp == 1`` (one rank per sequence) there is no all-to-all: the handler only gives packed rows
-    (position ids restarting) one kernel call per segment instead of transformers' dense block-diagonal mask, or
-    for ``eager`` the samples' mask (the strategy applies it so for ``sdpa`` and ``eager`` models).
+    At ``groups.sp == 1`` (one rank per sequence) there is no all-to-all: the handler only keeps packed rows'
+    samples (position ids restarting) apart: ``sdpa`` one kernel call per segment instead of transformers' dense
+    block-diagonal mask, ``eager`` the samples' mask, flash kernels the varlen kernel with every row's samples (the
+    strategy applies it so at sp=1 too).
 
     Idempotent: applying again replaces the previous state. Only this model is affected.
     """

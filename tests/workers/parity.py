@@ -247,7 +247,8 @@ def reference(case: dict, dataset: Samples, micro_groups: list[list[list[int]]],
     ``global_tokens``: it is the sum of all their token losses over all their valid tokens (HF's
     ``num_items_in_batch``).
     """
-    model = build_model(case)
+    # the reference may attend with another kernel (flash cases: sdpa, which separates packed samples itself)
+    model = build_model({**case, "attn": case.get("ref_attn", case.get("attn", "sdpa"))})
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=case["lr"])
     global_tokens = case.get("loss_normalization") == "global_tokens"
@@ -322,6 +323,10 @@ def run(case: dict, out_path: str) -> None:
     dp = ws // sp
     epochs = case.get("epochs", 1)
     dataset = Samples(case, n=case.get("samples", steps * dp * bs * acc // epochs))
+    if case.get("attn", "").startswith("flash") and not torch.cuda.is_available():
+        from tests import fake_flash  # transformers' flash path with torch kernels underneath (no flash-attn on CPU)
+
+        fake_flash.install()
 
     if case.get("raw_reduction"):
         # measure DeepSpeed's own reduction: no correction factor at all
@@ -400,6 +405,8 @@ def run(case: dict, out_path: str) -> None:
     rank = dist.get_rank()
     gathered = [None] * ws
     dist.all_gather_object(gathered, rec.steps)
+    flash_calls = [None] * ws
+    dist.all_gather_object(flash_calls, dict(sys.modules["tests.fake_flash"].CALLS) if "tests.fake_flash" in sys.modules else None)
     if rank != 0:
         return
     layout = strategy.layout
@@ -421,6 +428,7 @@ def run(case: dict, out_path: str) -> None:
 
     result = {
         "dense_masks": DENSE_MASKS[0],
+        "flash_calls": flash_calls,  # per rank, the fake flash kernels' calls in training (flash cases on CPU)
         "layout": {"sp": layout.sp, "dp": layout.dp, "ring": layout.ring},
         "local_seq": [[s["local_seq"] for s in steps_] for steps_ in gathered],
         "first_pos": [[s["first_pos"] for s in steps_] for steps_ in gathered],
