@@ -3,7 +3,7 @@
 transformers' own ``flash_attention_2`` path (its attention-interface entry, ``_flash_attention_forward``: the
 choice between the dense and the varlen kernel, ``cu_seqlens`` from position ids or from the caller's kwargs)
 runs unchanged; only the two kernels underneath are these torch functions, which attend each ``cu_seqlens``
-segment on its own with SDPA. They count their calls, so a test can tell which kernel a packed row reached.
+segment on its own (SDPA; explicit scores for sliding windows and logit soft-capping). They count their calls, so a test can tell which kernel a packed row reached.
 What this cannot test is flash-attn's CUDA code itself: docs/benchmarks.md has the GPU runs with the real one.
 """
 
@@ -17,30 +17,52 @@ import torch.nn.functional as F
 CALLS = {"dense": 0, "varlen": 0, "varlen_segments": 0}
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale) -> torch.Tensor:
-    """``[s, h, d]`` q and ``[s, hk, d]`` k/v -> ``[s, h, d]``."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=causal,
-                                         scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale, window_size: tuple = (-1, -1),
+            softcap: float = 0.0) -> torch.Tensor:
+    """``[s, h, d]`` q and ``[s, hk, d]`` k/v -> ``[s, h, d]``: SDPA, or explicit scores where flash-attn's window
+    (query ``i`` sees keys ``i - left .. i + right``) or logit soft-capping (``softcap * tanh(scores / softcap)``)
+    applies."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if tuple(window_size) == (-1, -1) and not softcap:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             is_causal=causal, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(q.shape[0])[:, None]
+    j = torch.arange(k.shape[0])[None, :]
+    allowed = torch.ones_like(i - j, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    left, right = window_size
+    if left >= 0:
+        allowed &= i - j <= left
+    if right >= 0:
+        allowed &= j - i <= right
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hij,jhd->ihd", probs, v)
 
 
-def _refuse(dropout_p: float, window_size: tuple, softcap: float) -> None:
-    if dropout_p or tuple(window_size) != (-1, -1) or softcap:
-        raise NotImplementedError("fake flash-attn: dropout, sliding windows and soft-capping are not modelled")
+def _refuse(dropout_p: float) -> None:
+    if dropout_p:
+        raise NotImplementedError("fake flash-attn: attention dropout is not modelled")
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     deterministic=False):
     """``[b, s, h, d]``: every row is one sequence (what the real kernel assumes)."""
-    _refuse(dropout_p, window_size, softcap)
+    _refuse(dropout_p)
     CALLS["dense"] += 1
-    return torch.stack([_attend(q[i], k[i], v[i], causal, softmax_scale) for i in range(q.shape[0])])
+    return torch.stack([_attend(q[i], k[i], v[i], causal, softmax_scale, window_size, softcap) for i in range(q.shape[0])])
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
     """``[total, h, d]`` tokens of several sequences, sequence ``i`` at ``cu_seqlens[i]:cu_seqlens[i + 1]``."""
-    _refuse(dropout_p, window_size, softcap)
+    _refuse(dropout_p)
     # what the real kernel demands of its arguments
     assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k), (cu_seqlens_q, cu_seqlens_k)
     bounds = cu_seqlens_q.tolist()
@@ -48,7 +70,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     assert int(max_seqlen_q) == max(b - a for a, b in zip(bounds, bounds[1:])), (max_seqlen_q, bounds)
     CALLS["varlen"] += 1
     CALLS["varlen_segments"] += len(bounds) - 1
-    return torch.cat([_attend(q[a:b], k[a:b], v[a:b], causal, softmax_scale) for a, b in zip(bounds, bounds[1:])])
+    return torch.cat([_attend(q[a:b], k[a:b], v[a:b], causal, softmax_scale, window_size, softcap)
+                      for a, b in zip(bounds, bounds[1:])])
 
 
 _PATCHED = ("_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn", "_unpad_fn", "_process_flash_kwargs_fn",

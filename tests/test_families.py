@@ -37,6 +37,9 @@ def results(tmp_path_factory) -> dict:
     flash = {**BASE, "attn": "flash_attention_2", "ref_attn": "sdpa", "packed": True, "batch_size": 2}
     cases["llama_flash_packed"] = flash
     cases["llama_flash_packed_sp1_dp2"] = {**flash, "sp": 1}
+    # Gemma-2's GPU path: flash with its attention soft-capping and sliding window (window_size) on the gathered
+    # sequence, against plain transformers' eager
+    cases["gemma2_flash"] = {**cases["gemma2"], "attn": "flash_attention_2", "ref_attn": "eager"}
     # the MoE router's balance term, over whole sequences (not the mean of per-shard values), padding excluded
     cases["qwen3_moe_router_aux_padded"] = {
         **BASE, "family": "qwen3_moe", "seq_len": 15, "padded": True, "batch_size": 2,
@@ -52,7 +55,7 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(
     "family", SUPPORTED + ["qwen3_moe_router_aux_padded", "gemma2", "llama_eager_packed", "llama_eager_packed_sp1_dp2",
-                           "llama_flash_packed", "llama_flash_packed_sp1_dp2"])
+                           "llama_flash_packed", "llama_flash_packed_sp1_dp2", "gemma2_flash"])
 def test_family_trains_under_sp2_like_plain_transformers(family: str, results: dict) -> None:
     r = results[family]
     assert r["layout"] == ({"sp": 1, "dp": 2, "ring": 1} if family.endswith("sp1_dp2") else {"sp": 2, "dp": 1, "ring": 1})
@@ -64,8 +67,10 @@ def test_family_trains_under_sp2_like_plain_transformers(family: str, results: d
             family, k, losses, r["ref_losses"][k])
     assert max(r["param_max_abs_err"].values()) <= 1e-5
     assert max(r["param_moved"].values()) > 1e-2
-    if "flash" in family:  # every attention call of a packed batch went to the varlen kernel, none to the dense one
+    if "flash_packed" in family:  # every attention call of a packed batch went to the varlen kernel, none to the dense
         assert all(c["dense"] == 0 and c["varlen"] > 0 for c in r["flash_calls"]), r["flash_calls"]
+    elif "flash" in family:
+        assert all(c["dense"] > 0 for c in r["flash_calls"]), r["flash_calls"]
 
 
 @pytest.mark.parametrize("family", REFUSED)
