@@ -32,7 +32,7 @@ CONTEXT_PARALLEL_MODES = ("auto", "hybrid", "ulysses_only", "ring_only")
 
 # Attention implementations the Ulysses wrapper knows how to run on the gathered sequence: it drops the shard-local
 # mask HF builds and re-derives causality (and packed samples, sliding windows) from the global position_ids —
-# as is_causal / per-segment calls for sdpa, position ids for the flash kernels, a rebuilt mask for "eager" (which
+# as is_causal / per-segment calls for sdpa, varlen cu_seqlens for the flash kernels, a rebuilt mask for "eager" (which
 # materialises [S, S] scores per local head: for short sequences, or models that have nothing else, such as
 # Gemma-2's logit soft-capping without flash-attn).
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "eager")

@@ -184,13 +184,19 @@ class UlyssesAttention:
             local if local.dim() == 2 else local.unsqueeze(0))
         return self._ring(module, q, k, v, kwargs, ctx.segments if packed else None), None
 
-    def _attend_sdpa(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
-                     kwargs: dict) -> tuple[Tensor, Any]:
+    def _gathered_sequence(self, module: torch.nn.Module, q: Tensor, kwargs: dict
+                           ) -> tuple[Tensor, Optional[Tensor], Callable[[], list], Optional[int]]:
+        """What every local path needs of the gathered ``[b, S]`` sequence: its global positions (also put into
+        ``kwargs``), packed segment ids, the segment-bounds thunk, and the layer's sliding window (None when it
+        covers the whole sequence)."""
         positions, segments, bounds = self._positions(kwargs["position_ids"], q.shape[0])
         kwargs["position_ids"] = positions
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        if window is not None and window >= q.shape[2]:
-            window = None
+        return positions, segments, bounds, window if window is not None and window < q.shape[2] else None
+
+    def _attend_sdpa(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
+                     kwargs: dict) -> tuple[Tensor, Any]:
+        positions, segments, bounds, window = self._gathered_sequence(module, q, kwargs)
         if segments is not None and window is None and plain_causal(module, kwargs):
             # packed rows: one kernel call per segment instead of an [S, S] mask (S^2 bytes per row)
             return self._packed(module, q, k, v, kwargs, bounds()), None
@@ -202,17 +208,14 @@ class UlyssesAttention:
                       kwargs: dict) -> tuple[Tensor, Any]:
         # eager takes no is_causal: it always gets the gathered sequence's mask (causal, inside each packed sample,
         # within the sliding window), additive in the activations' dtype as transformers' own eager masks are
-        positions, segments, _ = self._positions(kwargs["position_ids"], q.shape[0])
-        kwargs["position_ids"] = positions
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-        allowed = causal_mask(positions, segments, window if window is not None and window < q.shape[2] else None)
+        positions, segments, _, window = self._gathered_sequence(module, q, kwargs)
+        allowed = causal_mask(positions, segments, window)
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
         return self._core(core, module, q, k, v, mask, args, kwargs)
 
     def _attend_flash(self, core: Callable, module: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, args: tuple,
                       kwargs: dict) -> tuple[Tensor, Any]:
-        positions, segments, bounds = self._positions(kwargs["position_ids"], q.shape[0])
-        kwargs["position_ids"] = positions
+        _, segments, bounds, _ = self._gathered_sequence(module, q, kwargs)  # the window goes to the kernel as is
         if segments is not None:
             # transformers derives packed samples from position ids only for a one-row batch (a [b > 1, S] packed
             # batch would run the dense kernel across samples), and again in every layer with a host sync: hand its
