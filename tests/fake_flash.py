@@ -86,6 +86,12 @@ def install() -> Callable[[], None]:
 
     saved = {name: getattr(fa, name) for name in _PATCHED}
     can_dispatch = PreTrainedModel.__dict__["_flash_attn_can_dispatch"]
+    # transformers >= 5.2x: flash-attn not installed and the `kernels` package present -> it fetches a hub kernel
+    # instead; say flash-attn 2 is installed (the kernels above stand in for it)
+    matrix = getattr(fa, "FLASH_ATTENTION_COMPATIBILITY_MATRIX", {}).get(2)
+    available = matrix["general_availability_check"] if matrix else None
+    if matrix:
+        matrix["general_availability_check"] = lambda *args, **kwargs: True
     # the load-time check wants flash-attn installed and a CUDA device
     PreTrainedModel._flash_attn_can_dispatch = lambda self, flash_attn_version, is_init_check=False: True
     # what lazy_import_flash_attention("flash_attention_2") would have loaded from the flash_attn package
@@ -99,5 +105,7 @@ def install() -> Callable[[], None]:
         for name, value in saved.items():
             setattr(fa, name, value)
         PreTrainedModel._flash_attn_can_dispatch = can_dispatch
+        if matrix:
+            matrix["general_availability_check"] = available
 
     return undo

@@ -48,6 +48,59 @@ def test_messages_loss_is_exactly_the_assistant_tokens_of_the_templates_renderin
     assert all(everything)
 
 
+# Chat templates in the shapes real models ship, written here as Jinja ({G}/{E}: where a TRL-style template puts
+# {% generation %} / {% endgeneration %}: around the content and the end-of-turn token, not the text after it; a
+# newline after a block tag is an expression, as transformers renders templates with trim_blocks).
+TEMPLATES = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{G}{{ m.content }}"
+               "<|im_end|>{E}{{ '\\n' }}{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+               "{% if m.role == 'assistant' %}{G}{{ m.content | trim }}<|eot_id|>{E}{% else %}{{ m.content | trim }}"
+               "<|eot_id|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+               "<|end_header_id|>\n\n{% endif %}", "<|eot_id|>"),
+    "mistral": ("<s>{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+                "{% elif m.role == 'assistant' %}{G}{{ m.content }}</s>{E}{% endif %}{% endfor %}", "</s>"),
+    "gemma": ("<bos>{% for m in messages %}{% set role = 'model' if m.role == 'assistant' else m.role %}"
+              "<start_of_turn>{{ role }}\n{% if m.role == 'assistant' %}{G}{{ m.content }}<end_of_turn>{E}{{ '\\n' }}"
+              "{% else %}{{ m.content }}<end_of_turn>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}", "<end_of_turn>"),
+    "phi3": ("{% for m in messages %}<|{{ m.role }}|>\n{% if m.role == 'assistant' %}{G}{{ m.content }}<|end|>{E}{{ '\\n' }}"
+             "{% else %}{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}", "<|end|>"),
+}
+TURN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]", "<bos>", "<start_of_turn>", "<end_of_turn>",
+               "<|endoftext|>"]
+
+
+@pytest.mark.parametrize("shape", sorted(TEMPLATES))
+def test_assistant_labels_are_content_and_end_of_turn_with_and_without_generation_marks(shape: str) -> None:
+    template, eot = TEMPLATES[shape]
+    chat = [m for m in CHAT if m["role"] != "system"] if shape in ("mistral", "gemma") else CHAT
+    masks = {}
+    for marked in (True, False):
+        tok = load_tokenizer(TOKENIZER, chat_template=template.replace("{G}", "{% generation %}" if marked else "")
+                             .replace("{E}", "{% endgeneration %}" if marked else ""))
+        tok.add_special_tokens({"additional_special_tokens": TURN_TOKENS})
+        tok.eos_token = "<|endoftext|>" if shape == "phi3" else tok.eos_token
+        ids, mask = tokenize_sample({"messages": chat}, tok, "messages")
+        assert ids == list(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        turns = [t["content"] + eot for t in chat if t["role"] == "assistant"]
+        assert _loss_text(tok, ids, mask) == "".join(turns), (shape, marked)  # nothing after the end of turn
+        masks[marked] = mask
+    assert masks[True] == masks[False], shape
+
+
+def test_a_conversation_without_an_assistant_turn_names_its_roles(tok) -> None:
+    bot = [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello."}]
+    with pytest.raises(ValueError, match=r"no 'assistant' turn \(its roles: \['bot', 'user'\]\).*rename the role"):
+        tokenize_sample({"messages": bot}, tok, "messages")
+    assert all(tokenize_sample({"messages": bot}, tok, "messages", assistant_only_loss=False)[1])
+    with pytest.raises(ValueError, match="A completion has no 'assistant' turn"):
+        tokenize_sample({"prompt": bot[:1], "completion": bot[1:]}, tok, "prompt_completion")
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_fix(tok) -> None:
     odd = load_tokenizer(TOKENIZER, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages|length }}")
     with pytest.raises(ValueError, match="generation"):

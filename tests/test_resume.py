@@ -58,6 +58,10 @@ def runs(tmp_path_factory) -> Path:
         "same_hybrid_stack": dict(BASE, **STACK, resume_from=ckpt("ref_hybrid_stack", 3)),
         "ref_dropout": dict(BASE, stage=2, dropout=0.5, save_every=3),
         "same_dropout": dict(BASE, stage=2, dropout=0.5, resume_from=ckpt("ref_dropout", 3)),
+        "ref_sgd": dict(BASE, stage=2, optimizer="sgd", steps=3, save_every=3),
+        "ref_sgd_momentum": dict(BASE, stage=2, optimizer="sgd_momentum", steps=4, save_every=3),
+        "same_sgd_momentum": dict(BASE, stage=2, optimizer="sgd_momentum", resume_from=ckpt("ref_sgd_momentum", 3),
+                                  steps=4),
     }, out)
     damaged = out / "damaged.ckpt"
     shutil.copytree(ckpt("ref_z2", 3), damaged)
@@ -69,7 +73,14 @@ def runs(tmp_path_factory) -> Path:
         "world2_z0": dict(BASE, stage=0, batch_size=2, resume_from=ckpt("ref_z0", 3)),  # nothing partitioned
         "damaged": dict(BASE, stage=2, batch_size=2, resume_from=str(damaged), expect_error=True),
     }, out)
-    _job(1, {"world1_z2": dict(BASE, stage=2, sp=1, batch_size=2, resume_from=ckpt("ref_z2", 3))}, out)
+    _job(1, {
+        "world1_z2": dict(BASE, stage=2, sp=1, batch_size=2, resume_from=ckpt("ref_z2", 3)),
+        # optimizers without Adam's moments: DeepSpeed's universal converter cannot carry them; refused up front
+        "world1_sgd": dict(BASE, stage=2, sp=1, batch_size=2, optimizer="sgd", resume_from=ckpt("ref_sgd", 3),
+                           expect_error=True),
+        "world1_sgd_momentum": dict(BASE, stage=2, sp=1, batch_size=2, optimizer="sgd_momentum",
+                                    resume_from=ckpt("ref_sgd_momentum", 3), expect_error=True),
+    }, out)
     return out
 
 
@@ -113,15 +124,34 @@ def test_saves_are_complete_and_listed(runs) -> None:
     assert sorted(p.name for p in ckpts.iterdir()) == ["step=3.ckpt", "step=6.ckpt"]  # no .partial left behind
     manifest = json.loads((ckpts / "step=3.ckpt" / "ulysses_checkpoint.json").read_text())
     assert manifest["layout"] == {"world_size": 4, "zero_stage": 2, "sequence_parallel_size": 2,
-                                  "optimizer_partitions": 4}
-    assert read_layout(str(ckpts / "step=3.ckpt")) == SavedLayout(4, 2, 2, 4)
+                                  "optimizer_partitions": 4, "optimizer": "AdamW", "optimizer_state": ["exp_avg", "exp_avg_sq"]}
+    assert read_layout(str(ckpts / "step=3.ckpt")) == SavedLayout(4, 2, 2, 4, "AdamW", ["exp_avg", "exp_avg_sq"])
     assert sum(1 for f in manifest["files"] if f.endswith("optim_states.pt")) == 4
 
 
 def test_refusals_name_the_way_out(runs) -> None:
     assert "ZeRO-3 and ZeRO-1/2" in _result(runs, "z3_as_z2")["error"]
+    for name, held in (("world1_sgd", "keeps no per-parameter state"), ("world1_sgd_momentum", "keeps ['momentum_buffer']")):
+        error = _result(runs, name)["error"]  # the real reason (not disk space) and the two ways out
+        assert f"with SGD, which {held}" in error and "only Adam's moments" in error, error
+        assert "Resume at world size 4" in error and "lightning-ulysses export" in error, error
+        assert "disk" not in error, error
     damaged = _result(runs, "damaged")["error"]
     assert "damaged" in damaged and "bytes" in damaged and "earlier checkpoint" in damaged
+
+
+def test_sgd_with_momentum_resumes_at_the_saved_world_size(runs) -> None:
+    assert min(map(int, _result(runs, "same_sgd_momentum")["losses"])) == 4  # momentum buffers restored as saved
+    _compare(runs, "ref_sgd_momentum", "same_sgd_momentum", atol=0.0)
+
+
+def test_an_unconvertible_optimizer_is_refused_before_conversion() -> None:
+    saved = SavedLayout(2, 2, 2, 2, "SGD", [])
+    with pytest.raises(CheckpointError, match="with SGD, which keeps no per-parameter state; this run has world size 1"):
+        needs_resharding(saved, SavedLayout(1, 2, 1))
+    assert not needs_resharding(saved, SavedLayout(2, 2, 1))  # same world size: loads as saved, any SP degree
+    assert needs_resharding(SavedLayout(2, 2, 2, 2, "AdamW", ["exp_avg", "exp_avg_sq"]), SavedLayout(1, 2, 1))
+    assert needs_resharding(SavedLayout(2, 2, 2, 2), SavedLayout(1, 2, 1))  # not recorded: the converter decides
 
 
 def test_unfinished_and_damaged_checkpoints_are_refused(tmp_path) -> None:

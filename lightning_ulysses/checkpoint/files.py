@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 MANIFEST = "ulysses_checkpoint.json"
 PARTIAL_SUFFIX = ".partial"
@@ -38,10 +38,26 @@ class SavedLayout:
     zero_stage: int
     sequence_parallel_size: Optional[int] = None
     optimizer_partitions: int = 0  # per-rank optimizer files (ZeRO-1/2/3, and DeepSpeed's bf16 optimizer at ZeRO-0)
+    optimizer: Optional[str] = None  # the torch optimizer's class name (None: not recorded)
+    optimizer_state: Optional[list[str]] = None  # the per-parameter state it keeps (["exp_avg", "exp_avg_sq"], [], ...)
 
     def describe(self) -> str:
         sp = f", sp={self.sequence_parallel_size}" if self.sequence_parallel_size else ""
         return f"world size {self.world_size}, ZeRO stage {self.zero_stage}{sp}"
+
+
+def optimizer_record(optimizer: Any) -> tuple[Optional[str], Optional[list[str]]]:
+    """``(class name, per-parameter state keys)`` of the torch optimizer inside DeepSpeed's wrapper (for the manifest:
+    resharding can carry only some optimizers' state). Before the first step the state is empty: an optimizer with
+    ``betas`` (Adam-like) is then recorded as unknown (``None``), any other as keeping none (``[]``)."""
+    if optimizer is None:
+        return None, None
+    while hasattr(optimizer, "optimizer"):  # DeepSpeed's ZeRO / bf16 optimizers wrap the torch one
+        optimizer = optimizer.optimizer
+    keys = sorted({str(k) for state in optimizer.state.values() for k, v in state.items() if k != "step" and v is not None})
+    if not keys and any("betas" in group for group in optimizer.param_groups):
+        return type(optimizer).__name__, None
+    return type(optimizer).__name__, keys
 
 
 def staging_path(path: str) -> str:
@@ -131,5 +147,5 @@ def verify_checkpoint(path: str) -> None:
                               "(ModelCheckpoint keeps `save_top_k` of them) or restore the files from a copy.")
 
 
-__all__ = ["CheckpointError", "MANIFEST", "SavedLayout", "publish", "read_layout", "read_manifest",
+__all__ = ["CheckpointError", "MANIFEST", "SavedLayout", "optimizer_record", "publish", "read_layout", "read_manifest",
            "remove_stale_staging", "staging_path", "verify_checkpoint", "write_manifest"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
-from lightning_ulysses.checkpoint.files import PARTIAL_SUFFIX, TAG, CheckpointError, SavedLayout
+from lightning_ulysses.checkpoint.files import PARTIAL_SUFFIX, TAG, CheckpointError, SavedLayout, read_layout
 from lightning_ulysses.compat.deepspeed import convert_to_universal
 
 UNIVERSAL_TAG = "universal"
@@ -46,7 +47,26 @@ def needs_resharding(saved: SavedLayout, current: SavedLayout) -> bool:
             "differently): resume at the saved stage (any world size and SP degree), or export the weights "
             "(`lightning-ulysses export CHECKPOINT DIR`) and start a new run from them (the optimizer state is lost)."
         )
-    return saved.world_size != current.world_size
+    reshard = saved.world_size != current.world_size
+    if reshard and saved.optimizer_state is not None and not set(UNIVERSAL_STATE) <= set(saved.optimizer_state):
+        raise CheckpointError(unconvertible_optimizer(saved.optimizer or "the optimizer", saved.optimizer_state, saved,
+                                                      current.world_size))
+    return reshard
+
+
+# the per-parameter optimizer state DeepSpeed's universal converter and loader carry: Adam's two moments, by name
+UNIVERSAL_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def unconvertible_optimizer(name: str, state: Optional[list[str]], saved: SavedLayout, world_size: Optional[int]) -> str:
+    held = f", which keeps {sorted(state)}" if state else ", which keeps no per-parameter state" if state is not None else ""
+    here = f"; this run has world size {world_size}" if world_size is not None else ""
+    return (
+        f"The checkpoint was saved at {saved.describe()} with {name}{held}{here}. Resuming at another world size goes "
+        f"through DeepSpeed's universal checkpoint, whose converter carries only Adam's moments ({', '.join(UNIVERSAL_STATE)}). Resume at world size "
+        f"{saved.world_size} (any SP degree), or export the weights (`lightning-ulysses export CHECKPOINT DIR`) and "
+        "start a new run from them (the optimizer's own state is lost)."
+    )
 
 
 def universal_tag(path: str, workers: int = 1) -> str:
@@ -60,6 +80,10 @@ def universal_tag(path: str, workers: int = 1) -> str:
             convert_to_universal(str(Path(path) / TAG), staging, workers=workers)
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, KeyError) and exc.args and exc.args[0] in UNIVERSAL_STATE:  # a checkpoint without the record
+                saved = read_layout(path)
+                raise CheckpointError(unconvertible_optimizer("an optimizer without Adam's moments", None, saved,
+                                                              None)) from exc
             raise CheckpointError(
                 f"Could not convert {path} to DeepSpeed's universal format to load it at another layout ({exc}). "
                 "The conversion writes about twice the optimizer state next to the checkpoint: check free disk "
@@ -71,4 +95,4 @@ def universal_tag(path: str, workers: int = 1) -> str:
     return UNIVERSAL_TAG
 
 
-__all__ = ["UNIVERSAL_TAG", "needs_resharding", "universal_tag"]
+__all__ = ["UNIVERSAL_STATE", "UNIVERSAL_TAG", "needs_resharding", "universal_tag"]

@@ -46,7 +46,12 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     if argv and argv[0] in TOOLS:
         import importlib
 
-        raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]))
+        try:
+            code = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        except (ImportError, ValueError, OSError) as exc:  # a bad input or a missing extra: one line, no traceback
+            print(f"lightning-ulysses {argv[0]}: error: {exc}", file=sys.stderr)
+            code = 1
+        raise SystemExit(code)
     UlyssesCLI(
         CausalLMModule,
         datamodule_class=None,

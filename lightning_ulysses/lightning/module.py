@@ -7,7 +7,7 @@ trains on one CPU, with DDP, or sequence-parallel on many GPUs.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -17,60 +17,15 @@ from typing_extensions import override
 
 from lightning_ulysses.memory.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
-from lightning_ulysses.models.adapters import apply_peft, is_peft_model, trainable_parameters
+from lightning_ulysses.models.adapters import apply_peft, is_peft_model, peft_record, trainable_parameters
+from lightning_ulysses.models.build import ModelSpec, build_causal_lm, import_model_code, model_record
 from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.parallel.loss import sp_causal_lm_loss
 from lightning_ulysses.parallel.moe import moe_router_spec, sp_load_balancing_loss
 from lightning_ulysses.parallel.sharding import IGNORE_INDEX, prepare_batch
 from lightning_ulysses.parallel.step_context import current_step_context, step_context_for
 
-ModelSpec = Union[str, dict[str, Any], Any]
 PREDICT_OUTPUTS = ("logits", "token_logprobs", "last_logits")
-
-
-def build_causal_lm(
-    model: ModelSpec,
-    attn_implementation: Optional[str] = "sdpa",
-    dtype: Optional[str] = None,
-    trust_remote_code: bool = False,
-):
-    """An HF causal LM from a hub name / local path (``from_pretrained``), a config dict
-    (``{"model_type": "llama", ...}``), a ``PretrainedConfig`` (``from_config``), or an existing model instance
-    (a ``PreTrainedModel`` or a PEFT model wrapping one; returned as is, attention switched if asked).
-
-    Under ``UlyssesDeepSpeedStrategy`` with ZeRO-3 this runs with transformers' ZeRO-3 integration on: the
-    model is built partitioned, checkpoints load into the partitions, and from a config the model's own
-    weight init runs (on gathered parameters). ``trust_remote_code`` is passed to transformers only when set.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-
-    from lightning_ulysses.models.adapters import is_peft_model
-
-    kwargs: dict[str, Any] = {}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype)
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
-    if isinstance(model, PreTrainedModel) or is_peft_model(model):
-        hf = model.get_base_model() if is_peft_model(model) else model
-        if attn_implementation is not None and hf.config._attn_implementation != attn_implementation:
-            hf.set_attn_implementation(attn_implementation)
-        return model
-    if isinstance(model, dict):
-        spec = dict(model)
-        if "model_type" not in spec:
-            raise ValueError("A model config dict needs a 'model_type' key (e.g. 'llama', 'qwen3', 'mistral').")
-        model = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    if isinstance(model, PretrainedConfig):
-        return AutoModelForCausalLM.from_config(model, **kwargs)
-    if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    raise TypeError(
-        f"Cannot build a causal LM from {type(model).__name__}; pass a name/path, dict, config, PreTrainedModel or "
-        "PEFT model."
-    )
 
 
 class CausalLMModule(LightningModule):
@@ -80,9 +35,11 @@ class CausalLMModule(LightningModule):
         model: hub name or local path, config dict (``model_type`` + fields), ``PretrainedConfig``, or a
             ``PreTrainedModel`` / PEFT model instance. Built in :meth:`configure_model` (so ZeRO-3 can shard it at
             init; with ZeRO-3 a checkpoint is loaded straight into the partitions).
-        attn_implementation: ``"sdpa"`` (default), ``"flash_attention_2"``, ``"flash_attention_3"`` or
-            ``"eager"`` (under SP: [S, S] scores per head, for short sequences or models with nothing else, e.g.
-            Gemma-2 without flash-attn); ``None`` keeps the model's own.
+        attn_implementation: ``"sdpa"``, ``"flash_attention_2"``, ``"flash_attention_3"`` or ``"eager"`` (under SP:
+            [S, S] scores per head, for short sequences or models with nothing else, e.g. Gemma-2 without
+            flash-attn). ``None`` (default): the model's own -- transformers' choice, ``sdpa`` where the model supports
+            it, else ``eager``; an instance keeps what it was built with. (A fixed ``"sdpa"`` would make transformers
+            refuse models without an sdpa path, e.g. Mamba, before the strategy could place them.)
         optimizer: optimizer factory (LightningCLI: ``class_path`` + ``init_args``).
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         gradient_checkpointing: recompute each layer in backward (non-reentrant); ``None`` leaves it to
@@ -103,7 +60,7 @@ class CausalLMModule(LightningModule):
     def __init__(
         self,
         model: ModelSpec = "HuggingFaceTB/SmolLM2-135M",
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         gradient_checkpointing: Optional[bool] = None,
@@ -119,9 +76,16 @@ class CausalLMModule(LightningModule):
         from transformers import PreTrainedModel
 
         instance = isinstance(model, PreTrainedModel) or is_peft_model(model)
-        ignore = ["optimizer", "lr_scheduler"] + (["model"] if instance else []) + ([] if isinstance(peft, (dict, type(None))) else ["peft"])
-        self.save_hyperparameters(ignore=ignore)
-        self.model_spec = model
+        if peft is not None and is_peft_model(model):
+            raise ValueError("The model is already a PEFT model; pass either a PEFT model or peft=..., not both.")
+        # the hyperparameters say how to rebuild the model (export, load_from_checkpoint) as plain data: an instance
+        # as its config dict (+ its adapters' config), a PretrainedConfig / PeftConfig object as its dict
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "model", "peft"])
+        self.hparams["model"] = model_record(model)
+        self.hparams["peft"] = peft_record(model.peft_config) if is_peft_model(model) else peft_record(peft)
+        # an instance is built already; it must not also be stored as a second attribute (it would be registered as
+        # a submodule and its parameters saved under that name instead of ``model.*``)
+        self.model_spec: Optional[ModelSpec] = None if instance else model
         self.attn_implementation = attn_implementation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -131,19 +95,25 @@ class CausalLMModule(LightningModule):
         self.peft = peft
         self.trust_remote_code = trust_remote_code
         self.predict_output = predict_output
-        if peft is not None and is_peft_model(model):
-            raise ValueError("The model is already a PEFT model; pass either a PEFT model or peft=..., not both.")
         self.model: Optional[torch.nn.Module] = None
         if instance:
-            self.configure_model()
+            self._build(model)
+
+    @override
+    def setup(self, stage: str) -> None:
+        # before configure_model, which runs inside the strategy's sharded context (see import_model_code)
+        if self.model is None:
+            import_model_code(self.model_spec, self.trust_remote_code)
 
     @override
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self._build(self.model_spec)
+
+    def _build(self, spec: ModelSpec) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = build_causal_lm(self.model_spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
+            model = build_causal_lm(spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
             if self.peft is not None:
                 torch.manual_seed(self.seed)  # adapters start from `seed` however the model was built
                 model = apply_peft(model, self.peft)

@@ -35,7 +35,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ulysses.checkpoint import CheckpointError, ResumableLoader, SavedLayout, needs_resharding, read_layout, verify_checkpoint
-from lightning_ulysses.checkpoint.files import publish, remove_stale_staging, staging_path, write_manifest
+from lightning_ulysses.checkpoint.files import optimizer_record, publish, remove_stale_staging, staging_path, write_manifest
 from lightning_ulysses.checkpoint.resharding import universal_tag
 from lightning_ulysses.checkpoint.rng import load_rng_state, save_rng_state
 from lightning_ulysses.compat.deepspeed import universal_loading, use_mpu
@@ -43,7 +43,7 @@ from lightning_ulysses.compat.lightning import batches_done_in_epoch, ddp_setup_
 from lightning_ulysses.compat.transformers import TransformersZero3, attn_implementation
 from lightning_ulysses.errors import raise_once
 from lightning_ulysses.lightning import cpu
-from lightning_ulysses.memory import TRICKS, MemoryTrick, apply_tricks, trainer_tricks, tricks_from_flags
+from lightning_ulysses.memory import TRICKS, MemoryTrick, apply_tricks, remove_tricks, trainer_tricks, tricks_from_flags
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import attention_spec, check_shardable, find_hf_model
@@ -235,6 +235,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             activation_checkpoint_cpu_offload_keep_layers=activation_checkpoint_cpu_offload_keep_layers,
         )
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
+        self._applied_tricks: list[MemoryTrick] = []  # what setup() applied (with the Trainer's trick callbacks)
         self.groups: Optional[ProcessGroups] = None
         self._rng_checkpoint: Optional[str] = None  # a resumed checkpoint whose RNG states are still to restore
 
@@ -335,7 +336,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             # one ordered plan: this strategy's tricks and any the project passed as callbacks, before DeepSpeed
             # wraps the model (the callbacks re-apply the same plan at each stage start; applying is idempotent)
             self.memory_tricks = self.memory_plan.resolve(layout.sp_enabled)
-            apply_tricks(hf_model, trainer_tricks(trainer))
+            self._applied_tricks = apply_tricks(hf_model, trainer_tricks(trainer))
         super().setup(trainer)
 
     @contextmanager
@@ -344,11 +345,16 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # configure_model runs in here: under ZeRO-3, transformers' own ZeRO-3 path must be on so that
         # from_pretrained loads into the partitions and from_config runs the model's weight init (DeepSpeed
         # counts nested zero.Init contexts; the outer one of Lightning only partitions what transformers builds).
+        # Only while the model is built: left on, transformers would wrap any model built later in zero.Init, a
+        # collective that a rank building one alone (a callback, an evaluation helper) would enter by itself.
         if self.zero_stage_3 and not self._hf_zero3.enabled:
             self._init_config_if_needed()
             self._hf_zero3.enable(self.config)
-        with super().model_sharded_context():
-            yield
+        try:
+            with super().model_sharded_context():
+                yield
+        finally:
+            self._hf_zero3.disable()
 
     @property
     @override
@@ -613,7 +619,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _saved_layout(self) -> SavedLayout:
         stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
-        return SavedLayout(self.world_size, stage, self.layout.sp if self.layout is not None else None)
+        name, state = optimizer_record(self.optimizers[0] if self.optimizers else None)
+        return SavedLayout(self.world_size, stage, self.layout.sp if self.layout is not None else None,
+                           optimizer=name, optimizer_state=state)
 
     def _on_rank_zero(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on rank 0 (file work on a shared checkpoint); its result, or its error, on every rank."""
@@ -632,9 +640,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     def teardown(self) -> None:
         self._hf_zero3.disable()
         use_mpu(None)
+        # what setup applied comes off: the user's model is handed back as the plain HF model (its own classes and
+        # forward, no attention handler), for generation, evaluation or another Trainer after fit
         hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
         if hf_model is not None:
+            remove_tricks(hf_model, self._applied_tricks)
             remove_ulysses(hf_model)
+        self._applied_tricks = []
         # Lightning's Strategy.teardown copies the optimizer state and the module to host memory to free
         # the GPU. Under DeepSpeed that state is the engine's (partitioned) optimizer state: the copy is a
         # host-memory spike at the end of fit that nothing reads (measured: +30 GiB per rank, 8B model,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_ulysses.compat.transformers import checkpointed_layers, set_checkpoint_function
+from lightning_ulysses.compat.transformers import checkpointed_layers, has_input_grads_hook, set_checkpoint_function
 from lightning_ulysses.memory.module_swap import settings
 from lightning_ulysses.memory.trick import MemoryTrick
 
@@ -98,10 +98,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
     if save_attention_layers is _KEEP:  # a count only means something under the policy it was chosen for
         save_attention_layers = settings(model).get("save_attention_layers") if policy == "save_attention" else None
     check_save_attention_layers(policy, save_attention_layers)
+    had_input_hook = has_input_grads_hook(model)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
+    if not had_input_hook and has_input_grads_hook(model):
+        # transformers hooks the input embeddings to require grad; its disable removes that hook only for PEFT models
+        settings(model)["added_input_grads_hook"] = True
     settings(model).update(checkpoint_policy=policy, save_attention_layers=save_attention_layers)
     if policy == "save_attention" and save_attention_layers is not None:
         from torch.utils.checkpoint import checkpoint
@@ -139,6 +143,8 @@ def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+    if settings(model).pop("added_input_grads_hook", False) and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def is_checkpointing(model: torch.nn.Module) -> bool:

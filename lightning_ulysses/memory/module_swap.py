@@ -28,6 +28,12 @@ def settings(module: torch.nn.Module) -> dict:
     return found
 
 
+def forget_settings(model: torch.nn.Module) -> None:
+    """Drop every module's settings dict (once no trick is applied: what teardown leaves is the plain model)."""
+    for m in model.modules():
+        m.__dict__.pop(_SETTINGS, None)
+
+
 def swap_class(module: torch.nn.Module, kind: str, make: Callable[[type], type]) -> None:
     """Give ``module`` the ``kind`` subclass of its original class, built once by ``make(original)``."""
     original = getattr(type(module), _ORIGINAL, type(module))

@@ -192,13 +192,11 @@ def _tiled_causal_lm_forward(
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
         return MoeCausalLMOutputWithPast(
-            loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-            hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
+            loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
             router_logits=out.router_logits,
         )
     return CausalLMOutputWithPast(
-        loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-        hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
+        loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
     )
 
 

@@ -89,6 +89,15 @@ class MemoryTrick(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply_plan(trainer, pl_module)
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # what the stage start applied comes off at its end: the user gets the plain HF model back
+        from lightning_ulysses.models.inspect import find_hf_model
+
+        model = find_hf_model(pl_module)
+        if model is not None:
+            remove_tricks(model, trainer_tricks(trainer))
+
 
 def ordered(tricks: Iterable[MemoryTrick]) -> list[MemoryTrick]:
     """``tricks`` in plan order; two tricks of one kind is an error (which settings would win is unclear)."""
@@ -114,8 +123,15 @@ def apply_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> list[
 
 
 def remove_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> None:
+    """Undo :func:`apply_tricks` (in reverse plan order; removing what is not applied does nothing). When no trick
+    is left on the model, the per-module settings go too."""
+    from lightning_ulysses.memory.module_swap import forget_settings, swapped_kind
+
     for trick in reversed(ordered(tricks)):
         trick.remove(model)
+    # no class swapped and no layer checkpointing (HF's per-module flag): nothing reads the settings any more
+    if not any(swapped_kind(m) or getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        forget_settings(model)
 
 
 def trainer_tricks(trainer: Any) -> list[MemoryTrick]:

@@ -119,6 +119,7 @@ class UlyssesAttention:
     ) -> None:
         if groups.sp_group is None and groups.sp > 1:
             raise ValueError("UlyssesAttention needs an SP group when sequence_parallel_size > 1.")
+        self.sp = groups.sp
         self.sp_group = groups.sp_group  # every rank of the sequence: what the loss reduces over
         self.group = groups.ulysses_group  # the all-to-all group; None when ulysses == 1 (ring only)
         self.ulysses = groups.ulysses
@@ -333,12 +334,24 @@ class _GatheredPositions:
 
 def _check_routed(model: torch.nn.Module, args: Any, output: Any) -> None:
     ctx = ulysses_of(model)
-    if ctx is not None and ctx.calls == 0:
-        raise RuntimeError(
-            "The model ran a forward pass under sequence parallelism but none of its attention calls went through "
-            "the Ulysses wrapper, so every rank attended only to its own shard. This model's attention does not use "
-            "transformers' global ALL_ATTENTION_FUNCTIONS; it is not supported by lightning_ulysses yet."
-        )
+    if ctx is None or ctx.calls > 0:
+        return
+    if ctx.sp == 1:
+        # one rank per sequence: a model without attention layers (an SSM) has nothing for the handler to do,
+        # unless its rows are packed -- then its recurrence runs across the samples of a row
+        step = current_step_context()
+        if step is not None and step.segments is not None:
+            raise ValueError(
+                f"The batch has packed rows (position_ids restarting within a row), but {type(model).__name__} has no "
+                "attention layers to keep the samples apart: its layers mix tokens with a recurrence or convolution "
+                "that runs across the whole row. Give it one sample per row (pack=False in the data modules)."
+            )
+        return
+    raise RuntimeError(
+        "The model ran a forward pass under sequence parallelism but none of its attention calls went through "
+        "the Ulysses wrapper, so every rank attended only to its own shard. This model's attention does not use "
+        "transformers' global ALL_ATTENTION_FUNCTIONS; it is not supported by lightning_ulysses yet."
+    )
 
 
 def _reset_calls(model: torch.nn.Module, args: Any) -> None:

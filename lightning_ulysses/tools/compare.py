@@ -99,7 +99,7 @@ def plot_runs(a: dict[int, float], b: dict[int, float], labels: Sequence[str], m
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from exc
+        raise ImportError("--plot needs matplotlib: pip install 'lightning-ulysses[plot]' (or pip install matplotlib)") from exc
     steps = sorted(set(a) & set(b))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot(sorted(a), [a[s] for s in sorted(a)], label=labels[0], lw=1.5)

@@ -1,7 +1,7 @@
 """Fit, save mid-epoch with ModelCheckpoint, resume: several runs in one launched job.
 
 ``resume.py CASES_JSON OUT_DIR``: CASES_JSON maps a name to a run ``{stage, sp, batch_size, steps, save_every,
-resume_from, ring_size, accumulate, dropout, strategy (more strategy options), expect_error}``; runs go in order in the same processes (a resume case names an
+resume_from, ring_size, accumulate, dropout, optimizer, strategy (more strategy options), expect_error}``; runs go in order in the same processes (a resume case names an
 earlier case's checkpoint, possibly written by another job at another world size). Rank 0 writes
 ``OUT_DIR/<name>.json``: the loss of every optimizer step (``{global_step: loss}``), the checkpoints written and the
 final weights (gathered, ``<name>.pt``).
@@ -26,6 +26,13 @@ from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+OPTIMIZERS = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+}
 
 
 class StepLosses(Callback):
@@ -53,7 +60,7 @@ def _weights(module: CausalLMModule) -> dict[str, torch.Tensor]:
 def run(name: str, case: dict, out: Path) -> None:
     torch.manual_seed(0)
     module = CausalLMModule(model=dict(CONFIG, attention_dropout=case.get("dropout", 0.0)),
-                            optimizer=lambda p: torch.optim.AdamW(p, lr=0.01),
+                            optimizer=OPTIMIZERS[case.get("optimizer", "adamw")],
                             # halves the learning rate every 2 steps: a resume must restore the scheduler too
                             lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
     data = SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=8, batch_size=case["batch_size"])
