@@ -8,8 +8,11 @@ way (non-zero exit on every rank), only the report is readable.
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Optional, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -40,4 +43,27 @@ def raise_once(exc: BaseException, reporting_rank: int = 0, ranks_that_saw_it: O
         raise SystemExit(1)
 
 
-__all__ = ["raise_once"]
+@contextmanager
+def reported_once(*kinds: type[BaseException]) -> Iterator[None]:
+    """Run a block that every rank runs alike on the same inputs (configuration checks, reading the same data files,
+    refusing the same model): an error of ``kinds`` (default ``ValueError``, ``TypeError``, ``OSError``,
+    ``ImportError``) is raised by rank 0 alone, the other ranks stop with one line (:func:`raise_once`)."""
+    try:
+        yield
+    except (kinds or (ValueError, TypeError, OSError, ImportError)) as exc:
+        raise_once(exc)
+
+
+def errors_reported_once(fn: Callable) -> Callable:
+    """Decorator: ``fn``'s errors go through :func:`reported_once` (for constructors and setup hooks that every rank
+    runs with the same arguments)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with reported_once():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+__all__ = ["errors_reported_once", "raise_once", "reported_once"]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_ulysses.data.formats import FORMATS, detect_format, labels_from_mask, tokenize_sample
 from lightning_ulysses.data.packing import IGNORE_INDEX, PACKINGS, TOO_LONG, PackingStats, pack
 from lightning_ulysses.data.tokenizer import load_tokenizer
+from lightning_ulysses.errors import errors_reported_once
 
 _FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -39,6 +40,9 @@ def load_data(data: Union[str, list[str]], split: str = "train") -> Any:
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"data file(s) not found: {missing}")
+        empty = [p for p in paths if Path(p).stat().st_size == 0]
+        if empty:
+            raise ValueError(f"data file(s) {empty} are empty: give files with one sample per line (.jsonl) or row.")
         return datasets.load_dataset(_FILE_TYPES[first.suffix], data_files=paths, split="train")
     return datasets.load_dataset(str(data), split=split)
 
@@ -83,6 +87,7 @@ def collate_rows(batch: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multi
 class _TokenizedDataModule(LightningDataModule):
     """Shared pipeline: load -> split -> tokenize (``datasets.map``) -> pack -> loaders."""
 
+    @errors_reported_once
     def __init__(
         self,
         data: Union[str, list[str]],
@@ -99,6 +104,7 @@ class _TokenizedDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         chat_template: Optional[str] = None,
+        eos_token: Optional[str] = None,
     ) -> None:
         super().__init__()
         if packing not in PACKINGS:
@@ -108,7 +114,7 @@ class _TokenizedDataModule(LightningDataModule):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 tokens, got {seq_len}.")
         self.data, self.val_data, self.split = data, val_data, split
-        self.tokenizer_spec, self.chat_template = tokenizer, chat_template
+        self.tokenizer_spec, self.chat_template, self.eos_token = tokenizer, chat_template, eos_token
         self.seq_len, self.packing, self.too_long, self.pack_buffer = seq_len, packing, too_long, pack_buffer
         self.batch_size, self.val_size, self.num_proc, self.seed = batch_size, val_size, num_proc, seed
         self.num_workers = num_workers
@@ -136,10 +142,11 @@ class _TokenizedDataModule(LightningDataModule):
                               desc="lightning_ulysses: tokenizing")
         return list(zip(encoded["input_ids"], encoded["labels"]))
 
+    @errors_reported_once  # every rank reads the same files: one report
     def setup(self, stage: str) -> None:
         if self._rows:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_spec, self.chat_template)
+        self.tokenizer = load_tokenizer(self.tokenizer_spec, self.chat_template, eos_token=self.eos_token)
         train = self._prepare_dataset(load_data(self.data, self.split))
         if self.val_data is not None:
             val = self._prepare_dataset(load_data(self.val_data, self.split))
@@ -190,8 +197,11 @@ class SFTDataModule(_TokenizedDataModule):
         num_proc: ``datasets.map`` worker processes for tokenizing.
         seed: seed of the validation split (the training order is the sampler's).
         chat_template: a Jinja template (string or file) replacing the tokenizer's.
+        eos_token: the token that ends every sample, when the tokenizer names none (a bare ``tokenizer.json``) or
+            another one should be used; must be a token of the tokenizer's vocabulary.
     """
 
+    @errors_reported_once
     def __init__(
         self,
         data: Union[str, list[str]],
@@ -211,9 +221,10 @@ class SFTDataModule(_TokenizedDataModule):
         seed: int = 0,
         num_workers: int = 0,
         chat_template: Optional[str] = None,
+        eos_token: Optional[str] = None,
     ) -> None:
         super().__init__(data, tokenizer, seq_len, packing, too_long, pack_buffer, batch_size, val_size, val_data, split,
-                         num_proc, seed, num_workers, chat_template)
+                         num_proc, seed, num_workers, chat_template, eos_token)
         if format != "auto" and format not in FORMATS:
             raise ValueError(f"format must be 'auto' or one of {list(FORMATS)}, got {format!r}.")
         self.format = format
@@ -240,6 +251,7 @@ class PretrainDataModule(_TokenizedDataModule):
     document boundary. Other arguments: :class:`SFTDataModule`'s.
     """
 
+    @errors_reported_once
     def __init__(
         self,
         data: Union[str, list[str]],
@@ -256,9 +268,10 @@ class PretrainDataModule(_TokenizedDataModule):
         num_proc: Optional[int] = None,
         seed: int = 0,
         num_workers: int = 0,
+        eos_token: Optional[str] = None,
     ) -> None:
         super().__init__(data, tokenizer, seq_len, packing, too_long, pack_buffer, batch_size, val_size, val_data, split,
-                         num_proc, seed, num_workers)
+                         num_proc, seed, num_workers, eos_token=eos_token)
         self.text_column = text_column
 
     def _prepare_dataset(self, dataset: Any) -> Any:

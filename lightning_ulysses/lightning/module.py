@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from typing_extensions import override
 
+from lightning_ulysses.errors import errors_reported_once
 from lightning_ulysses.memory.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.models.adapters import apply_peft, is_peft_model, peft_record, trainable_parameters
@@ -57,6 +58,7 @@ class CausalLMModule(LightningModule):
             ``[b, S, V]`` on one rank) or ``"last_logits"`` (``[b, V]`` at each row's last non-padding token).
     """
 
+    @errors_reported_once  # every rank builds the module from the same arguments: one report of a bad one
     def __init__(
         self,
         model: ModelSpec = "HuggingFaceTB/SmolLM2-135M",
@@ -106,6 +108,7 @@ class CausalLMModule(LightningModule):
             import_model_code(self.model_spec, self.trust_remote_code)
 
     @override
+    @errors_reported_once
     def configure_model(self) -> None:
         if self.model is None:
             self._build(self.model_spec)

@@ -39,9 +39,11 @@ from lightning_ulysses.checkpoint.files import optimizer_record, publish, remove
 from lightning_ulysses.checkpoint.resharding import universal_tag
 from lightning_ulysses.checkpoint.rng import load_rng_state, save_rng_state
 from lightning_ulysses.compat.deepspeed import universal_loading, use_mpu
-from lightning_ulysses.compat.lightning import batches_done_in_epoch, ddp_setup_environment, lightning_step_boundary
+from lightning_ulysses.compat.lightning import (
+    batches_done_in_epoch, ddp_setup_environment, lightning_step_boundary, train_loader_batch_size,
+)
 from lightning_ulysses.compat.transformers import TransformersZero3, attn_implementation
-from lightning_ulysses.errors import raise_once
+from lightning_ulysses.errors import errors_reported_once, raise_once
 from lightning_ulysses.lightning import cpu
 from lightning_ulysses.memory import TRICKS, MemoryTrick, apply_tricks, remove_tricks, trainer_tricks, tricks_from_flags
 from lightning_ulysses.memory.allocator import set_expandable_segments
@@ -56,6 +58,7 @@ from lightning_ulysses.parallel.ring import RING_BACKENDS
 from lightning_ulysses.kernels.tiled import segment_bounds
 from lightning_ulysses.parallel.sharding import (
     IGNORE_INDEX,
+    check_token_ids,
     packed_segments,
     shard_token_index,
     prepare_for_sharding,
@@ -139,6 +142,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     strategy_name = "ulysses"
 
+    @errors_reported_once  # every rank builds the strategy from the same options: one report of a bad one
     def __init__(  # long: 40 lines are the signature (one per option); the body checks and stores them
         self,
         sequence_parallel_size: SPSize = "auto",
@@ -236,6 +240,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         )
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
         self._applied_tricks: list[MemoryTrick] = []  # what setup() applied (with the Trainer's trick callbacks)
+        self._vocab_size: Optional[int] = None  # rows of the model's input embedding: every batch's ids are checked
         self.groups: Optional[ProcessGroups] = None
         self._rng_checkpoint: Optional[str] = None  # a resumed checkpoint whose RNG states are still to restore
 
@@ -264,7 +269,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         try:
             check_shardable(hf_model, 2)
         except ValueError:
-            if self.sequence_parallel_size not in ("auto", 1):
+            asked = self.sequence_parallel_size not in ("auto", 1) or (self.ulysses_size or 1) * (self.ring_size or 1) > 1
+            if asked:
                 raise
             if self.sequence_parallel_size == "auto" and self.world_size > 1:
                 rank_zero_info(
@@ -309,15 +315,14 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             super().setup_environment()
 
     @override
+    @errors_reported_once  # every rank resolves the same layout and refuses the same tricks: one report
     def setup(self, trainer: Any) -> None:
-        try:
-            layout = self._resolve_layout()
-        except ValueError as exc:  # every rank resolves the same layout: report it once
-            raise_once(exc)
+        layout = self._resolve_layout()
         if self.groups is None or self.groups.layout != layout:
             self.groups = ProcessGroups.build(layout)
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
+        self._vocab_size = _vocab_size(hf_model, trainer)
         # under SP: Ulysses/ring attention. At sp=1 the same handler keeps packed samples apart: sdpa per segment (no
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
@@ -429,6 +434,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         full: Any = None
         try:
             full = prepare_for_sharding(batch, sp, self.pad_to_multiple_of, self.pad_token_id, ring, self.ring_zigzag)
+            check_token_ids(full["input_ids"], self._vocab_size)
         except (TypeError, ValueError, KeyError) as exc:
             error = exc
         if sp > 1:
@@ -466,6 +472,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             "segment_bounds": segment_bounds(segments) if segments is not None and groups.ring == 1 else None,
         }
 
+    @override
+    def _auto_select_batch_size(self) -> int:
+        # Lightning's reads `loader.batch_sampler.batch_size` and fails on a loader without one before the strategy
+        # sees a batch; the batch itself is then checked (and an unbatched one refused) in batch_to_device
+        return train_loader_batch_size(self.lightning_module.trainer)
+
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
@@ -482,7 +494,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         import torch.distributed as dist
 
         assert self.groups is not None and self.groups.sp_group is not None
-        if full is None:
+        if full is None or error is not None:
             sig = [1, 0, 0, 0, 0]
         else:
             ids = full["input_ids"]
@@ -680,6 +692,21 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             offload_optimizer=True,
             offload_parameters=True,
         )
+
+
+def _vocab_size(hf_model: Optional[torch.nn.Module], trainer: Any) -> Optional[int]:
+    """Rows of the model's input embedding; warns once when the data module's tokenizer is larger (its extra ids
+    would be refused in the first batch that holds one)."""
+    embedding = hf_model.get_input_embeddings() if hf_model is not None else None
+    rows = getattr(embedding, "num_embeddings", None)
+    tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    if rows is not None and tokenizer is not None and len(tokenizer) > rows:
+        rank_zero_warn(
+            f"lightning_ulysses: the data module's tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"{rows} rows; a batch with an id >= {rows} is refused. Use the model's own tokenizer, or build the model "
+            "with a vocab_size that covers the tokenizer (YAML: model.model.vocab_size)."
+        )
+    return rows
 
 
 def _input_length(batch: Any) -> Optional[int]:

@@ -98,13 +98,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
     if save_attention_layers is _KEEP:  # a count only means something under the policy it was chosen for
         save_attention_layers = settings(model).get("save_attention_layers") if policy == "save_attention" else None
     check_save_attention_layers(policy, save_attention_layers)
-    had_input_hook = has_input_grads_hook(model)
+    # transformers hooks the input embeddings to require grad on every enable, overwriting its record of the hook it
+    # added before (that one would stay registered for good), and removes it on disable only for PEFT models: drop
+    # ours before enabling again, and remember that the hook is ours to remove
+    users_hook = has_input_grads_hook(model) and not settings(model).get("added_input_grads_hook", False)
+    if has_input_grads_hook(model) and not users_hook and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
-    if not had_input_hook and has_input_grads_hook(model):
-        # transformers hooks the input embeddings to require grad; its disable removes that hook only for PEFT models
+    if not users_hook and has_input_grads_hook(model):
         settings(model)["added_input_grads_hook"] = True
     settings(model).update(checkpoint_policy=policy, save_attention_layers=save_attention_layers)
     if policy == "save_attention" and save_attention_layers is not None:

@@ -330,6 +330,13 @@ def enable_activation_offload(model: torch.nn.Module, min_bytes: int = 0, keep_l
 
     ``keep_layers``: this many layer inputs (the first layers') stay on the GPU, for when host RAM ends the
     sequence before GPU memory does."""
+    layers = len(checkpointed_layers(model))
+    if keep_layers and keep_layers >= layers:
+        raise ValueError(
+            f"activation_checkpoint_cpu_offload_keep_layers={keep_layers} keeps every one of {type(model).__name__}'s "
+            f"{layers} decoder layer inputs on the GPU, so the offload would move nothing: use keep_layers < {layers}, "
+            "or turn the offload off (activation_checkpoint_cpu_offload=False)."
+        )
     disable_activation_offload(model)
     decoder = getattr(model, "base_model", model)
     hidden = model.config.get_text_config().hidden_size

@@ -70,6 +70,12 @@ def tricks_from_flags(  # long: one parameter per flat flag of the strategy, map
             f"checkpoint_policy={checkpoint_policy!r} selects what gradient checkpointing recomputes, but "
             "gradient_checkpointing=False; drop one of the two."
         )
+    offload_given = activation_checkpoint_cpu_offload or any(isinstance(t, ActivationOffload) for t in memory or [])
+    if offload_given and gradient_checkpointing is False:
+        raise ValueError(
+            "activation_checkpoint_cpu_offload moves the layer inputs that gradient checkpointing keeps to CPU memory, "
+            "so it needs checkpointing, but gradient_checkpointing=False; drop one of the two."
+        )
     if activation_checkpoint_cpu_offload_keep_layers and not activation_checkpoint_cpu_offload:
         raise ValueError("activation_checkpoint_cpu_offload_keep_layers only applies with offload: set "
                          "activation_checkpoint_cpu_offload=True (or leave keep_layers at 0).")

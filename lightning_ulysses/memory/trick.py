@@ -64,14 +64,17 @@ class MemoryTrick(Callback):
 
     # ---- as a Lightning callback: the whole plan of the Trainer, once per stage start (idempotent)
     def _apply_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_ulysses.errors import reported_once
         from lightning_ulysses.models.inspect import find_hf_model
 
-        model = find_hf_model(pl_module)
-        if model is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a transformers PreTrainedModel inside the LightningModule; none was found."
-            )
-        apply_tricks(model, trainer_tricks(trainer))
+        with reported_once():  # every rank applies the same plan to the same model: one report of a refusal
+            model = find_hf_model(pl_module)
+            if model is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a transformers PreTrainedModel inside the LightningModule; none was "
+                    "found."
+                )
+            apply_tricks(model, trainer_tricks(trainer))
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

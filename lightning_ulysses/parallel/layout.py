@@ -202,13 +202,13 @@ class ParallelLayout:
     ) -> "ParallelLayout":
         """Resolve ``"auto"`` and validate an explicit degree against world size and head counts.
 
-        ``sequence_parallel_size="auto"`` with both ``ulysses_size`` and ``ring_size`` given means their
-        product; otherwise ``"auto"`` is the largest Ulysses-only degree (no ring) the heads allow.
+        ``sequence_parallel_size="auto"`` with ``ulysses_size`` and/or ``ring_size`` given means their product (a
+        missing one is 1); otherwise ``"auto"`` is the largest Ulysses-only degree (no ring) the heads allow.
         """
         if num_kv_heads is None:
             num_kv_heads = num_heads
-        if sequence_parallel_size == "auto" and ulysses_size is not None and ring_size is not None:
-            sequence_parallel_size = ulysses_size * ring_size
+        if sequence_parallel_size == "auto" and (ulysses_size is not None or ring_size is not None):
+            sequence_parallel_size = (ulysses_size or 1) * (ring_size or 1)  # what was asked for, checked below
         if sequence_parallel_size == "auto":
             if num_heads is None:
                 raise ValueError(

@@ -302,7 +302,23 @@ def shard_for_sequence_parallel(
     return shard_batch(full, sp_rank, sp, ring=ring, zigzag=zigzag)
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: Optional[int]) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer larger than the model): torch would stop
+    with a bare ``index out of range`` (a device-side assert on GPU). Checked on the host copy of the batch."""
+    if vocab_size is None or input_ids.device.type != "cpu" or input_ids.numel() == 0:
+        return
+    largest, smallest = int(input_ids.max()), int(input_ids.min())
+    if largest >= vocab_size or smallest < 0:
+        bad = largest if largest >= vocab_size else smallest
+        raise ValueError(
+            f"The batch holds token id {bad}, but the model's embedding has {vocab_size} rows (ids 0..{vocab_size - 1}). "
+            "The tokenizer does not match the model: use the model's own tokenizer, or build the model with "
+            f"vocab_size >= the tokenizer's size (YAML: model.model.vocab_size; len(tokenizer) tells it)."
+        )
+
+
 __all__ = [
+    "check_token_ids",
     "IGNORE_INDEX",
     "packed_segments",
     "prepare_batch",
