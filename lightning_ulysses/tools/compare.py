@@ -18,7 +18,7 @@ import csv
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _newest(paths: list[Path]) -> Optional[Path]:
@@ -92,14 +92,19 @@ def compare_metrics(a: dict[int, float], b: dict[int, float]) -> dict[str, float
     }
 
 
-def plot_runs(a: dict[int, float], b: dict[int, float], labels: Sequence[str], metric: str, out: str | Path) -> None:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError("--plot needs matplotlib: pip install 'lightning-ulysses[plot]' (or pip install matplotlib)") from exc
+    return plt
+
+
+def plot_runs(a: dict[int, float], b: dict[int, float], labels: Sequence[str], metric: str, out: str | Path) -> None:
+    plt = _pyplot()
     steps = sorted(set(a) & set(b))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot(sorted(a), [a[s] for s in sorted(a)], label=labels[0], lw=1.5)
@@ -127,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--plot", default=None, help="write both curves and |diff| to this PNG")
     args = parser.parse_args(argv)
     try:
+        if args.plot:
+            _pyplot()  # before reading the runs: a missing plotting extra is one line, not a traceback after the verdict
         a = read_metric(args.run_a, args.metric)
         b = read_metric(args.run_b, args.metric)
         stats = compare_metrics(a, b)
