@@ -2,7 +2,7 @@
 # flash-attn 2.8.3 for the lent H200s, which have no flash-attn (PyPI ships it as source only): built on the GPU
 # machine from the sdist, for sm_90 with bf16 and head dim 128 only (the files and the two dispatch switches cut to
 # that; no dropout/ALiBi/soft-capping/local kernels), ~2 minutes on 16 cores. Used for docs/benchmarks.md
-# (twelfth session).
+# (2026-12-02).
 #   here:  FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-build-isolation flash-attn==2.8.3 -d .fa
 #          (keep .fa/ out of git, carry it)
 #   there: bash benchmarks/build_flash_attn.sh .fa/flash_attn-2.8.3.tar.gz $OUT  -> $OUT/fa_site.tgz (1.5 MB)

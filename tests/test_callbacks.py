@@ -48,36 +48,54 @@ def token_data(n: int = 12, seq: int = 20) -> list[dict]:
     return out
 
 
-def fit_single_device(callbacks) -> tuple[list[float], PlainLM]:
+def fit_single_device(callbacks) -> tuple[list[float], PlainLM, dict]:
+    """Fit; returns the losses, the module and what the tricks looked like at the end of training (the callbacks
+    remove them at teardown)."""
     losses: list[float] = []
+    during: dict = {}
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
+        def on_train_end(self, trainer, pl_module):
+            model = pl_module.model
+            offloader, attention = activation_offloader(model), tiled_attention_of(model)
+            during.update(tiled_loss=tiled_loss_enabled(model), tiled_mlp=tiled_mlp_enabled(model),
+                          attention_calls=attention.calls if attention is not None else 0,
+                          checkpointing=is_checkpointing(model),
+                          offloaded=offloader.stats.offloaded if offloader is not None else 0)
+
     module = PlainLM()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record(), *callbacks])
     trainer.fit(module, DataLoader(token_data(), batch_size=2))
-    return losses, module
+    return losses, module, during
+
+
+def _plain_after_fit(model: torch.nn.Module) -> bool:
+    return (not tiled_loss_enabled(model) and not tiled_mlp_enabled(model) and tiled_attention_of(model) is None
+            and activation_offloader(model) is None and not is_checkpointing(model)
+            and all(not type(m).__name__.startswith(("Tiled", "MemoryEfficient")) for m in model.modules()))
 
 
 def test_callbacks_on_a_single_device_change_nothing_but_memory() -> None:
-    plain, _ = fit_single_device([])
-    tiled, module = fit_single_device(
+    plain, _, _ = fit_single_device([])
+    tiled, module, during = fit_single_device(
         [TiledLoss(tile_tokens=3), TiledMLP(tile_tokens=4), ActivationOffload(), TiledAttentionBackward(tile_tokens=5)]
     )
-    assert tiled_loss_enabled(module.model) and tiled_mlp_enabled(module.model)
-    assert tiled_attention_of(module.model).calls >= 2
-    assert is_checkpointing(module.model), "ActivationOffload turns checkpointing on"
-    assert activation_offloader(module.model).stats.offloaded >= 2
+    assert during["tiled_loss"] and during["tiled_mlp"]
+    assert during["attention_calls"] >= 2
+    assert during["checkpointing"], "ActivationOffload turns checkpointing on"
+    assert during["offloaded"] >= 2
     assert tiled == pytest.approx(plain, abs=1e-5)
     assert plain[-1] < plain[0]
+    assert _plain_after_fit(module.model), "the callbacks' teardown hands the model back as it came"
 
 
 def test_gradient_checkpointing_callback() -> None:
-    _, module = fit_single_device([GradientCheckpointing()])
-    assert is_checkpointing(module.model)
+    _, module, during = fit_single_device([GradientCheckpointing()])
+    assert during["checkpointing"] and not is_checkpointing(module.model)
 
 
 def test_checkpointing_is_non_reentrant_with_torch_default_early_stop() -> None:

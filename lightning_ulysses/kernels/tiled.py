@@ -16,7 +16,7 @@ count (``4 / groups`` units; 1 unit for 4:1 GQA), plus one tile call's workspace
 head per kv head) key tiles go outer instead and dQ is the whole-sequence fp32 sum (2 units, as in
 the kernel). The kernels run the same FLOPs as the untiled backward (each tile recomputes its row
 statistic ``rowsum(dO * O)``, a ``[tile, d]`` reduction); the workspace and time they cost are in
-docs/benchmarks.md ("fourth session", tiled attention backward).
+docs/benchmarks.md (2026-11-22, "tiled attention backward, later offload prefetch").
 
 Rounding: the kernel rounds each tile's dQ/dK/dV to the input dtype before we sum them in fp32, so a
 bf16 gradient carries an extra rounding per key tile (``benchmarks/tiled_attention_check.py`` bounds it against

@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from lightning_ulysses.compat.transformers import checkpointed_layers
-from lightning_ulysses.memory.checkpointing import enable_gradient_checkpointing, is_checkpointing
+from lightning_ulysses.memory.checkpointing import (
+    disable_gradient_checkpointing, enable_gradient_checkpointing, is_checkpointing,
+)
 from lightning_ulysses.memory.module_swap import settings
 from lightning_ulysses.memory.trick import MemoryTrick
 
@@ -386,12 +388,16 @@ class ActivationOffload(MemoryTrick):
         self.keep_layers = keep_layers
 
     def apply(self, model: torch.nn.Module) -> None:
+        if not is_checkpointing(model):
+            settings(model)["offload_enabled_checkpointing"] = True  # remove() turns it off again
         enable_gradient_checkpointing(model)
         if activation_offloader(model) is None:
             enable_activation_offload(model, self.min_bytes, self.keep_layers)
 
     def remove(self, model: torch.nn.Module) -> None:
         disable_activation_offload(model)
+        if settings(model).pop("offload_enabled_checkpointing", False):
+            disable_gradient_checkpointing(model)
 
 
 __all__ = [

@@ -6,7 +6,7 @@ when its next use is within ``stage3_max_reuse_distance`` elements (default 1e9:
 Under activation checkpointing the last layers' forward is followed at once by their recompute in backward,
 so the trace keeps those layers gathered into backward -- where activation memory peaks: for Llama-3-8B
 1.5-1.9 GiB more peak memory for no speed, since at these lengths a layer's compute hides its all-gather
-without prefetching (measurements: docs/benchmarks.md, "seventh session"). DeepSpeed's own ALST path, as ArcticTraining drives it, never
+without prefetching (measurements: docs/benchmarks.md, 2026-11-22, "ZeRO-3 releases parameters after use"). DeepSpeed's own ALST path, as ArcticTraining drives it, never
 completes a trace (it calls the inner model, so the top module's step-ending hooks never fire) and releases
 every layer after use; setting both to 0 does the same for the engine's forward.
 """
