@@ -202,3 +202,22 @@ def test_a_tokenizer_json_without_eos_takes_one_from_the_data_module(tmp_path) -
                          val_size=0)
     data.setup("fit")
     assert data.tokenizer.eos_token == "<|end|>" and len(data.train_dataloader()) > 0
+
+
+def test_the_tiled_loss_causes_no_transformers_deprecation_warning(monkeypatch) -> None:
+    """The quickstart printed transformers' `past_key_values` deprecation twice per rank: the tiled loss built its
+    output with the old field name. Recorded through transformers' own logger (its warning_once is cached per
+    process, so the call itself is what is checked)."""
+    import transformers.utils.generic as generic
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lightning_ulysses.memory import TiledLoss
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    TiledLoss(tile_tokens=4).apply(model)
+    ids = torch.arange(1, 13).unsqueeze(0)
+    out = model(input_ids=ids, position_ids=torch.arange(12).unsqueeze(0), shift_labels=torch.roll(ids, -1, 1))
+    out.loss.backward()
+    assert not [m for m in said if "past_key_values" in m], said
