@@ -322,7 +322,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             self.groups = ProcessGroups.build(layout)
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
-        self._vocab_size = _vocab_size(hf_model, trainer)
+        self._vocab_size = _embedding_rows(hf_model, trainer)
         # under SP: Ulysses/ring attention. At sp=1 the same handler keeps packed samples apart: sdpa per segment (no
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
@@ -694,7 +694,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         )
 
 
-def _vocab_size(hf_model: Optional[torch.nn.Module], trainer: Any) -> Optional[int]:
+def _embedding_rows(hf_model: Optional[torch.nn.Module], trainer: Any) -> Optional[int]:
     """Rows of the model's input embedding; warns once when the data module's tokenizer is larger (its extra ids
     would be refused in the first batch that holds one)."""
     embedding = hf_model.get_input_embeddings() if hf_model is not None else None
