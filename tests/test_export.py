@@ -48,9 +48,11 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path) -> None:
         export_hf(str(tmp_path / "empty"), str(tmp_path / "out"))
 
 
-def test_lora_export_writes_adapters_or_the_merged_model(tmp_path) -> None:
-    """A LoRA run (sp=2, ZeRO-3, peft as YAML gives it) exports its adapters -- PeftModel.from_pretrained(base, dir)
-    -- or, with --merge, the base model with the adapters merged in; both give the trained model's logits."""
+@pytest.mark.parametrize("peft_as", ["dict", "object", "model"])
+def test_lora_export_writes_adapters_or_the_merged_model(peft_as: str, tmp_path) -> None:
+    """A LoRA run (sp=2, ZeRO-3) exports its adapters -- PeftModel.from_pretrained(base, dir) -- or, with --merge,
+    the base model with the adapters merged in; both give the trained model's logits, with no flags, whether the
+    adapters came as a dict (YAML), a ``LoraConfig`` object or a PEFT model instance."""
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -63,7 +65,7 @@ def test_lora_export_writes_adapters_or_the_merged_model(tmp_path) -> None:
     torch.manual_seed(5)
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
     lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-    r = run_workers("export_fit.py", 2, {"stage": 3, "pretrained": str(base), "lora": lora}, tmp_path)
+    r = run_workers("export_fit.py", 2, {"stage": 3, "pretrained": str(base), "lora": lora, "peft_as": peft_as}, tmp_path)
     trained = torch.load(r["logits"])
     adapters = export_hf(r["checkpoint"], str(tmp_path / "adapters"))
     merged = export_hf(r["checkpoint"], str(tmp_path / "merged"), merge=True)

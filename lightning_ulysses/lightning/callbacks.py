@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_ulysses.models.adapters import is_peft_model
+from lightning_ulysses.models.adapters import adapter_config, is_peft_model
 from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.memory import (
     ActivationOffload,
@@ -124,7 +124,7 @@ class HFExport(Callback):
         if trainer.is_global_zero:
             spec = getattr(pl_module, "hparams", {}).get("model")
             base = spec if isinstance(spec, str) else getattr(model.config, "name_or_path", None) or None
-            adapters = copy.deepcopy(next(iter(model.peft_config.values()))) if is_peft_model(model) else None
+            adapters = copy.deepcopy(adapter_config(model)) if is_peft_model(model) else None
             staging = staging_path(out)
             write_hf(weights, model.config, staging, adapters=adapters, base=base, tokenizer=self.tokenizer or base,
                      tokenizer_required=self.tokenizer is not None, max_shard_size=self.max_shard_size, merge=self.merge)

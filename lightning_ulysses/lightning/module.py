@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_ulysses.errors import errors_reported_once
 from lightning_ulysses.memory.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
-from lightning_ulysses.models.adapters import apply_peft, is_peft_model, peft_record, trainable_parameters
+from lightning_ulysses.models.adapters import adapter_config, apply_peft, is_peft_model, peft_record, trainable_parameters
 from lightning_ulysses.models.build import ModelSpec, build_causal_lm, import_model_code, model_record
 from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.parallel.loss import sp_causal_lm_loss
@@ -84,7 +84,7 @@ class CausalLMModule(LightningModule):
         # as its config dict (+ its adapters' config), a PretrainedConfig / PeftConfig object as its dict
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "model", "peft"])
         self.hparams["model"] = model_record(model)
-        self.hparams["peft"] = peft_record(model.peft_config) if is_peft_model(model) else peft_record(peft)
+        self.hparams["peft"] = peft_record(adapter_config(model) if is_peft_model(model) else peft)
         # an instance is built already; it must not also be stored as a second attribute (it would be registered as
         # a submodule and its parameters saved under that name instead of ``model.*``)
         self.model_spec: Optional[ModelSpec] = None if instance else model

@@ -54,23 +54,23 @@ def peft_config(spec: Any) -> Any:
     raise TypeError(f"peft must be a peft.PeftConfig or a dict, got {type(spec).__name__}.")
 
 
+def adapter_config(model: Any) -> Any:
+    """The ``PeftConfig`` of a PEFT model's one adapter (a model with several is refused: one trains at a time)."""
+    configs = model.peft_config
+    if len(configs) != 1:
+        raise ValueError(f"The PEFT model has {len(configs)} adapters ({sorted(configs)}); train one adapter at a time.")
+    return next(iter(configs.values()))
+
+
 def peft_record(spec: Any) -> Any:
     """A PEFT config as plain data (what the module's hyperparameters keep, so export and ``load_from_checkpoint``
     rebuild the adapters): a dict as given (YAML), a ``PeftConfig`` as its ``to_dict()`` with enums as their values
-    and sets as sorted lists, a PEFT model's ``peft_config`` mapping as its one adapter's. ``None`` stays ``None``."""
-    if spec is None or (isinstance(spec, Mapping) and not _is_adapter_mapping(spec)):
+    and sets as sorted lists. ``None`` stays ``None``."""
+    if spec is None or isinstance(spec, Mapping):
         return None if spec is None else dict(spec)
-    if isinstance(spec, Mapping):  # PeftModel.peft_config: {adapter name: PeftConfig}
-        if len(spec) != 1:
-            raise ValueError(f"The PEFT model has {len(spec)} adapters ({sorted(spec)}); train one adapter at a time.")
-        spec = next(iter(spec.values()))
     if not hasattr(spec, "to_dict"):
         raise TypeError(f"peft must be a peft.PeftConfig or a dict, got {type(spec).__name__}.")
     return {k: _plain(v) for k, v in spec.to_dict().items()}
-
-
-def _is_adapter_mapping(spec: Mapping) -> bool:
-    return bool(spec) and all(hasattr(v, "peft_type") and hasattr(v, "to_dict") for v in spec.values())
 
 
 def _plain(value: Any) -> Any:
@@ -104,4 +104,4 @@ def trainable_parameters(module: torch.nn.Module) -> Iterator[torch.nn.Parameter
     return (p for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["apply_peft", "is_peft_model", "peft_config", "peft_record", "trainable_parameters"]
+__all__ = ["adapter_config", "apply_peft", "is_peft_model", "peft_config", "peft_record", "trainable_parameters"]

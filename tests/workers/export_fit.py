@@ -2,7 +2,8 @@
 checkpoint, and write the trained model's logits on a fixed input (weights gathered from the ranks) for the export
 test.
 
-``export_fit.py CASE_JSON RESULT_JSON``: CASE has ``stage``; RESULT gets the checkpoint path and a logits file.
+``export_fit.py CASE_JSON RESULT_JSON``: CASE has ``stage`` (and ``pretrained``, ``lora``, ``peft_as``: ``"dict"``,
+``"object"`` for a ``LoraConfig``, ``"model"`` for a PEFT model instance); RESULT gets the checkpoint path and a logits file.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ CONFIG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermedi
 def main() -> None:
     case, result = json.loads(sys.argv[1]), Path(sys.argv[2])
     out = result.parent
-    model = case.get("pretrained", CONFIG)
+    model, peft = case.get("pretrained", CONFIG), case.get("lora")
+    if peft is not None and case.get("peft_as") in ("model", "object"):  # the other ways in than a dict (YAML)
+        from lightning_ulysses.models.adapters import apply_peft, peft_config
+
+        peft = peft_config(dict(peft))
+        if case["peft_as"] == "model":
+            from transformers import AutoModelForCausalLM
+
+            model, peft = apply_peft(AutoModelForCausalLM.from_pretrained(model), peft), None
     lr = 2.0 if case.get("lora") else 0.5  # adapters start at B = 0 and move slowly
-    module = CausalLMModule(model=model, peft=case.get("lora"), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    module = CausalLMModule(model=model, peft=peft, optimizer=lambda p: torch.optim.SGD(p, lr=lr))
     data = SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1)
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=case["stage"])
     export = HFExport(str(out / "hf_export"), every_n_train_steps=1)  # writes step=1, step=2 and final while fitting
