@@ -50,6 +50,13 @@ def test_a_model_instance_is_registered_once_and_exports_with_no_flags(job) -> N
     assert exported.config.hidden_size == 32 and exported.config.num_key_value_heads == 2
 
 
+def test_the_tiled_mlp_runs_no_collective_per_layer_under_zero3(job) -> None:
+    _, results = job
+    for rank in (0, 1):
+        r = results["instance_zero3"][rank]["ok"]
+        assert r["tiled_mlp_calls"] >= 8 and r["tiled_mlp_all_reduces"] == 0, r  # 2 layers x (fwd + recompute) x 2 steps
+
+
 def test_zero3_integration_is_on_only_while_the_model_is_built(job) -> None:
     _, results = job
     for rank in (0, 1):

@@ -45,7 +45,9 @@ from lightning_ulysses.compat.lightning import (
 from lightning_ulysses.compat.transformers import TransformersZero3, attn_implementation
 from lightning_ulysses.errors import errors_reported_once, raise_once
 from lightning_ulysses.lightning import cpu
-from lightning_ulysses.memory import TRICKS, MemoryTrick, apply_tricks, remove_tricks, trainer_tricks, tricks_from_flags
+from lightning_ulysses.memory import (
+    TRICKS, MemoryTrick, TiledMLP, apply_tricks, remove_tricks, trainer_tricks, tricks_from_flags,
+)
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import attention_spec, check_shardable, find_hf_model
@@ -65,7 +67,7 @@ from lightning_ulysses.parallel.sharding import (
     real_token_mask,
     shard_batch,
 )
-from lightning_ulysses.parallel.step_context import LOSS_NORMALIZATIONS, StepContext, set_step_context
+from lightning_ulysses.parallel.step_context import LOSS_NORMALIZATIONS, StepContext, max_over_world, set_step_context
 from lightning_ulysses.parallel.ulysses import apply_ulysses, remove_ulysses
 
 _TOKEN_MASK = "_lightning_ulysses_token_mask"  # rides along through sharding only, never reaches the step
@@ -452,6 +454,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         extra["real_lengths"] = full[_TOKEN_MASK].sum(1) if _TOKEN_MASK in full else None
         if sp > 1:
             extra["token_index"] = shard_token_index(full["input_ids"].shape[1], sp, ring, self.ring_zigzag)
+        if self.zero_stage_3 and any(isinstance(t, TiledMLP) for t in self._applied_tricks):
+            extra["world_max_local_tokens"] = max_over_world(local["input_ids"].numel(), local["input_ids"].device)
         set_step_context(self._step_context(local["shift_labels"], num_valid, token_mask, extra))
         return local
 
@@ -659,6 +663,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             remove_tricks(hf_model, self._applied_tricks)
             remove_ulysses(hf_model)
         self._applied_tricks = []
+        set_step_context(None)  # the last batch's facts must not reach forwards run after fit
         # Lightning's Strategy.teardown copies the optimizer state and the module to host memory to free
         # the GPU. Under DeepSpeed that state is the engine's (partitioned) optimizer state: the copy is a
         # host-memory spike at the end of fit that nothing reads (measured: +30 GiB per rank, 8B model,

@@ -14,7 +14,8 @@ Gradients reach the parameters in one of two ways:
   the module so ZeRO gathers the weights, and ``ds_grad_is_ready`` is False on every tile but the
   last one *actually* produced (DeepSpeed's own TiledMLP counts requested tiles, but ``torch.chunk``
   can return fewer, and then the gradients never reach ZeRO). The tile count is the same on every rank
-  (max over the world), because each tile's recompute all-gathers parameters.
+  (max over the world), because each tile's recompute all-gathers parameters; under the strategy the max comes
+  from the step context (one all-reduce per micro-batch, not one per layer and recompute).
 """
 
 from __future__ import annotations
@@ -29,11 +30,21 @@ from torch import Tensor
 from lightning_ulysses.compat.deepspeed import is_zero3_params, set_zero3_grads_ready
 from lightning_ulysses.memory.module_swap import any_swapped, inner_forward, restore_with_inner, settings, swap_class
 from lightning_ulysses.memory.trick import MemoryTrick
+from lightning_ulysses.parallel.step_context import current_step_context
 
 
 def num_tiles(tokens: int, tile_tokens: int, sync: bool) -> int:
+    """Tiles for ``tokens``; with ``sync`` the same count on every rank: from the step's context when the strategy
+    recorded the most tokens any rank holds (once per micro-batch), else one all-reduce here (used without the
+    strategy)."""
     n = max(1, math.ceil(tokens / tile_tokens))
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not sync:
+        return n
+    step = current_step_context()
+    most = step.world_max_local_tokens if step is not None else None
+    if most is not None and tokens <= most:
+        return max(1, math.ceil(most / tile_tokens))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([n], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         n = int(t.item())

@@ -60,6 +60,9 @@ class StepContext:
         real_lengths: ``[b]`` tokens of each row before the user's right padding.
         token_index: ``[sp, S/sp]`` the full-sequence index of every rank's local tokens (sharding's layout), for
             :meth:`gather`.
+        world_max_local_tokens: the most tokens any rank holds in this micro-batch (set when the tiled MLP runs on
+            ZeRO-3 parameters: every rank must run as many tiles, each tile gathers the weights), so layers agree on
+            their tile count without a collective of their own.
     """
 
     shift_labels: Tensor
@@ -76,6 +79,7 @@ class StepContext:
     input_length: Optional[int] = None
     real_lengths: Optional[Tensor] = None
     token_index: Optional[Tensor] = None
+    world_max_local_tokens: Optional[int] = None
 
     def gather(self, local: Tensor) -> Tensor:
         """This rank's ``[b, S/sp, ...]`` shard of a per-token output -> the full ``[b, S, ...]`` in sequence order
@@ -121,4 +125,14 @@ def current_step_context() -> Optional[StepContext]:
     return _current
 
 
-__all__ = ["LOSS_NORMALIZATIONS", "StepContext", "current_step_context", "set_step_context", "step_context_for"]
+def max_over_world(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (one all-reduce; ``value`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+__all__ = ["LOSS_NORMALIZATIONS", "StepContext", "current_step_context", "max_over_world", "set_step_context",
+           "step_context_for"]

@@ -3,9 +3,9 @@
 ``edges.py CASES_JSON OUT_DIR``: each case runs in turn in the same processes; every rank writes
 ``OUT_DIR/<name>.<rank>.json`` (what it saw: an error's type and message, or the case's facts). Cases:
 
-* ``instance_zero3``: ``CausalLMModule(LlamaForCausalLM(cfg))`` at ZeRO-3, sp=2, ModelCheckpoint: the parameter names,
-  transformers' ZeRO-3 integration during training (off), rank 0 building a plain model alone in a callback, the
-  checkpoint path for ``export``.
+* ``instance_zero3``: ``CausalLMModule(LlamaForCausalLM(cfg))`` at ZeRO-3, sp=2, tiled MLP, ModelCheckpoint: the
+  parameter names, transformers' ZeRO-3 integration during training (off), rank 0 building a plain model alone in a
+  callback, the tiled MLP's own collectives (none), the checkpoint path for ``export``.
 * ``handed_back``: ZeRO-2, sp=2, the whole memory stack: the user's model after ``fit`` (classes, instance
   attributes, hooks) and its logits against a plain model holding the same weights, then ``generate``.
 * ``mamba_auto``: a Mamba model (no attention) with the default attention argument and ``sequence_parallel_size=
@@ -73,18 +73,43 @@ class Probe(L.Callback):
             self.facts["built_alone"] = not any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+class _CountingDist:
+    """``torch.distributed`` as the tiled MLP sees it, counting its all-reduces (the per-layer tile-count sync)."""
+
+    def __init__(self) -> None:
+        self.all_reduces = 0
+
+    def __getattr__(self, name: str):
+        return getattr(torch.distributed, name)
+
+    def all_reduce(self, *args, **kwargs):
+        self.all_reduces += 1
+        return torch.distributed.all_reduce(*args, **kwargs)
+
+
 def instance_zero3(out: Path) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_ulysses.memory.tiled_mlp as tiled_mlp
 
     module = CausalLMModule(_llama(), optimizer=_sgd)
     names = [n for n, _ in module.named_parameters()]
     probe = Probe()
     ckpt = ModelCheckpoint(dirpath=out / "instance_ckpts", filename="{step}", every_n_train_steps=2, save_top_k=-1)
-    trainer = _trainer(UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=3), callbacks=[probe, ckpt],
-                       enable_checkpointing=True)
-    trainer.fit(module, SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1))
+    # the tiled MLP on ZeRO-3 parameters: its tile count comes from the step context, no collective per layer
+    counting = tiled_mlp.dist = _CountingDist()
+    calls = {"tiles": 0}
+    num_tiles = tiled_mlp.num_tiles
+    tiled_mlp.num_tiles = lambda *a, **k: calls.__setitem__("tiles", calls["tiles"] + 1) or num_tiles(*a, **k)
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=3, tiled_mlp=True, tiled_mlp_tile_tokens=3)
+    trainer = _trainer(strategy, callbacks=[probe, ckpt], enable_checkpointing=True)
+    try:
+        trainer.fit(module, SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1))
+    finally:
+        tiled_mlp.dist, tiled_mlp.num_tiles = torch.distributed, num_tiles
     return {"names": names, "checkpoint": str(out / "instance_ckpts" / "step=2.ckpt"), **probe.facts,
-            "hparams_model_type": module.hparams["model"].get("model_type")}
+            "hparams_model_type": module.hparams["model"].get("model_type"),
+            "tiled_mlp_calls": calls["tiles"], "tiled_mlp_all_reduces": counting.all_reduces}
 
 
 def _shape(model: torch.nn.Module) -> dict:
