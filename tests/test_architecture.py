@@ -131,3 +131,50 @@ def test_public_imports_and_old_module_paths() -> None:
 
     assert TiledMLP is lightning_ulysses.TiledMLP
     assert inspect.ismodule(importlib.import_module("lightning_ulysses.layout"))
+
+
+# Private attributes reached outside compat/ on purpose: the SDPA kernel ops (torch's own flash/cuDNN attention with
+# the log-sum-exp, which no public API returns), the stdlib's exit path (exit_distributed), and our own classes'
+# private members used by the module that defines them.
+PRIVATE_ALLOWED = {
+    "kernels/attention.py": {"_scaled_dot_product_flash_attention_for_cpu",
+                             "_scaled_dot_product_flash_attention_for_cpu_backward",
+                             "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+                             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"},
+    "parallel/layout.py": {"_exit", "_run_exitfuncs"},
+    "memory/offload.py": {"_enter", "_exit", "_mark"},
+}
+
+
+def _private_uses(tree: ast.AST) -> set[str]:
+    """Single-underscore attributes read off anything but ``self`` / ``cls`` / ``super()`` (``x._y`` and
+    ``getattr(x, "_y")``); our own ``_lightning_ulysses*`` names excepted."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        name, owner = None, None
+        if isinstance(node, ast.Attribute):
+            name, owner = node.attr, node.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            name, owner = node.args[1].value, node.args[0]
+        if not name or not name.startswith("_") or name.startswith("__") or name.startswith("_lightning_ulysses"):
+            continue
+        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            continue
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+            continue
+        found.add(name)
+    return found
+
+
+def test_private_apis_of_dependencies_are_reached_only_through_compat() -> None:
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        if rel.startswith("compat/"):
+            continue
+        uses = _private_uses(ast.parse(path.read_text())) - PRIVATE_ALLOWED.get(rel, set())
+        if uses:
+            offenders[rel] = sorted(uses)
+    assert not offenders, f"private attributes outside compat/ (wrap them in lightning_ulysses/compat): {offenders}"

@@ -146,6 +146,11 @@ class TransformersZero3:
         return self._config is not None
 
 
+def tied_weight_keys(model: Any) -> set[str]:
+    """The parameter names ``model`` ties to others (``_tied_weights_keys``: a list or a {target: source} dict)."""
+    return set(getattr(model, "_tied_weights_keys", None) or [])
+
+
 def has_input_grads_hook(model: Any) -> bool:
     """Whether transformers' ``enable_input_require_grads`` hook is on ``model`` (kept in private attributes)."""
     return bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
@@ -170,4 +175,5 @@ def plain_model_init() -> Iterator[None]:
 
 
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "checkpointed_layers",
-           "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "plain_model_init", "set_checkpoint_function"]
+           "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "plain_model_init",
+           "set_checkpoint_function", "tied_weight_keys"]

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from lightning_ulysses.compat.transformers import attn_implementation
+
 
 def find_hf_model(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The outermost ``transformers.PreTrainedModel`` in ``module`` (itself included), or None."""
@@ -52,7 +54,7 @@ def attention_spec(model: torch.nn.Module) -> tuple[int, int, Optional[str]]:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
-    return heads, kv, getattr(cfg, "_attn_implementation", None)
+    return heads, kv, attn_implementation(cfg)
 
 
 __all__ = ["attention_spec", "check_shardable", "find_hf_model"]

@@ -131,7 +131,7 @@ def write_hf(  # long: 35 lines of one sequence: build on meta, load, tie, merge
     they are (no second copy). ``base``: the hub name/path adapters record as their base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_ulysses.compat.transformers import plain_model_init
+    from lightning_ulysses.compat.transformers import plain_model_init, tied_weight_keys
 
     with torch.device("meta"), plain_model_init():  # also called by rank 0 alone during a ZeRO-3 fit (HFExport)
         model = AutoModelForCausalLM.from_config(config)
@@ -140,7 +140,7 @@ def write_hf(  # long: 35 lines of one sequence: build on meta, load, tie, merge
 
             model = apply_peft(model, adapters)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = tied_weight_keys(model) | {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"The checkpoint does not match the model config: missing {missing[:5]}, unexpected "
