@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Throughput and peak memory of configs/llama3_8b_long_context.yaml through the CLI on one GPU, with 4 layers of
-# Llama-3.1-8B width (random init) -- the "before/after" measurement of changes that touch the hot path.
+# Llama-3.1-8B width (random init) -- the "before/after" measurement of changes that touch the hot path. LAYERS=N (env)
+# changes the depth.
 #   benchmarks/cli_throughput.sh OUT_DIR SEQ_LEN [TREE [TAG [CLI_ARG...]]]
 # TREE: a copy of another commit's package and configs (default .); TAG names the log; further arguments go to the
 # CLI (e.g. --trainer.strategy.init_args.checkpoint_policy=save_attention).
@@ -11,10 +12,10 @@ mkdir -p "$out"; out=$(cd "$out" && pwd); tree=$(cd "$tree" && pwd)
 override="$out/override_8b_4layers.yaml"
 cat > "$override" <<YAML
 model:
-  model: {model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 4,
+  model: {model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: ${LAYERS:-4},
           num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, max_position_embeddings: 1048576}
 YAML
-name=$(basename "$tree")${tag:+_$tag}
+name=$(basename "$tree")${tag:+_$tag}_L${LAYERS:-4}
 # run from inside the tree: `python -m` puts the working directory first on sys.path. The callback's module path is
 # the pre-subpackage one, which later trees keep as an alias, so one command measures old and new trees.
 cd "$tree" && PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" python -m lightning_ulysses fit \

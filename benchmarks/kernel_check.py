@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
+from lightning_ulysses.memory.activation_checkpoint import saved_tensor_bytes
 
 
 def timed(fn, grads, reps: int = 10) -> float:

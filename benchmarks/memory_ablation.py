@@ -46,7 +46,7 @@ def build(layers: int):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.train()
-    from lightning_ulysses.memory.checkpointing import enable_gradient_checkpointing
+    from lightning_ulysses.memory.activation_checkpoint import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model)
     return model

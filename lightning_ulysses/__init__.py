@@ -13,9 +13,13 @@ Subpackages (each concern in one place; ``tests/test_architecture.py`` checks th
 * :mod:`lightning_ulysses.compat` -- every private API of Lightning, DeepSpeed, transformers and torch we use
 * :mod:`lightning_ulysses.tools` -- command-line tools (``compare``, ``export``)
 
-Importing the package registers the ``"ulysses"`` strategy names with Lightning, so ``Trainer(strategy="ulysses")``
-works. Module paths of releases before the subpackages (``lightning_ulysses.callbacks``, ``.layout``, ...) still
-import, as aliases of their new homes (:data:`MOVED`).
+Importing the package registers the ``"ulysses"`` strategy names with Lightning (:data:`STRATEGY_NAMES`), so
+``Trainer(strategy="ulysses")`` works; everything else is imported when first used (``lightning_ulysses.TiledMLP``
+imports :mod:`lightning_ulysses.memory`), so ``import lightning_ulysses.parallel`` loads neither the strategy nor
+DeepSpeed. The root exports the names in ``__all__``; the memory tricks are exported from their registry
+(:data:`lightning_ulysses.memory.plan.TRICKS`). Module paths of releases before the subpackages
+(``lightning_ulysses.callbacks``, ``.layout``, ...) still import, as aliases of their new homes (:data:`MOVED`),
+with a ``DeprecationWarning`` naming the new path.
 """
 
 import os as _os
@@ -32,39 +36,88 @@ import importlib as _importlib  # noqa: E402
 import importlib.abc as _importlib_abc  # noqa: E402
 import importlib.util as _importlib_util  # noqa: E402
 import sys as _sys  # noqa: E402
+import warnings as _warnings  # noqa: E402
+from typing import Any as _Any  # noqa: E402
 
 from lightning.pytorch.strategies import StrategyRegistry as _StrategyRegistry  # noqa: E402
 
-from lightning_ulysses.lightning.module import CausalLMModule, build_causal_lm  # noqa: E402
-from lightning_ulysses.lightning.strategy import UlyssesDeepSpeedStrategy  # noqa: E402
-from lightning_ulysses.memory import (  # noqa: E402
-    ActivationOffload,
-    GradientCheckpointing,
-    MemoryEfficientRMSNorm,
-    MemoryEfficientSwiGLU,
-    MemoryTrick,
-    TiledAttentionBackward,
-    TiledLoss,
-    TiledMLP,
-    apply_tricks,
-)
-from lightning_ulysses.memory.offload import disable_activation_offload, enable_activation_offload  # noqa: E402
-from lightning_ulysses.memory.rmsnorm import disable_memory_efficient_rmsnorm, enable_memory_efficient_rmsnorm  # noqa: E402
-from lightning_ulysses.memory.swiglu import disable_memory_efficient_swiglu, enable_memory_efficient_swiglu  # noqa: E402
-from lightning_ulysses.memory.tiled_attention import disable_tiled_attention, enable_tiled_attention  # noqa: E402
-from lightning_ulysses.memory.tiled_loss import disable_tiled_loss, enable_tiled_loss  # noqa: E402
-from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp  # noqa: E402
-from lightning_ulysses.parallel.layout import ParallelLayout, ProcessGroups, exit_distributed, shutdown_distributed  # noqa: E402
-from lightning_ulysses.parallel.loss import count_valid_tokens, deepspeed_loss_scale, sp_causal_lm_loss, sp_token_mean  # noqa: E402
-from lightning_ulysses.parallel.sharding import prepare_batch, shard_batch, shard_for_sequence_parallel  # noqa: E402
-from lightning_ulysses.parallel.ulysses import apply_ulysses, remove_ulysses  # noqa: E402
-
-if "ulysses" not in _StrategyRegistry:
-    UlyssesDeepSpeedStrategy.register_strategies(_StrategyRegistry)
-
 __version__ = "0.1.0"
 
-# old module path -> new one (imports of the old path give the new module itself)
+# the names Trainer(strategy=...) accepts -> (description, the strategy's arguments)
+STRATEGY_NAMES: dict[str, tuple[str, dict[str, _Any]]] = {
+    "ulysses": ("Ulysses sequence parallelism on DeepSpeed ZeRO-3 (sp auto)", {"stage": 3}),
+    **{f"ulysses_stage_{stage}": (f"Ulysses sequence parallelism, ZeRO stage {stage}", {"stage": stage})
+       for stage in (1, 2, 3)},
+    "ulysses_stage_3_offload": (
+        "Ulysses sequence parallelism, ZeRO-3 with optimizer and parameters offloaded to CPU",
+        {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+    ),
+}
+
+
+def _build_strategy(**init_params: _Any) -> _Any:
+    """The registry's factory: the strategy module is imported when a Trainer asks for one of the names."""
+    from lightning_ulysses.lightning.strategy import UlyssesDeepSpeedStrategy
+
+    return UlyssesDeepSpeedStrategy(**init_params)
+
+
+for _name, (_description, _params) in STRATEGY_NAMES.items():
+    if _name not in _StrategyRegistry:
+        _StrategyRegistry.register(_name, _build_strategy, description=_description, **_params)
+
+# public name -> the module that defines it (imported on first access; the memory tricks come from their registry)
+_EXPORTS = {
+    "CausalLMModule": "lightning.module",
+    "build_causal_lm": "lightning.module",
+    "UlyssesDeepSpeedStrategy": "lightning.strategy",
+    "MemoryTrick": "memory.trick",
+    "apply_tricks": "memory.trick",
+    "ParallelLayout": "parallel.layout",
+    "ProcessGroups": "parallel.layout",
+    "exit_distributed": "parallel.layout",
+    "shutdown_distributed": "parallel.layout",
+    "count_valid_tokens": "parallel.loss",
+    "deepspeed_loss_scale": "parallel.loss",
+    "sp_causal_lm_loss": "parallel.loss",
+    "sp_token_mean": "parallel.loss",
+    "prepare_batch": "parallel.sharding",
+    "shard_batch": "parallel.sharding",
+    "shard_for_sequence_parallel": "parallel.sharding",
+    "apply_ulysses": "parallel.ulysses",
+    "remove_ulysses": "parallel.ulysses",
+    # function forms of the tricks (the MemoryTrick classes are what the strategy and callbacks take)
+    **{f"{verb}_{name}": f"memory.{module}" for module, names in {
+        "offload": ("activation_offload",), "rmsnorm": ("memory_efficient_rmsnorm",),
+        "swiglu": ("memory_efficient_swiglu",), "tiled_attention": ("tiled_attention",), "tiled_loss": ("tiled_loss",),
+        "tiled_mlp": ("tiled_mlp",)}.items() for name in names for verb in ("enable", "disable")},
+}
+
+
+def _trick_classes() -> dict[str, type]:
+    from lightning_ulysses.memory.plan import TRICKS
+
+    return {kind.__name__: kind for kind in TRICKS}
+
+
+def __getattr__(name: str) -> _Any:
+    if name == "__all__":
+        return sorted([*_EXPORTS, *_trick_classes()])
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif not name.startswith("_") and name in _trick_classes():
+        value = _trick_classes()[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__getattr__("__all__")))
+
+
+# old module path -> new one (imports of the old path give the new module itself, with a DeprecationWarning)
 MOVED = {
     "accumulation": "parallel.accumulation",
     "adapters": "models.adapters",
@@ -78,6 +131,7 @@ MOVED = {
     "datasets": "data.synthetic",
     "layout": "parallel.layout",
     "loss": "parallel.loss",
+    "memory.checkpointing": "memory.activation_checkpoint",
     "model_utils": "models.inspect",
     "module": "lightning.module",
     "module_swap": "memory.module_swap",
@@ -106,51 +160,20 @@ class _MovedModules(_importlib_abc.MetaPathFinder, _importlib_abc.Loader):
         return _importlib_util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):  # type: ignore[override]
-        return _importlib.import_module(f"{__name__}.{MOVED[spec.name.partition('.')[2]]}")
+        old = spec.name.partition(".")[2]
+        _warnings.warn(
+            f"{spec.name} is deprecated and will be removed; import {__name__}.{MOVED[old]} instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        module = _importlib.import_module(f"{__name__}.{MOVED[old]}")
+        spec.loader_state = module.__spec__  # the import system sets module.__spec__ to the alias's; restored below
+        return module
 
     def exec_module(self, module) -> None:  # type: ignore[override]
-        pass  # already executed under its new name
+        # already executed under its new name; it keeps its own spec (reload, pickling by name)
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(f, _MovedModules) for f in _sys.meta_path):
     _sys.meta_path.append(_MovedModules())
-
-__all__ = [
-    "ActivationOffload",
-    "CausalLMModule",
-    "GradientCheckpointing",
-    "MemoryEfficientRMSNorm",
-    "MemoryEfficientSwiGLU",
-    "MemoryTrick",
-    "ParallelLayout",
-    "ProcessGroups",
-    "TiledAttentionBackward",
-    "TiledLoss",
-    "TiledMLP",
-    "UlyssesDeepSpeedStrategy",
-    "apply_tricks",
-    "apply_ulysses",
-    "build_causal_lm",
-    "count_valid_tokens",
-    "deepspeed_loss_scale",
-    "disable_activation_offload",
-    "disable_memory_efficient_rmsnorm",
-    "disable_memory_efficient_swiglu",
-    "disable_tiled_attention",
-    "disable_tiled_loss",
-    "disable_tiled_mlp",
-    "enable_activation_offload",
-    "enable_memory_efficient_rmsnorm",
-    "enable_memory_efficient_swiglu",
-    "enable_tiled_attention",
-    "enable_tiled_loss",
-    "enable_tiled_mlp",
-    "prepare_batch",
-    "remove_ulysses",
-    "shard_batch",
-    "shard_for_sequence_parallel",
-    "sp_causal_lm_loss",
-    "sp_token_mean",
-    "exit_distributed",
-    "shutdown_distributed",
-]

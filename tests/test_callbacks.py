@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_ulysses.lightning.callbacks import ActivationOffload, GradientCheckpointing, TiledAttentionBackward, TiledLoss, TiledMLP
-from lightning_ulysses.memory.checkpointing import is_checkpointing
+from lightning_ulysses.memory.activation_checkpoint import is_checkpointing
 from lightning_ulysses.memory.offload import activation_offloader
 from lightning_ulysses.memory.tiled_attention import tiled_attention_of
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
@@ -22,7 +22,7 @@ class PlainLM(L.LightningModule):
 
     def __init__(self, checkpointing: bool = False) -> None:
         super().__init__()
-        from tests.test_attention import tiny_llama
+        from tests.test_ulysses import tiny_llama
 
         self.model = tiny_llama()
         if checkpointing:
@@ -100,7 +100,7 @@ def test_gradient_checkpointing_callback() -> None:
 
 def test_checkpointing_is_non_reentrant_with_torch_default_early_stop() -> None:
     """ZeRO-3's recompute needs early stop (parity tests fail with early_stop=False)."""
-    from lightning_ulysses.memory.checkpointing import checkpoint_kwargs
+    from lightning_ulysses.memory.activation_checkpoint import checkpoint_kwargs
 
     assert checkpoint_kwargs() == {"use_reentrant": False}
 

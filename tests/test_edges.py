@@ -20,7 +20,7 @@ from tests.harness import WORKERS, worker_env
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
-CASES = ["instance_zero3", "handed_back", "mamba_auto", "mamba_packed", "unbatched", "vocab", "empty_file"]
+CASES = ["instance_zero3", "handed_back", "mamba_auto", "mamba_packed", "unbatched", "vocab", "empty_file", "memory_auto"]
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,13 @@ def test_the_tiled_loss_causes_no_transformers_deprecation_warning(monkeypatch) 
     out = model(input_ids=ids, position_ids=torch.arange(12).unsqueeze(0), shift_labels=torch.roll(ids, -1, 1))
     out.loss.backward()
     assert not [m for m in said if "past_key_values" in m], said
+
+
+def test_memory_auto_trains_like_the_plan_it_chose_set_by_hand(job) -> None:
+    for rank in (0, 1):
+        runs = job[1]["memory_auto"][rank]["ok"]
+        auto, by_hand = runs["auto"], runs["by_hand"]
+        assert auto["flags"]["tiled_mlp"] is True  # the user's flag stays in the chosen plan
+        assert auto["tricks"] == by_hand["tricks"] and any("TiledMLP" in t for t in auto["tricks"])
+        assert by_hand["name"] is None and len(auto["losses"]) == 3
+        assert auto["losses"] == by_hand["losses"]

@@ -37,10 +37,11 @@ STRATEGY_CASES = {
         dict(checkpoint_policy="save_attention", gradient_checkpointing=False), "drop one of the two"
     ),
     "keep_layers_without_offload": (
-        dict(activation_checkpoint_cpu_offload_keep_layers=2), "activation_checkpoint_cpu_offload=True"
+        dict(activation_checkpoint_cpu_offload=False, activation_checkpoint_cpu_offload_keep_layers=2),
+        "activation_checkpoint_cpu_offload=False; drop one of the two"
     ),
     "sp_and_cp_disagree": (dict(sequence_parallel_size=2, context_parallel_size=4), "give only one"),
-    "attention_tile": (dict(tiled_attention_tile_tokens=0), "tiled_attention_tile_tokens must be a positive int"),
+    "attention_tile": (dict(tiled_attention_tile_tokens=0), "tiled_attention_tile_tokens=0): tiled attention tile_tokens must be a positive int"),
 }
 
 

@@ -138,3 +138,17 @@ def test_hybrid_groups_nest_ulysses_blocks_in_rings_and_log_the_layout() -> None
     assert [layout.ring_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [layout.ulysses_rank(r) for r in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]
     assert "ulysses 2 x ring 2" in layout.describe()
+
+
+def test_layout_for_a_model_reads_its_heads_and_refuses_what_cannot_be_sharded() -> None:
+    """ParallelLayout.for_model: the strategy's layout decision, usable without a Trainer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    assert ParallelLayout.for_model(model, "auto", 8) == ParallelLayout(8, 4, 1)  # 4 heads: Ulysses 4, dp 2
+    assert ParallelLayout.for_model(model, 8, 8, mode="auto") == ParallelLayout(8, 8, 2)  # the rest on the ring
+    assert ParallelLayout.for_model(None, "auto", 1) == ParallelLayout(1, 1)
+    with pytest.raises(ValueError, match="could not find a transformers PreTrainedModel"):
+        ParallelLayout.for_model(None, 2, 2)

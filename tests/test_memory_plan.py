@@ -21,7 +21,7 @@ from lightning_ulysses.memory import (
     trainer_tricks,
     tricks_from_flags,
 )
-from lightning_ulysses.memory.checkpointing import checkpoint_policy_of
+from lightning_ulysses.memory.activation_checkpoint import checkpoint_policy_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,6 +49,47 @@ def test_flags_build_the_tricks_with_sp_defaults() -> None:
     assert plan.resolve(True) == [GradientCheckpointing(), TiledLoss(), TiledMLP(8), ActivationOffload(keep_layers=1)]
     assert tricks_from_flags(gradient_checkpointing=False, tiled_loss=False).resolve(True) == []
     assert tricks_from_flags(checkpoint_policy="save_attention").resolve(False) == [GradientCheckpointing("save_attention")]
+
+
+def test_one_rule_for_a_tuning_option_given_without_its_switch() -> None:
+    """Given (not at its default) while the switch is unset, a tuning option turns its trick on; with the switch False
+    it is an error naming both. The same for every trick of the registry."""
+    from lightning_ulysses.memory.plan import flat_options
+
+    values = {"checkpoint_policy": "save_attention", "save_attention_layers": 1, "tiled_loss_tile_tokens": 64,
+              "tiled_loss_impl": "torch", "tiled_mlp_tile_tokens": 64, "memory_efficient_impl": "torch",
+              "tiled_attention_tile_tokens": 64, "activation_checkpoint_cpu_offload_keep_layers": 1}
+    for kind in TRICKS:
+        for option in kind.flag_options:
+            extra = {"checkpoint_policy": "save_attention"} if option == "save_attention_layers" else {}
+            plan = tricks_from_flags(**{option: values[option]}, **extra).resolve(False)
+            assert any(type(t) is kind for t in plan), (kind.__name__, option)
+            with pytest.raises(ValueError, match=f"tunes .*{kind.flag}.*, but .*{kind.flag}=False"):
+                switches_off = {k.flag: False for k in TRICKS if option in k.flag_options}
+                tricks_from_flags(**{option: values[option]}, **extra, **switches_off)
+    # an option that tunes two tricks applies to the one switched on, and turns both on only when none is
+    assert tricks_from_flags(memory_efficient_rmsnorm=True, memory_efficient_impl="torch").resolve(False) == [
+        TRICKS[[k.__name__ for k in TRICKS].index("MemoryEfficientRMSNorm")]("torch")]
+    assert len(tricks_from_flags(memory_efficient_impl="torch").resolve(False)) == 2
+    assert tricks_from_flags(tiled_mlp_tile_tokens=None).resolve(False) == []  # the default is not "given"
+    with pytest.raises(ValueError, match=r"tiled_mlp \(tiled_mlp_tile_tokens=0\): tiled MLP tile_tokens"):
+        tricks_from_flags(tiled_mlp_tile_tokens=0)
+    with pytest.raises(TypeError, match="unknown memory option"):
+        tricks_from_flags(tiled_mpl=True)
+    with pytest.raises(ValueError, match="builds on gradient_checkpointing"):
+        tricks_from_flags([ActivationOffload()], gradient_checkpointing=False)
+    assert set(flat_options()) == {o for k in TRICKS for o in (k.flag, *k.flag_options)}
+
+
+def test_strategy_signature_spells_every_flat_option_with_its_default() -> None:
+    import inspect
+
+    from lightning_ulysses.memory.plan import flat_options
+
+    params = inspect.signature(UlyssesDeepSpeedStrategy.__init__).parameters
+    for name, default in flat_options().items():
+        assert name in params and params[name].default == default, name
+        assert f"{name}:" in UlyssesDeepSpeedStrategy.__doc__, f"{name} is not documented in the strategy's docstring"
 
 
 def test_explicit_tricks_replace_defaults_and_conflicts_are_refused() -> None:

@@ -13,7 +13,7 @@ from lightning_ulysses.memory.offload import (
     disable_activation_offload,
     enable_activation_offload,
 )
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 def checkpointed():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
+from lightning_ulysses.memory.activation_checkpoint import saved_tensor_bytes
 from lightning_ulysses.memory.rmsnorm import (
     RMSNormFunction,
     disable_memory_efficient_rmsnorm,
     enable_memory_efficient_rmsnorm,
     memory_efficient_rmsnorm_enabled,
 )
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 # statistics are fp32 in both (HF upcasts to fp32 whatever the input dtype); chunk_rows=4 splits the

@@ -61,7 +61,8 @@ def test_sampler_sees_the_dp_layout_only() -> None:
         (dict(sequence_parallel_size="max"), "positive int or 'auto'"),
         (dict(pad_to_multiple_of=0), "pad_to_multiple_of must be a positive int"),
         (dict(seq_parallel_communication_data_type="int8"), "must be one of ['fp32', 'bf16', 'fp16']"),
-        (dict(activation_checkpoint_cpu_offload_keep_layers=2), "set activation_checkpoint_cpu_offload=True"),
+        (dict(activation_checkpoint_cpu_offload=False, activation_checkpoint_cpu_offload_keep_layers=2),
+         "tunes activation_checkpoint_cpu_offload, but activation_checkpoint_cpu_offload=False"),
         (dict(activation_checkpoint_cpu_offload=True, activation_checkpoint_cpu_offload_keep_layers=-1), "must be >= 0"),
     ],
 )

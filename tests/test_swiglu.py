@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.memory.checkpointing import saved_tensor_bytes
+from lightning_ulysses.memory.activation_checkpoint import saved_tensor_bytes
 from lightning_ulysses.memory.rmsnorm import enable_memory_efficient_rmsnorm
 from lightning_ulysses.memory.swiglu import (
     SwiGLUFunction,
@@ -16,7 +16,7 @@ from lightning_ulysses.memory.swiglu import (
     swiglu,
 )
 from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 # HF's own ops in the same order: bit-identical values and gradients, in fp32 and bf16, whole or in

@@ -21,7 +21,7 @@ def test_llama3_8b_dims_and_flops_match_the_reference_formula() -> None:
 
 
 def test_model_dims_exclude_the_input_embedding() -> None:
-    from tests.test_attention import tiny_llama
+    from tests.test_ulysses import tiny_llama
 
     model = tiny_llama()
     dims = ModelDims.of(model)

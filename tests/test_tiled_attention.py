@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses.memory.checkpointing import enable_gradient_checkpointing
+from lightning_ulysses.memory.activation_checkpoint import enable_gradient_checkpointing
 from lightning_ulysses.memory.tiled_attention import TiledAttentionCore, disable_tiled_attention, enable_tiled_attention, tiled_attention_of
 from lightning_ulysses.kernels.tiled import tiled_attention
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 def _qkv(hq: int, hkv: int, s: int, dtype: torch.dtype, seed: int = 0):

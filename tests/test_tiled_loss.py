@@ -13,7 +13,7 @@ from lightning_ulysses.memory.tiled_loss import (
     tile_size,
     tiled_loss_enabled,
 )
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 def plain(h, w, b, y):

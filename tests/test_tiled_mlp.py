@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_enabled
-from tests.test_attention import tiny_llama
+from tests.test_ulysses import tiny_llama
 
 
 @pytest.mark.parametrize("tile_tokens", [1, 5, 8, 1000])

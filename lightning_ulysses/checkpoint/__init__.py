@@ -9,6 +9,7 @@
   checkpoint, so a resumed run reads the batch an uninterrupted run would read next.
 * :mod:`.rng` -- each rank's random generator states, saved with its shards (dropout continues its stream).
 * :mod:`.weights` -- a model's full weights on rank 0, gathered one parameter at a time (``HFExport``).
+* :mod:`.hf_model` -- those weights written as a Hugging Face model directory (``export``, ``HFExport``).
 
 No module here imports Lightning; the strategy wires them into ``save_checkpoint`` / ``load_checkpoint`` /
 ``process_dataloader``.

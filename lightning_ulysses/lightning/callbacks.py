@@ -116,7 +116,7 @@ class HFExport(Callback):
         """Write ``dirpath/name`` now (every rank must call it); returns the directory."""
         from lightning_ulysses.checkpoint.files import publish, staging_path
         from lightning_ulysses.checkpoint.weights import gather_weights
-        from lightning_ulysses.tools.export import write_hf
+        from lightning_ulysses.checkpoint.hf_model import write_hf
 
         model = _exported_model(pl_module)
         weights = gather_weights(model, getattr(torch, self.dtype) if self.dtype else None)

@@ -1,7 +1,8 @@
 """``lightning-ulysses`` / ``python -m lightning_ulysses``: LightningCLI over CausalLMModule, plus tools.
 
-Subcommands: LightningCLI's ``fit``, ``validate``, ``test``, ``predict``; and ``compare RUN_A RUN_B``
-(:mod:`lightning_ulysses.tools.compare`).
+Subcommands: LightningCLI's ``fit``, ``validate``, ``test``, ``predict``; and the tools ``compare RUN_A RUN_B``
+(:mod:`lightning_ulysses.tools.compare`), ``export CHECKPOINT OUT_DIR`` (:mod:`lightning_ulysses.tools.export`) and
+``plan --config CONFIG`` (:mod:`lightning_ulysses.tools.plan`).
 
 ``trainer.devices: auto`` on a machine without a GPU starts :data:`CPU_AUTO_DEVICES` processes (Lightning's
 own ``auto`` starts one): CPU runs exist to try sequence parallelism out, which needs at least two ranks.
@@ -21,7 +22,8 @@ from lightning_ulysses.parallel.layout import exit_distributed, shutdown_distrib
 from lightning_ulysses.lightning.module import CausalLMModule
 
 CPU_AUTO_DEVICES = 2
-TOOLS = {"compare": "lightning_ulysses.tools.compare", "export": "lightning_ulysses.tools.export"}
+TOOLS = {"compare": "lightning_ulysses.tools.compare", "export": "lightning_ulysses.tools.export",
+         "plan": "lightning_ulysses.tools.plan"}
 
 
 class UlyssesCLI(LightningCLI):

@@ -16,7 +16,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from typing_extensions import override
 
 from lightning_ulysses.errors import errors_reported_once
-from lightning_ulysses.memory.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lightning_ulysses.memory.activation_checkpoint import GradientCheckpointing
+from lightning_ulysses.memory.trick import MemoryTrick, apply_tricks, remove_tricks, trainer_tricks
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.models.adapters import adapter_config, apply_peft, is_peft_model, peft_record, trainable_parameters
 from lightning_ulysses.models.build import ModelSpec, build_causal_lm, import_model_code, model_record
@@ -168,11 +169,24 @@ class CausalLMModule(LightningModule):
         # a model handed in as an instance may come in eval mode (from_pretrained's default); Lightning restores
         # whatever mode it finds after each validation, so this sets it once
         self.model.train()
-        # runs after the callbacks' on_fit_start; enable_gradient_checkpointing keeps a policy they chose
-        if self.gradient_checkpointing is True:
-            enable_gradient_checkpointing(self.model)
-        elif self.gradient_checkpointing is False:
-            disable_gradient_checkpointing(self.model)
+        if self.gradient_checkpointing is not None:
+            # the Trainer's one plan, with this module's request in it: under UlyssesDeepSpeedStrategy or trick
+            # callbacks it is applied already (applying is idempotent); under any other strategy it is applied here
+            apply_tricks(self.model, trainer_tricks(self.trainer))
+
+    def requested_memory_tricks(self) -> dict[type, Optional[MemoryTrick]]:
+        """What this module asks of the Trainer's memory plan (:func:`~lightning_ulysses.memory.trainer_tricks`):
+        ``gradient_checkpointing=True`` adds :class:`GradientCheckpointing` (full) unless the plan has one,
+        ``False`` removes it, ``None`` leaves the plan alone."""
+        if self.gradient_checkpointing is None:
+            return {}
+        return {GradientCheckpointing: GradientCheckpointing() if self.gradient_checkpointing else None}
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # what on_fit_start applied under a strategy that does not remove tricks itself comes off again
+        if self.gradient_checkpointing is not None and self.model is not None and self._trainer is not None:
+            remove_tricks(self.model, trainer_tricks(self.trainer))
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -1,18 +1,24 @@
 """``UlyssesDeepSpeedStrategy``: Lightning's DeepSpeed strategy plus Ulysses sequence parallelism.
 
-The strategy only orchestrates; each concern lives in its own module:
+The strategy only orchestrates; each decision lives in its own module, called from one hook:
 
-* layout and process groups -> :mod:`lightning_ulysses.parallel.layout` (resolved in :meth:`setup`, once the
-  model and its head counts exist; handed to DeepSpeed as its ``mpu``);
-* attention patching -> :mod:`lightning_ulysses.parallel.ulysses` (:meth:`setup`);
-* batch sharding -> :mod:`lightning_ulysses.parallel.sharding` (:meth:`batch_to_device`);
+* options -> checked where they belong (:func:`~lightning_ulysses.parallel.layout.check_sp_options`, the memory
+  plan's :func:`~lightning_ulysses.memory.plan.tricks_from_flags`) in ``__init__``;
+* layout and process groups -> :meth:`ParallelLayout.for_model <lightning_ulysses.parallel.layout.ParallelLayout.for_model>`
+  (:meth:`setup`, once the model and its head counts exist; handed to DeepSpeed as its ``mpu``);
+* attention patching -> :mod:`lightning_ulysses.parallel.ulysses`, memory tricks -> :mod:`lightning_ulysses.memory`
+  (:meth:`setup`; removed again in :meth:`teardown`);
+* batch preparation, the SP group's agreement check and sharding -> :mod:`lightning_ulysses.parallel.sharding`
+  (:meth:`batch_to_device`);
+* what the step's layers and losses read (token counts and loss normalisation, positions, packed segments, token
+  mask, the tiled MLP's tile count) -> :func:`lightning_ulysses.parallel.step_context.build` (:meth:`batch_to_device`),
+  with the window look-ahead of :mod:`lightning_ulysses.parallel.accumulation`;
 * DP-only sampling -> :attr:`distributed_sampler_kwargs` (all ranks of an SP group read the same samples);
 * loss scale for DeepSpeed's reduction -> :mod:`lightning_ulysses.parallel.loss` (:meth:`backward`);
-* per-batch loss normalisation (token counts, ``loss_normalization``) -> :mod:`lightning_ulysses.parallel.step_context`
-  (:meth:`batch_to_device`), with the window look-ahead of :mod:`lightning_ulysses.parallel.accumulation`;
 * gradient accumulation: Lightning owns the optimizer-step boundary, exactly as under DDP
   (:attr:`handles_gradient_accumulation` is ``False``; DeepSpeed is told each boundary and never divides
   the loss a second time, see :meth:`backward`);
+* checkpoints -> :mod:`lightning_ulysses.checkpoint` (:meth:`save_checkpoint`, :meth:`load_checkpoint`);
 * ZeRO-3 settings chosen for long sequences -> :mod:`lightning_ulysses.memory.zero_config` (``__init__``);
 * CPU (gloo) support -> :mod:`lightning_ulysses.lightning.cpu`.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import zlib
 from collections import deque
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -48,30 +53,24 @@ from lightning_ulysses.lightning import cpu
 from lightning_ulysses.memory import (
     TRICKS, MemoryTrick, TiledMLP, apply_tricks, remove_tricks, trainer_tricks, tricks_from_flags,
 )
+from lightning_ulysses.memory.auto import Estimate
+from lightning_ulysses.memory.plan import flat_options
+from lightning_ulysses.lightning.auto_plan import plan_for_trainer
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
-from lightning_ulysses.models.inspect import attention_spec, check_shardable, find_hf_model
+from lightning_ulysses.models.inspect import find_hf_model
 from lightning_ulysses.parallel.accumulation import WindowTokenCounter
 from lightning_ulysses.parallel.layout import (
-    CONTEXT_PARALLEL_MODES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize,
+    COMM_DTYPES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize, check_sp_options,
+    collective_timeout,
 )
 from lightning_ulysses.parallel.loss import deepspeed_loss_scale
-from lightning_ulysses.parallel.ring import RING_BACKENDS
-from lightning_ulysses.kernels.tiled import segment_bounds
-from lightning_ulysses.parallel.sharding import (
-    IGNORE_INDEX,
-    check_token_ids,
-    packed_segments,
-    shard_token_index,
-    prepare_for_sharding,
-    real_token_mask,
-    shard_batch,
-)
-from lightning_ulysses.parallel.step_context import LOSS_NORMALIZATIONS, StepContext, max_over_world, set_step_context
+from lightning_ulysses.parallel import step_context
+from lightning_ulysses.parallel.sharding import check_group_agrees, check_token_ids, prepare_for_sharding, shard_batch
+from lightning_ulysses.parallel.step_context import check_loss_normalization, set_step_context
 from lightning_ulysses.parallel.ulysses import apply_ulysses, remove_ulysses
 
-_TOKEN_MASK = "_lightning_ulysses_token_mask"  # rides along through sharding only, never reaches the step
-_COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FLAT_OPTIONS = flat_options()  # the memory tricks' flat options and defaults (memory/plan.py), spelled in __init__
 
 
 class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
@@ -93,36 +92,47 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         pad_token_id: token id used for that padding (its label is always -100).
         seq_parallel_communication_data_type: dtype of the attention all-to-alls (``"fp32"``,
             ``"bf16"``); ``None`` sends activations in their own dtype.
+        The memory tricks' flat options (ArcticTraining's names; the README's trick table). A switch is ``True``
+        (on), ``False`` (off) or ``None`` (unset: off, or on under SP where said). A tuning option given without its
+        switch turns the trick on; with the switch ``False`` it is an error (:func:`~lightning_ulysses.memory.plan.tricks_from_flags`).
+
         gradient_checkpointing: recompute decoder layers in backward; ``None``: on when sp > 1.
         checkpoint_policy: ``"full"`` recomputes whole layers; ``"save_attention"`` (selective
             checkpointing) keeps each layer's attention output + log-sum-exp so attention is not
             recomputed -- faster at long sequences, one attention output per layer more memory
-            (pair it with ``activation_checkpoint_cpu_offload``). Implies gradient checkpointing.
+            (pair it with ``activation_checkpoint_cpu_offload``).
         save_attention_layers: with ``checkpoint_policy="save_attention"``, only the first this many decoder
             layers keep their attention outputs (the rest recompute attention); lowers the policy's memory
             by one attention output per layer left out. ``None``: every layer.
-        tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits;
-            ``None``: on when sp > 1. ``tiled_loss_tile_tokens`` / ``tiled_loss_impl`` tune it.
-        tiled_mlp: compute each layer's MLP in token tiles (``tiled_mlp_tile_tokens``, default hidden size).
+        tiled_loss: lm_head + cross-entropy in token tiles, never materialising the logits; ``None``: on when sp > 1.
+        tiled_loss_tile_tokens: tokens per tile of the tiled loss (``None``: chosen from the vocabulary size).
+        tiled_loss_impl: its kernel: ``"auto"`` (Liger's fused linear cross-entropy on CUDA when installed, else
+            torch), ``"torch"``, ``"liger"``.
+        tiled_mlp: compute each layer's MLP in token tiles.
+        tiled_mlp_tile_tokens: tokens per MLP tile (``None``: the hidden size).
         memory_efficient_rmsnorm: RMSNorms save their input instead of an fp32 copy for backward.
         memory_efficient_swiglu: SiLU-gated MLPs save ``gate`` and ``up`` only (``silu(gate)`` is
             recomputed in backward): one ``[tokens, intermediate]`` tensor less per layer.
         memory_efficient_impl: kernels of those two: ``"auto"`` (Liger's Triton kernels on CUDA when
             liger-kernel is installed, else torch), ``"torch"``, ``"liger"``.
-        tiled_attention_backward: run the attention backward on query x key tiles of
-            ``tiled_attention_tile_tokens`` (default 16384) with the forward's output and log-sum-exp,
-            instead of the kernel's whole-sequence backward whose workspace (fp32 dQ + head-expanded
-            dK/dV) is the largest transient at long sequences. ``sdpa`` models; ring attention's
-            backward is blockwise already (the option does not change it).
+        tiled_attention_backward: run the attention backward on query x key tiles with the forward's output and
+            log-sum-exp, instead of the kernel's whole-sequence backward whose workspace (fp32 dQ + head-expanded
+            dK/dV) is the largest transient at long sequences. ``sdpa`` models; ring attention's backward is
+            blockwise already (the option does not change it).
+        tiled_attention_tile_tokens: query/key tile of that backward (``None``: 16384).
         activation_checkpoint_cpu_offload: keep checkpointed layer inputs in CPU memory until backward.
         activation_checkpoint_cpu_offload_keep_layers: with offload, the first this many layer inputs stay on
             the GPU: each moves ``2 * hidden`` bytes per local token from pinned host memory (shared by the
             node's ranks, often the limit at millions of tokens) to GPU memory.
-        memory: memory tricks as objects (:mod:`lightning_ulysses.memory`; YAML: ``class_path`` entries), with all
+        memory: ``"auto"``: the strategy picks the fastest memory plan whose predicted GPU and host peaks fit
+            (:mod:`lightning_ulysses.memory.auto`; ``lightning-ulysses plan`` prints the candidates), before the model
+            is built, and fails then with the ways out when none fits; flat options the user sets still win. Or
+            memory tricks as objects (:mod:`lightning_ulysses.memory`; YAML: ``class_path`` entries), with all
             their options. The flat flags above (ArcticTraining's names) build the same objects; a kind given here
             replaces the flag-built one (a kind given both ways with a non-default flag is an error). The tricks
             are applied in one fixed order in :meth:`setup`, together with any passed to ``Trainer(callbacks=...)``
             (a callback of a kind replaces the strategy's).
+        max_seq_len: tokens per sequence ``memory="auto"`` plans for (default: the data module's ``seq_len``).
         expandable_segments: set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless already set.
         loss_normalization: how micro-batch losses combine into the optimizer step's gradient (see
             :mod:`lightning_ulysses.parallel.step_context`): ``"batch_mean"`` (default; Lightning DDP's: each micro-batch's
@@ -163,16 +173,17 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         tiled_loss: Optional[bool] = None,
         tiled_loss_tile_tokens: Optional[int] = None,
         tiled_loss_impl: str = "auto",
-        tiled_mlp: bool = False,
+        tiled_mlp: Optional[bool] = None,
         tiled_mlp_tile_tokens: Optional[int] = None,
-        memory_efficient_rmsnorm: bool = False,
-        memory_efficient_swiglu: bool = False,
+        memory_efficient_rmsnorm: Optional[bool] = None,
+        memory_efficient_swiglu: Optional[bool] = None,
         memory_efficient_impl: str = "auto",
-        tiled_attention_backward: bool = False,
+        tiled_attention_backward: Optional[bool] = None,
         tiled_attention_tile_tokens: Optional[int] = None,
-        activation_checkpoint_cpu_offload: bool = False,
+        activation_checkpoint_cpu_offload: Optional[bool] = None,
         activation_checkpoint_cpu_offload_keep_layers: int = 0,
-        memory: Optional[list[MemoryTrick]] = None,
+        memory: Union[list[MemoryTrick], str, None] = None,
+        max_seq_len: Optional[int] = None,
         expandable_segments: bool = True,
         zero3_prefetch: bool = False,
         loss_normalization: str = "batch_mean",
@@ -183,23 +194,14 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         config: Optional[Union[str, dict[str, Any]]] = None,
         **kwargs: Any,
     ) -> None:
-        if loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(
-                f"loss_normalization must be one of {list(LOSS_NORMALIZATIONS)}, got {loss_normalization!r}."
-            )
-        if timeout is not None and not isinstance(timeout, timedelta):
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-                raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}.")
-            timeout = timedelta(seconds=float(timeout))
+        # the memory tricks: one plan of MemoryTrick objects; the flat options are an alias that builds the same objects
+        flags = {name: value for name, value in locals().items() if name in _FLAT_OPTIONS}
+        check_loss_normalization(loss_normalization)
         if expandable_segments:
             set_expandable_segments()
         super().__init__(
-            stage=stage,
-            offload_optimizer=offload_optimizer,
-            offload_parameters=offload_parameters,
-            config=config,
-            timeout=timeout,
-            **kwargs,
+            stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters, config=config,
+            timeout=collective_timeout(timeout), **kwargs,
         )
         self.loss_normalization = loss_normalization
         self.empty_batches = 0  # training micro-batches with no token to predict (loss 0, no gradient)
@@ -208,7 +210,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.zero3_prefetch = zero3_prefetch
         if not zero3_prefetch:
             release_zero3_params_after_use(self.config)
-        sequence_parallel_size = _checked_sp_options(
+        sequence_parallel_size = check_sp_options(
             sequence_parallel_size, context_parallel_size, context_parallel_mode, ring_attention_backend,
             pad_to_multiple_of, seq_parallel_communication_data_type,
         )
@@ -221,25 +223,15 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
         self.seq_parallel_communication_data_type = seq_parallel_communication_data_type
-        # the memory tricks: one plan of MemoryTrick objects; the flat flags are an alias that builds the same objects
-        self.memory_plan = tricks_from_flags(
-            memory,
-            gradient_checkpointing=gradient_checkpointing,
-            checkpoint_policy=checkpoint_policy,
-            save_attention_layers=save_attention_layers,
-            tiled_loss=tiled_loss,
-            tiled_loss_tile_tokens=tiled_loss_tile_tokens,
-            tiled_loss_impl=tiled_loss_impl,
-            tiled_mlp=tiled_mlp,
-            tiled_mlp_tile_tokens=tiled_mlp_tile_tokens,
-            memory_efficient_rmsnorm=memory_efficient_rmsnorm,
-            memory_efficient_swiglu=memory_efficient_swiglu,
-            memory_efficient_impl=memory_efficient_impl,
-            tiled_attention_backward=tiled_attention_backward,
-            tiled_attention_tile_tokens=tiled_attention_tile_tokens,
-            activation_checkpoint_cpu_offload=activation_checkpoint_cpu_offload,
-            activation_checkpoint_cpu_offload_keep_layers=activation_checkpoint_cpu_offload_keep_layers,
-        )
+        if isinstance(memory, str) and memory != "auto":
+            raise ValueError(f"memory must be a list of MemoryTrick objects or 'auto', got {memory!r}.")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an int >= 2 (tokens per sequence) or None, got {max_seq_len!r}.")
+        self.memory_auto = memory == "auto"
+        self.max_seq_len = max_seq_len
+        self.memory_estimate: Optional[Estimate] = None  # memory="auto": the chosen plan's prediction
+        self.memory_user_flags = {k: v for k, v in flags.items() if v != _FLAT_OPTIONS[k]}  # what memory="auto" keeps
+        self.memory_plan = tricks_from_flags(None if self.memory_auto else memory, **flags)
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
         self._applied_tricks: list[MemoryTrick] = []  # what setup() applied (with the Trainer's trick callbacks)
         self._vocab_size: Optional[int] = None  # rows of the model's input embedding: every batch's ids are checked
@@ -257,42 +249,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         return self.groups.sp_group if self.groups is not None else None
 
     def _resolve_layout(self) -> ParallelLayout:
-        hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
-        if hf_model is None:
-            if self.sequence_parallel_size not in (1, "auto") or (
-                self.sequence_parallel_size == "auto" and self.world_size > 1
-            ):
-                raise ValueError(
-                    "UlyssesDeepSpeedStrategy could not find a transformers PreTrainedModel inside the LightningModule; "
-                    "create it in __init__ or configure_model (e.g. self.model = AutoModelForCausalLM.from_config(...)), "
-                    "or use sequence_parallel_size=1."
-                )
-            return ParallelLayout.resolve(1, self.world_size)
-        try:
-            check_shardable(hf_model, 2)
-        except ValueError:
-            asked = self.sequence_parallel_size not in ("auto", 1) or (self.ulysses_size or 1) * (self.ring_size or 1) > 1
-            if asked:
-                raise
-            if self.sequence_parallel_size == "auto" and self.world_size > 1:
-                rank_zero_info(
-                    f"lightning_ulysses: {type(hf_model).__name__} mixes tokens with more than attention and cannot be "
-                    "sequence-sharded; sequence_parallel_size='auto' -> 1 (data parallel only)."
-                )
-            return ParallelLayout.resolve(1, self.world_size)
-        heads, kv_heads, impl = attention_spec(hf_model)
-        layout = ParallelLayout.resolve(
-            self.sequence_parallel_size,
-            self.world_size,
-            heads,
-            kv_heads,
-            impl,
-            mode=self.context_parallel_mode,
-            ulysses_size=self.ulysses_size,
-            ring_size=self.ring_size,
+        return ParallelLayout.for_model(
+            find_hf_model(self.lightning_module) if self.lightning_module is not None else None,
+            self.sequence_parallel_size, self.world_size, mode=self.context_parallel_mode,
+            ulysses_size=self.ulysses_size, ring_size=self.ring_size,
             gpus_per_node=self.num_processes if self.num_processes > 0 else None,
         )
-        return layout
 
     # ------------------------------------------------------------------------- lightning hooks
     @property
@@ -315,6 +277,19 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             ddp_setup_environment(self)
         else:
             super().setup_environment()
+        if self.memory_auto:  # before the model is built: a plan that cannot fit fails in seconds, not after loading
+            self._choose_memory_plan()
+
+    @errors_reported_once  # every rank makes the same choice: one report of "nothing fits"
+    def _choose_memory_plan(self) -> None:
+        chosen, estimates, source = plan_for_trainer(self, self.lightning_module.trainer)
+        self.memory_plan = tricks_from_flags(**chosen.flags)
+        self.memory_estimate = chosen
+        runner_up = next((e for e in estimates if e.fits and e is not chosen), None)
+        rank_zero_info(
+            f"lightning_ulysses memory=auto: {chosen.describe()} (predicted peaks; sequence length from {source})"
+            + (f"; runner-up {runner_up.describe()}" if runner_up else "")
+        )
 
     @override
     @errors_reported_once  # every rank resolves the same layout and refuses the same tricks: one report
@@ -329,7 +304,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
         if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) in SUPPORTED_ATTN_IMPLEMENTATIONS):
-            comm = _COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
+            comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
             apply_ulysses(
                 hf_model,
                 self.groups,
@@ -432,49 +407,32 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         """
         groups = self.groups
         sp, sp_rank, ring = (groups.sp, groups.sp_rank, groups.ring) if groups is not None else (1, 0, 1)
-        error: Optional[Exception] = None
-        full: Any = None
+        full, error = None, None
         try:
             full = prepare_for_sharding(batch, sp, self.pad_to_multiple_of, self.pad_token_id, ring, self.ring_zigzag)
             check_token_ids(full["input_ids"], self._vocab_size)
         except (TypeError, ValueError, KeyError) as exc:
             error = exc
-        if sp > 1:
-            self._check_sp_group_agrees(full, error)
+        if sp > 1:  # a rank that failed, or a batch that differs, must stop the whole group before any all-to-all
+            check_group_agrees(full, error, groups, self.root_device if self.root_device.type == "cuda" else torch.device("cpu"))
         if error is not None:
             raise error
-        num_valid = int((full["shift_labels"] != IGNORE_INDEX).sum())
-        full[_TOKEN_MASK] = real_token_mask(batch, full["input_ids"].shape[1])
-        local = shard_batch(full, sp_rank, sp, ring=ring, zigzag=self.ring_zigzag) if sp > 1 else full
-        token_mask = local.pop(_TOKEN_MASK)
-        local = super().batch_to_device(local, device, dataloader_idx)
-        token_mask = token_mask.to(local["input_ids"].device, non_blocking=True)
-        extra = self._sequence_positions(full, local)
-        extra["input_length"] = _input_length(batch)
-        extra["real_lengths"] = full[_TOKEN_MASK].sum(1) if _TOKEN_MASK in full else None
-        if sp > 1:
-            extra["token_index"] = shard_token_index(full["input_ids"].shape[1], sp, ring, self.ring_zigzag)
-        if self.zero_stage_3 and any(isinstance(t, TiledMLP) for t in self._applied_tricks):
-            extra["world_max_local_tokens"] = max_over_world(local["input_ids"].numel(), local["input_ids"].device)
-        set_step_context(self._step_context(local["shift_labels"], num_valid, token_mask, extra))
+        local = super().batch_to_device(shard_batch(full, sp_rank, sp, ring=ring, zigzag=self.ring_zigzag), device,
+                                        dataloader_idx)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        training = bool(trainer is not None and trainer.training)
+        global_tokens = training and self.loss_normalization == "global_tokens"
+        ctx = step_context.build(
+            batch=batch, full=full, local=local, groups=groups, zigzag=self.ring_zigzag, training=training,
+            loss_normalization=self.loss_normalization,
+            window_tokens=self._window_tokens.popleft() if global_tokens and self._window_tokens else None,
+            accumulate_grad_batches=trainer.accumulate_grad_batches if trainer is not None else 1,
+            world_max_tokens=self.zero_stage_3 and any(isinstance(t, TiledMLP) for t in self._applied_tricks),
+        )
+        if training and ctx.num_valid_tokens == 0:
+            self._note_empty_batch()
+        set_step_context(ctx)
         return local
-
-    def _sequence_positions(self, full: dict, local: dict) -> dict[str, Any]:
-        """The full batch's position ids and packed segments (host-side bounds included), once per batch, for every
-        attention layer of its forward and recompute (Ulysses, ring with packed rows, and packed rows at sp=1)."""
-        groups = self.groups
-        if groups is None:
-            return {}
-        device = local["position_ids"].device
-        positions = full["position_ids"]  # [b, S]
-        segments = packed_segments(positions)
-        return {
-            "local_positions": local["position_ids"],
-            "global_positions": local["position_ids"] if groups.sp == 1 else positions.to(device),
-            "segments": segments.to(device) if segments is not None else None,
-            # per-segment kernels under Ulysses alone; the ring finds its samples' runs itself
-            "segment_bounds": segment_bounds(segments) if segments is not None and groups.ring == 1 else None,
-        }
 
     @override
     def _auto_select_batch_size(self) -> int:
@@ -489,81 +447,14 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # reduced or held per the boundary `backward` gives the engine, so nothing needs blocking here.
         yield
 
-    def _check_sp_group_agrees(self, full: Optional[dict], error: Optional[Exception]) -> None:
-        """All ranks of an SP group must hold the same batch; otherwise the first all-to-all would hang.
-
-        One all-gather of 5 integers per batch over the SP group: (error flag, batch size, length, key
-        names, token checksum).
-        """
-        import torch.distributed as dist
-
-        assert self.groups is not None and self.groups.sp_group is not None
-        if full is None or error is not None:
-            sig = [1, 0, 0, 0, 0]
-        else:
-            ids = full["input_ids"]
-            keys = zlib.crc32(",".join(sorted(map(str, full))).encode())
-            sig = [0, int(ids.shape[0]), int(ids.shape[1]), keys, int(ids.to(torch.int64).sum()) % (2**61)]
-        device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
-        mine = torch.tensor(sig, dtype=torch.int64, device=device)
-        everyone = [torch.empty_like(mine) for _ in range(self.groups.sp)]
-        dist.all_gather(everyone, mine, group=self.groups.sp_group)
-        rows = [t.tolist() for t in everyone]
-        group_ranks = self.groups.layout.sp_group_ranks()[self.groups.dp_rank]
-        failed = [group_ranks[i] for i, r in enumerate(rows) if r[0]]
-        if failed:
-            if error is None:  # a peer failed on a batch this rank could prepare: stop quietly, it reports
-                raise_once(RuntimeError("a batch error on another rank of this SP group"), failed[0], [self.global_rank])
-            raise_once(error, failed[0], failed)
-        if any(r[1:] != rows[0][1:] for r in rows):
-            what = ["batch size", "sequence length", "batch keys", "token ids"]
-            differs = sorted({what[j] for r in rows for j in range(4) if r[1 + j] != rows[0][1 + j]})
-            raise_once(
-                ValueError(
-                    f"The ranks {group_ranks} of one sequence-parallel group received different batches ({', '.join(differs)} "
-                    "differ). Every rank of an SP group must get the same samples: let Lightning add the "
-                    "DistributedSampler (use_distributed_sampler=True, the default), or build yours with "
-                    "trainer.strategy.distributed_sampler_kwargs (num_replicas=dp, rank=dp_rank), and make the data "
-                    "pipeline deterministic across ranks (same seed, no per-rank randomness)."
-                ),
-                group_ranks[0],
-                group_ranks,
+    def _note_empty_batch(self) -> None:
+        self.empty_batches += 1
+        if self.empty_batches == 1:
+            rank_zero_warn(
+                "lightning_ulysses: a training batch has no token to predict (every label is -100, or sequences of "
+                "one token). It contributes loss 0 and no gradient; `trainer.strategy.empty_batches` counts such "
+                "batches. Check the data (label masking, sequence lengths) if this is unexpected."
             )
-
-    def _step_context(
-        self, shift_labels: Tensor, num_valid: int, token_mask: Optional[Tensor] = None, positions: Optional[dict] = None
-    ) -> StepContext:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        training = bool(trainer is not None and trainer.training)
-        sp_group = self.groups.sp_group if self.groups is not None else None
-        if training and num_valid == 0:
-            self.empty_batches += 1
-            if self.empty_batches == 1:
-                rank_zero_warn(
-                    "lightning_ulysses: a training batch has no token to predict (every label is -100, or sequences of "
-                    "one token). It contributes loss 0 and no gradient; `trainer.strategy.empty_batches` counts such "
-                    "batches. Check the data (label masking, sequence lengths) if this is unexpected."
-                )
-        if not (training and self.loss_normalization == "global_tokens"):
-            return StepContext(shift_labels, sp_group, num_valid, float(max(num_valid, 1)), None, training, token_mask,
-                               **(positions or {}))
-        if not self._window_tokens:
-            raise RuntimeError(
-                "loss_normalization='global_tokens' needs the training dataloader that the Trainer prepared (the "
-                "strategy reads it one accumulation window ahead); the batch arrived from elsewhere."
-            )
-        window = torch.tensor(float(self._window_tokens.popleft()), dtype=torch.float64, device=self.root_device)
-        dp_group = self.groups.dp_group if self.groups is not None else None
-        if dp_group is not None and self.groups.dp > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(window, group=dp_group)
-        total = max(float(window), 1.0)
-        dp = self.groups.dp if self.groups is not None else 1
-        acc = trainer.accumulate_grad_batches
-        # Lightning divides the loss by `acc`, the DP reduction averages over `dp`: undo both in the normaliser.
-        return StepContext(shift_labels, sp_group, num_valid, total / (dp * acc), num_valid * dp / total, True, token_mask,
-                           **(positions or {}))
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -682,21 +573,12 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            "ulysses", cls, description="Ulysses sequence parallelism on DeepSpeed ZeRO-3 (sp auto)", stage=3
-        )
-        for stage in (1, 2, 3):
-            strategy_registry.register(
-                f"ulysses_stage_{stage}", cls, description=f"Ulysses sequence parallelism, ZeRO stage {stage}", stage=stage
-            )
-        strategy_registry.register(
-            "ulysses_stage_3_offload",
-            cls,
-            description="Ulysses sequence parallelism, ZeRO-3 with optimizer and parameters offloaded to CPU",
-            stage=3,
-            offload_optimizer=True,
-            offload_parameters=True,
-        )
+        """The names of :data:`lightning_ulysses.STRATEGY_NAMES` with this class (importing the package registers
+        them already, with a factory that imports this module when a Trainer asks)."""
+        from lightning_ulysses import STRATEGY_NAMES
+
+        for name, (description, init_params) in STRATEGY_NAMES.items():
+            strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
 
 def _embedding_rows(hf_model: Optional[torch.nn.Module], trainer: Any) -> Optional[int]:
@@ -712,49 +594,6 @@ def _embedding_rows(hf_model: Optional[torch.nn.Module], trainer: Any) -> Option
             "with a vocab_size that covers the tokenizer (YAML: model.model.vocab_size)."
         )
     return rows
-
-
-def _input_length(batch: Any) -> Optional[int]:
-    ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-    return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() == 2 else None
-
-
-def _checked_sp_options(
-    sequence_parallel_size: SPSize,
-    context_parallel_size: Optional[int],
-    context_parallel_mode: str,
-    ring_attention_backend: str,
-    pad_to_multiple_of: Optional[int],
-    seq_parallel_communication_data_type: Optional[str],
-) -> SPSize:
-    """The strategy's sequence-parallel options, checked with messages that name the fix; returns the SP degree."""
-    if context_parallel_size is not None:
-        if sequence_parallel_size not in ("auto", context_parallel_size):
-            raise ValueError(
-                f"sequence_parallel_size={sequence_parallel_size!r} and context_parallel_size={context_parallel_size!r} "
-                "name the same thing (ranks per sequence); give only one."
-            )
-        sequence_parallel_size = context_parallel_size
-    if context_parallel_mode not in CONTEXT_PARALLEL_MODES:
-        raise ValueError(
-            f"context_parallel_mode must be one of {list(CONTEXT_PARALLEL_MODES)}, got {context_parallel_mode!r}."
-        )
-    if ring_attention_backend not in RING_BACKENDS:
-        raise ValueError(f"ring_attention_backend must be one of {list(RING_BACKENDS)}, got {ring_attention_backend!r}.")
-    if sequence_parallel_size != "auto" and (
-        not isinstance(sequence_parallel_size, int) or isinstance(sequence_parallel_size, bool) or sequence_parallel_size < 1
-    ):
-        raise ValueError(
-            f"sequence_parallel_size must be a positive int or 'auto', got {sequence_parallel_size!r}."
-        )
-    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of}.")
-    if seq_parallel_communication_data_type is not None and seq_parallel_communication_data_type not in _COMM_DTYPES:
-        raise ValueError(
-            f"seq_parallel_communication_data_type must be one of {list(_COMM_DTYPES)} or None, "
-            f"got {seq_parallel_communication_data_type!r}."
-        )
-    return sequence_parallel_size
 
 
 def _flag_view(kind: type[MemoryTrick]) -> property:

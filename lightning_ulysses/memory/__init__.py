@@ -5,7 +5,7 @@ Also here: the CUDA allocator default (:mod:`.allocator`) and the ZeRO-3 setting
 (:mod:`.zero_config`).
 """
 
-from lightning_ulysses.memory.checkpointing import GradientCheckpointing
+from lightning_ulysses.memory.activation_checkpoint import GradientCheckpointing
 from lightning_ulysses.memory.offload import ActivationOffload
 from lightning_ulysses.memory.plan import TRICKS, MemoryPlan, tricks_from_flags
 from lightning_ulysses.memory.rmsnorm import MemoryEfficientRMSNorm

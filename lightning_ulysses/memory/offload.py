@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_ulysses.compat.transformers import checkpointed_layers
-from lightning_ulysses.memory.checkpointing import (
+from lightning_ulysses.memory.activation_checkpoint import (
     disable_gradient_checkpointing, enable_gradient_checkpointing, is_checkpointing,
 )
 from lightning_ulysses.memory.module_swap import settings
@@ -381,6 +381,8 @@ class ActivationOffload(MemoryTrick):
 
     order = 70  # last: it hooks the checkpointed stack as the other tricks left it
     flag = "activation_checkpoint_cpu_offload"
+    flag_options = {"activation_checkpoint_cpu_offload_keep_layers": "keep_layers"}
+    needs_flag = "gradient_checkpointing"
 
     def __init__(self, min_bytes: int = 0, keep_layers: int = 0) -> None:
         check_keep_layers(keep_layers)

@@ -1,19 +1,20 @@
 """Which memory tricks run: the registry, the strategy's flat flags as an alias, and a Trainer's whole plan.
 
-Registering a trick is one line in :data:`TRICKS` (its class lives in its own module); the strategy's flat flags,
-the README's table (``tests/test_memory_plan.py`` checks it), the throughput counter and the memory benchmark
-all read this list.
+Registering a trick is one line in :data:`TRICKS` (its class lives in its own module and declares its flat options,
+see :class:`~lightning_ulysses.memory.trick.MemoryTrick`); the strategy's flat options, the package root's exports,
+the README's table (``tests/test_memory_plan.py`` checks it), the throughput counter and the memory benchmark all
+read this list.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_ulysses.kernels.impl import check_impl
-from lightning_ulysses.memory.checkpointing import GradientCheckpointing
-from lightning_ulysses.memory.offload import ActivationOffload, check_keep_layers
+from lightning_ulysses.memory.activation_checkpoint import GradientCheckpointing
+from lightning_ulysses.memory.offload import ActivationOffload
 from lightning_ulysses.memory.rmsnorm import MemoryEfficientRMSNorm
 from lightning_ulysses.memory.swiglu import MemoryEfficientSwiGLU
 from lightning_ulysses.memory.tiled_attention import TiledAttentionBackward
@@ -41,93 +42,89 @@ class MemoryPlan:
         return ordered(self.tricks + (self.sp_defaults if sp_enabled else []))
 
 
-def tricks_from_flags(  # long: one parameter per flat flag of the strategy, mapped in one place
-    memory: Optional[Sequence[MemoryTrick]] = None,
-    gradient_checkpointing: Optional[bool] = None,
-    checkpoint_policy: str = "full",
-    save_attention_layers: Optional[int] = None,
-    tiled_loss: Optional[bool] = None,
-    tiled_loss_tile_tokens: Optional[int] = None,
-    tiled_loss_impl: str = "auto",
-    tiled_mlp: bool = False,
-    tiled_mlp_tile_tokens: Optional[int] = None,
-    memory_efficient_rmsnorm: bool = False,
-    memory_efficient_swiglu: bool = False,
-    memory_efficient_impl: str = "auto",
-    tiled_attention_backward: bool = False,
-    tiled_attention_tile_tokens: Optional[int] = None,
-    activation_checkpoint_cpu_offload: bool = False,
-    activation_checkpoint_cpu_offload_keep_layers: int = 0,
-) -> MemoryPlan:
-    """The strategy's memory options -> one :class:`MemoryPlan`.
+def flat_options() -> dict[str, Any]:
+    """Every flat option of the registered tricks -> its default: ``None`` (unset) for a switch, the constructor's
+    default for a tuning option. The strategy's signature spells the same names and defaults (a test checks)."""
+    out: dict[str, Any] = {}
+    for kind in TRICKS:
+        if kind.flag is None:
+            continue
+        out[kind.flag] = None
+        params = inspect.signature(kind.__init__).parameters
+        for name, arg in kind.flag_options.items():
+            out[name] = params[arg].default
+    return out
 
-    ``memory``: trick objects (the full options of each). The flat flags (ArcticTraining's names) build the same
-    objects; a trick given in ``memory`` replaces the flag-built one of its kind, and giving a kind both ways with
-    a non-default flag is an error (which settings win would be a guess).
+
+def tricks_from_flags(memory: Optional[Sequence[MemoryTrick]] = None, **flags: Any) -> MemoryPlan:
+    """The strategy's memory options -> one :class:`MemoryPlan`, one rule for every trick of :data:`TRICKS`.
+
+    * A switch (``tiled_mlp``, ...) ``True`` turns its trick on at every layout, ``False`` keeps it off (SP defaults
+      included), ``None`` (unset) leaves it to the rules below.
+    * A tuning option given (not at its default: ``tiled_mlp_tile_tokens=8192``) without its switch turns the trick
+      on, as if the switch were ``True``; with the switch ``False`` it is an error that names both. An option that
+      tunes several tricks (``memory_efficient_impl``) applies to those switched on, and turns on the unset ones
+      only when none of them is on.
+    * Tricks with ``on_under_sp`` (checkpointing, the tiled loss) are on under sequence parallelism while unset.
+    * ``memory``: trick objects with all their options. One given there replaces the flag-built one of its kind;
+      a kind given both ways with a non-default flag is an error (which settings win would be a guess).
     """
-    if checkpoint_policy != "full" and gradient_checkpointing is False:
-        raise ValueError(
-            f"checkpoint_policy={checkpoint_policy!r} selects what gradient checkpointing recomputes, but "
-            "gradient_checkpointing=False; drop one of the two."
-        )
-    offload_given = activation_checkpoint_cpu_offload or any(isinstance(t, ActivationOffload) for t in memory or [])
-    if offload_given and gradient_checkpointing is False:
-        raise ValueError(
-            "activation_checkpoint_cpu_offload moves the layer inputs that gradient checkpointing keeps to CPU memory, "
-            "so it needs checkpointing, but gradient_checkpointing=False; drop one of the two."
-        )
-    if activation_checkpoint_cpu_offload_keep_layers and not activation_checkpoint_cpu_offload:
-        raise ValueError("activation_checkpoint_cpu_offload_keep_layers only applies with offload: set "
-                         "activation_checkpoint_cpu_offload=True (or leave keep_layers at 0).")
-    # every flat option is checked whether or not its trick is on, with the flag's own name in the message
-    check_impl(memory_efficient_impl, "memory_efficient")
-    check_keep_layers(activation_checkpoint_cpu_offload_keep_layers, "activation_checkpoint_cpu_offload_keep_layers")
-    for name, value in (("tiled_attention_tile_tokens", tiled_attention_tile_tokens),
-                        ("tiled_mlp_tile_tokens", tiled_mlp_tile_tokens), ("tiled_loss_tile_tokens", tiled_loss_tile_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
-    ckpt = GradientCheckpointing(checkpoint_policy, save_attention_layers)
-    loss = TiledLoss(tiled_loss_tile_tokens, tiled_loss_impl)
+    defaults = flat_options()
+    unknown = sorted(set(flags) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown memory option(s) {unknown}; the flat options are {sorted(defaults)}.")
+    values = {**defaults, **flags}
+    switches = {kind.flag: values[kind.flag] for kind in TRICKS if kind.flag}
+    for name, value in switches.items():
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None (unset), got {value!r}.")
+    given = {name for name in defaults if name not in switches and values[name] != defaults[name]}
+    explicit = ordered(memory or [])  # type check, one per kind
+    explicit_kinds = {type(t) for t in explicit}
     always: list[MemoryTrick] = []
     sp_defaults: list[MemoryTrick] = []
-    if gradient_checkpointing or (gradient_checkpointing is None and checkpoint_policy != "full"):
-        always.append(ckpt)
-    elif gradient_checkpointing is None:
-        sp_defaults.append(ckpt)
-    if tiled_loss:
-        always.append(loss)
-    elif tiled_loss is None:
-        sp_defaults.append(loss)
-    switched = [
-        (tiled_mlp, TiledMLP, lambda: TiledMLP(tiled_mlp_tile_tokens)),
-        (memory_efficient_rmsnorm, MemoryEfficientRMSNorm, lambda: MemoryEfficientRMSNorm(memory_efficient_impl)),
-        (memory_efficient_swiglu, MemoryEfficientSwiGLU, lambda: MemoryEfficientSwiGLU(memory_efficient_impl)),
-        (tiled_attention_backward, TiledAttentionBackward, lambda: TiledAttentionBackward(tiled_attention_tile_tokens)),
-        (activation_checkpoint_cpu_offload, ActivationOffload,
-         lambda: ActivationOffload(keep_layers=activation_checkpoint_cpu_offload_keep_layers)),
-    ]
-    always += [make() for on, _, make in switched if on]
-    explicit = list(memory or [])
-    ordered(explicit)  # type check, one per kind
-    flagged = {
-        GradientCheckpointing: gradient_checkpointing is not None or checkpoint_policy != "full" or save_attention_layers is not None,
-        TiledLoss: tiled_loss is not None or tiled_loss_tile_tokens is not None or tiled_loss_impl != "auto",
-        **{cls: bool(on) for on, cls, _ in switched},
-    }
-    for trick in explicit:
-        if flagged.get(type(trick)):
+    for kind in TRICKS:
+        if kind.flag is None:
+            continue
+        switch, tuned = switches[kind.flag], sorted(set(kind.flag_options) & given)
+        tuners = {o: [k.flag for k in TRICKS if k.flag and o in k.flag_options] for o in tuned}
+        for option, names in tuners.items():
+            if all(switches[n] is False for n in names):
+                raise ValueError(
+                    f"{option}={values[option]!r} tunes {' and '.join(names)}, but "
+                    f"{', '.join(f'{n}=False' for n in names)}; drop one of the two."
+                )
+        turned_on = switch is None and any(all(switches[n] is not True for n in names) for names in tuners.values())
+        if kind in explicit_kinds:
+            if switch is not None or tuned:
+                raise ValueError(
+                    f"{kind.__name__} is given in memory=[...] and by the strategy's flat options "
+                    f"({', '.join([kind.flag] if switch is not None else tuned)}); use one of the two."
+                )
+            continue
+        if switch is True or turned_on:
+            always.append(_build(kind, values))
+        elif switch is None and kind.on_under_sp:
+            sp_defaults.append(_build(kind, values))
+    plan = MemoryPlan(tricks=always + explicit, sp_defaults=sp_defaults)
+    for trick in plan.tricks + plan.sp_defaults:
+        if trick.needs_flag and switches.get(trick.needs_flag) is False:
+            what = trick.needs_flag.replace("_", " ").removeprefix("gradient ")  # gradient_checkpointing -> checkpointing
             raise ValueError(
-                f"{type(trick).__name__} is given in memory=[...] and by the strategy's flat flags; use one of the two."
+                f"{type(trick).__name__} ({trick.flag}) builds on {trick.needs_flag}: it needs {what}, but "
+                f"{trick.needs_flag}=False; drop one of the two."
             )
-    kinds = {type(t) for t in explicit}
-    if gradient_checkpointing is False:
-        kinds.add(GradientCheckpointing)
-    if tiled_loss is False:
-        kinds.add(TiledLoss)
-    return MemoryPlan(
-        tricks=[t for t in always if type(t) not in kinds] + explicit,
-        sp_defaults=[t for t in sp_defaults if type(t) not in kinds],
-    )
+    return plan
 
 
-__all__ = ["MemoryPlan", "TRICKS", "tricks_from_flags"]
+def _build(kind: type[MemoryTrick], values: dict[str, Any]) -> MemoryTrick:
+    """The trick from its flat options; a refused value is reported with the flat names."""
+    kwargs = {arg: values[name] for name, arg in kind.flag_options.items()}
+    try:
+        return kind(**kwargs)
+    except (TypeError, ValueError) as exc:
+        named = ", ".join(f"{name}={values[name]!r}" for name in kind.flag_options)
+        raise ValueError(f"{kind.flag} ({named}): {exc}") from exc
+
+
+__all__ = ["MemoryPlan", "TRICKS", "flat_options", "tricks_from_flags"]

@@ -124,6 +124,7 @@ class MemoryEfficientRMSNorm(MemoryTrick):
 
     order = 40
     flag = "memory_efficient_rmsnorm"
+    flag_options = {"memory_efficient_impl": "impl"}
 
     def __init__(self, impl: str = "auto") -> None:
         check_impl(impl, "memory-efficient RMSNorm")

@@ -125,6 +125,7 @@ class MemoryEfficientSwiGLU(MemoryTrick):
 
     order = 50
     flag = "memory_efficient_swiglu"
+    flag_options = {"memory_efficient_impl": "impl"}
 
     def __init__(self, impl: str = "auto") -> None:
         check_impl(impl, "memory-efficient SwiGLU")

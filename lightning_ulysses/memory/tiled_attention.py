@@ -87,9 +87,12 @@ class TiledAttentionBackward(MemoryTrick):
 
     order = 60
     flag = "tiled_attention_backward"
+    flag_options = {"tiled_attention_tile_tokens": "tile_tokens"}
 
     def __init__(self, tile_tokens: Optional[int] = None, backend: str = "auto") -> None:
-        TiledAttentionCore(tile_tokens or 1, backend)  # validates both at construction
+        if tile_tokens is not None and (isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1):
+            raise ValueError(f"tiled attention tile_tokens must be a positive int or None, got {tile_tokens!r}.")
+        TiledAttentionCore(tile_tokens or 1, backend)  # validates the backend at construction
         self.tile_tokens = tile_tokens
         self.backend = backend
 

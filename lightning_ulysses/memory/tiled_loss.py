@@ -243,6 +243,8 @@ class TiledLoss(MemoryTrick):
 
     order = 20
     flag = "tiled_loss"
+    flag_options = {"tiled_loss_tile_tokens": "tile_tokens", "tiled_loss_impl": "impl"}
+    on_under_sp = True
 
     def __init__(self, tile_tokens: Optional[int] = None, impl: str = "auto") -> None:
         check_impl(impl, "tiled loss")

@@ -182,6 +182,7 @@ class TiledMLP(MemoryTrick):
 
     order = 30
     flag = "tiled_mlp"
+    flag_options = {"tiled_mlp_tile_tokens": "tile_tokens"}
 
     def __init__(self, tile_tokens: Optional[int] = None) -> None:
         if tile_tokens is not None and tile_tokens < 1:

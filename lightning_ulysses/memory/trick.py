@@ -33,10 +33,20 @@ from typing_extensions import override
 
 
 class MemoryTrick(Callback):
-    """Base class of the memory tricks (see the module docstring). Subclasses set ``order`` and ``flag``."""
+    """Base class of the memory tricks (see the module docstring). Subclasses set ``order`` and, for the strategy's
+    flat options (:func:`lightning_ulysses.memory.plan.tricks_from_flags`), ``flag``, ``flag_options`` and
+    ``on_under_sp``."""
 
     order: ClassVar[int] = 100
-    flag: ClassVar[Optional[str]] = None  # the strategy's flat option that turns it on, if any
+    # the strategy's flat option that switches it (True / False / None = unset), if it has one
+    flag: ClassVar[Optional[str]] = None
+    # the strategy's flat options that tune it: flat name -> constructor argument (the flat default is the
+    # constructor's); one flat option may tune several tricks (``memory_efficient_impl``)
+    flag_options: ClassVar[dict[str, str]] = {}
+    # on by default when sequence parallelism is on and its flag is unset
+    on_under_sp: ClassVar[bool] = False
+    # another trick's flag that must not be False while this trick runs (it builds on that trick)
+    needs_flag: ClassVar[Optional[str]] = None
 
     def apply(self, model: torch.nn.Module) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -138,12 +148,31 @@ def remove_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> None
 
 
 def trainer_tricks(trainer: Any) -> list[MemoryTrick]:
-    """Every trick a Trainer runs, in plan order: its strategy's (``UlyssesDeepSpeedStrategy``) and those passed
-    as callbacks; a callback replaces the strategy's trick of its kind (the project's explicit choice)."""
+    """Every trick a Trainer runs, in plan order: its strategy's (``UlyssesDeepSpeedStrategy``), those passed as
+    callbacks, and what its LightningModule asks for (``CausalLMModule(gradient_checkpointing=...)``).
+
+    A callback replaces the strategy's trick of its kind (the project's explicit choice). The module's
+    ``requested_memory_tricks()`` (kind -> trick, or ``None`` for "off") adds a kind the plan lacks and removes
+    one it turns off; a trick left in the plan that builds on a removed one is an error.
+    """
     callbacks = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, MemoryTrick)]
     kinds = {type(cb) for cb in callbacks}
     strategy = [t for t in getattr(trainer.strategy, "memory_tricks", None) or [] if type(t) not in kinds]
-    return ordered(strategy + callbacks)
+    plan = {type(t): t for t in ordered(strategy + callbacks)}
+    module = getattr(trainer, "lightning_module", None)
+    request = module.requested_memory_tricks() if hasattr(module, "requested_memory_tricks") else {}
+    for kind, trick in request.items():
+        if trick is None:
+            plan.pop(kind, None)
+            needing = [t for t in plan.values() if t.needs_flag and t.needs_flag == kind.flag]
+            if needing:
+                raise ValueError(
+                    f"The LightningModule turns {kind.__name__} off, but {type(needing[0]).__name__} builds on it; "
+                    f"drop one of the two (e.g. CausalLMModule(gradient_checkpointing=None))."
+                )
+        else:
+            plan.setdefault(kind, trick)  # a trick the strategy or a callback set up with its options wins
+    return ordered(plan.values())
 
 
 __all__ = ["MemoryTrick", "apply_tricks", "ordered", "remove_tricks", "trainer_tricks"]

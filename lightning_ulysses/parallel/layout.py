@@ -23,12 +23,20 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, NoReturn, Optional, Union
 
+import torch
 import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_info
+
+from lightning_ulysses.models.inspect import attention_spec, check_shardable
+from lightning_ulysses.parallel.ring import RING_BACKENDS
 
 SPSize = Union[int, Literal["auto"]]
 CONTEXT_PARALLEL_MODES = ("auto", "hybrid", "ulysses_only", "ring_only")
+# dtype of the attention all-to-alls (``seq_parallel_communication_data_type``)
+COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Attention implementations the Ulysses wrapper knows how to run on the gathered sequence: it drops the shard-local
 # mask HF builds and re-derives causality (and packed samples, sliding windows) from the global position_ids —
@@ -154,6 +162,53 @@ def _manual_decomposition(
     return u, sp // u
 
 
+def check_sp_options(
+    sequence_parallel_size: SPSize,
+    context_parallel_size: Optional[int],
+    context_parallel_mode: str,
+    ring_attention_backend: str,
+    pad_to_multiple_of: Optional[int],
+    seq_parallel_communication_data_type: Optional[str],
+) -> SPSize:
+    """The strategy's sequence-parallel options, checked with messages that name the fix; returns the SP degree."""
+    if context_parallel_size is not None:
+        if sequence_parallel_size not in ("auto", context_parallel_size):
+            raise ValueError(
+                f"sequence_parallel_size={sequence_parallel_size!r} and context_parallel_size={context_parallel_size!r} "
+                "name the same thing (ranks per sequence); give only one."
+            )
+        sequence_parallel_size = context_parallel_size
+    if context_parallel_mode not in CONTEXT_PARALLEL_MODES:
+        raise ValueError(
+            f"context_parallel_mode must be one of {list(CONTEXT_PARALLEL_MODES)}, got {context_parallel_mode!r}."
+        )
+    if ring_attention_backend not in RING_BACKENDS:
+        raise ValueError(f"ring_attention_backend must be one of {list(RING_BACKENDS)}, got {ring_attention_backend!r}.")
+    if sequence_parallel_size != "auto" and (
+        not isinstance(sequence_parallel_size, int) or isinstance(sequence_parallel_size, bool) or sequence_parallel_size < 1
+    ):
+        raise ValueError(
+            f"sequence_parallel_size must be a positive int or 'auto', got {sequence_parallel_size!r}."
+        )
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of}.")
+    if seq_parallel_communication_data_type is not None and seq_parallel_communication_data_type not in COMM_DTYPES:
+        raise ValueError(
+            f"seq_parallel_communication_data_type must be one of {list(COMM_DTYPES)} or None, "
+            f"got {seq_parallel_communication_data_type!r}."
+        )
+    return sequence_parallel_size
+
+
+def collective_timeout(timeout: Union[float, timedelta, None]) -> Optional[timedelta]:
+    """How long a rank waits in a collective (seconds or a ``timedelta``; ``None``: the backend's default)."""
+    if timeout is None or isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}.")
+    return timedelta(seconds=float(timeout))
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Validated degrees of the world: ``world_size = sp * dp`` and ``sp = ulysses * ring``.
@@ -237,6 +292,47 @@ class ParallelLayout:
         layout = cls(world_size=world_size, sp=sp, ring=ring)
         validate_attn_implementation(attn_implementation, sp)
         return layout
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Optional[torch.nn.Module],
+        sequence_parallel_size: SPSize,
+        world_size: int,
+        *,
+        mode: str = "auto",
+        ulysses_size: Optional[int] = None,
+        ring_size: Optional[int] = None,
+        gpus_per_node: Optional[int] = None,
+    ) -> "ParallelLayout":
+        """The layout for the HF ``model`` (``None``: the LightningModule holds none): :meth:`resolve` with its head
+        counts and attention implementation. A model that mixes tokens outside attention (an SSM layer) gets sp=1
+        under ``"auto"`` and an error when sequence parallelism was asked for."""
+        asked = sequence_parallel_size not in ("auto", 1) or (ulysses_size or 1) * (ring_size or 1) > 1
+        if model is None:
+            if asked or (sequence_parallel_size == "auto" and world_size > 1):
+                raise ValueError(
+                    "UlyssesDeepSpeedStrategy could not find a transformers PreTrainedModel inside the LightningModule; "
+                    "create it in __init__ or configure_model (e.g. self.model = AutoModelForCausalLM.from_config(...)), "
+                    "or use sequence_parallel_size=1."
+                )
+            return cls.resolve(1, world_size)
+        try:
+            check_shardable(model, 2)
+        except ValueError:
+            if asked:
+                raise
+            if sequence_parallel_size == "auto" and world_size > 1:
+                rank_zero_info(
+                    f"lightning_ulysses: {type(model).__name__} mixes tokens with more than attention and cannot be "
+                    "sequence-sharded; sequence_parallel_size='auto' -> 1 (data parallel only)."
+                )
+            return cls.resolve(1, world_size)
+        heads, kv_heads, impl = attention_spec(model)
+        return cls.resolve(
+            sequence_parallel_size, world_size, heads, kv_heads, impl, mode=mode, ulysses_size=ulysses_size,
+            ring_size=ring_size, gpus_per_node=gpus_per_node,
+        )
 
     @property
     def dp(self) -> int:
@@ -498,7 +594,10 @@ def exit_distributed(code: int = 0) -> NoReturn:
 
 
 __all__ = [
+    "COMM_DTYPES",
     "CONTEXT_PARALLEL_MODES",
+    "check_sp_options",
+    "collective_timeout",
     "rank_in_group",
     "SPSize",
     "SUPPORTED_ATTN_IMPLEMENTATIONS",

@@ -19,11 +19,15 @@ otherwise build an O(c^2) shard-local mask that attention under SP discards anyw
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from lightning_ulysses.errors import raise_once
 
 IGNORE_INDEX = -100
 
@@ -229,24 +233,69 @@ def shard_batch(
     Tensors whose dim 1 is not the sequence length (per-sample ids, images...) are kept whole.
     """
     s = seq_len if seq_len is not None else batch["input_ids"].shape[1]
+    b = batch["input_ids"].shape[0]
+    return {
+        k: shard_sequence(v, sp_rank, sp, ring, zigzag) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, s)
+        else v
+        for k, v in batch.items()
+    }
+
+
+def shard_sequence(t: Tensor, sp_rank: int, sp: int, ring: int = 1, zigzag: bool = True) -> Tensor:
+    """This rank's tokens of one ``[b, S, ...]`` tensor: ``[b, S, ...] -> [b, S/sp, ...]`` (:func:`shard_token_index`)."""
+    s = t.shape[1]
     if s % shard_multiple(sp, ring, zigzag) != 0:
         raise ValueError(
             f"Sequence length {s} is not divisible by {shard_multiple(sp, ring, zigzag)} (sp={sp}, ring={ring}); "
             "call prepare_batch first."
         )
-    c = s // sp
-    b = batch["input_ids"].shape[0]
-    index = shard_token_index(s, sp, ring, zigzag)[sp_rank] if uses_zigzag(ring, zigzag) else None
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, s):
-            if index is None:
-                out[k] = v[:, sp_rank * c : (sp_rank + 1) * c].contiguous()
-            else:
-                out[k] = v.index_select(1, index.to(v.device))
-        else:
-            out[k] = v
-    return out
+    if sp == 1:
+        return t
+    if not uses_zigzag(ring, zigzag):
+        c = s // sp
+        return t[:, sp_rank * c : (sp_rank + 1) * c].contiguous()
+    return t.index_select(1, shard_token_index(s, sp, ring, zigzag)[sp_rank].to(t.device))
+
+
+def check_group_agrees(full: Optional[Mapping[str, Any]], error: Optional[Exception], groups: Any,
+                       device: torch.device) -> None:
+    """All ranks of an SP group must hold the same batch; otherwise the first all-to-all would hang.
+
+    Collective over the SP group of ``groups`` (:class:`~lightning_ulysses.parallel.layout.ProcessGroups`), one
+    all-gather of 5 integers per batch: (error flag, batch size, length, key names, token checksum). ``full``: this
+    rank's prepared batch, ``None`` with ``error`` when preparing it failed. A rank whose batch failed raises its
+    error (reported once); the others stop quietly; batches that differ raise an error that names the fix.
+    """
+    if full is None or error is not None:
+        sig = [1, 0, 0, 0, 0]
+    else:
+        ids = full["input_ids"]
+        keys = zlib.crc32(",".join(sorted(map(str, full))).encode())
+        sig = [0, int(ids.shape[0]), int(ids.shape[1]), keys, int(ids.to(torch.int64).sum()) % (2**61)]
+    mine = torch.tensor(sig, dtype=torch.int64, device=device)  # [5]
+    everyone = [torch.empty_like(mine) for _ in range(groups.sp)]  # sp x [5]
+    dist.all_gather(everyone, mine, group=groups.sp_group)
+    rows = [t.tolist() for t in everyone]
+    group_ranks = groups.layout.sp_group_ranks()[groups.dp_rank]
+    failed = [group_ranks[i] for i, r in enumerate(rows) if r[0]]
+    if failed:
+        if error is None:  # a peer failed on a batch this rank could prepare: stop quietly, it reports
+            raise_once(RuntimeError("a batch error on another rank of this SP group"), failed[0], [groups.rank])
+        raise_once(error, failed[0], failed)
+    if any(r[1:] != rows[0][1:] for r in rows):
+        what = ["batch size", "sequence length", "batch keys", "token ids"]
+        differs = sorted({what[j] for r in rows for j in range(4) if r[1 + j] != rows[0][1 + j]})
+        raise_once(
+            ValueError(
+                f"The ranks {group_ranks} of one sequence-parallel group received different batches ({', '.join(differs)} "
+                "differ). Every rank of an SP group must get the same samples: let Lightning add the "
+                "DistributedSampler (use_distributed_sampler=True, the default), or build yours with "
+                "trainer.strategy.distributed_sampler_kwargs (num_replicas=dp, rank=dp_rank), and make the data "
+                "pipeline deterministic across ranks (same seed, no per-rank randomness)."
+            ),
+            group_ranks[0],
+            group_ranks,
+        )
 
 
 def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
@@ -318,6 +367,7 @@ def check_token_ids(input_ids: Tensor, vocab_size: Optional[int]) -> None:
 
 
 __all__ = [
+    "check_group_agrees",
     "check_token_ids",
     "IGNORE_INDEX",
     "packed_segments",
@@ -327,6 +377,7 @@ __all__ = [
     "ring_token_index",
     "shard_batch",
     "shard_for_sequence_parallel",
+    "shard_sequence",
     "shard_multiple",
     "sharding_multiple",
     "shard_token_index",

@@ -25,14 +25,28 @@ Normalisation (``loss_normalization``), for ``A`` micro-batches per optimizer st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_ulysses.kernels.tiled import segment_bounds
+from lightning_ulysses.parallel.sharding import (
+    IGNORE_INDEX, packed_segments, real_token_mask, shard_sequence, shard_token_index,
+)
+
+if TYPE_CHECKING:
+    from lightning_ulysses.parallel.layout import ProcessGroups
+
 LOSS_NORMALIZATIONS = ("batch_mean", "global_tokens")
+
+
+def check_loss_normalization(value: str) -> None:
+    if value not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss_normalization must be one of {list(LOSS_NORMALIZATIONS)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,107 @@ def current_step_context() -> Optional[StepContext]:
     return _current
 
 
+def build(
+    *,
+    batch: Any,
+    full: Mapping[str, Any],
+    local: Mapping[str, Any],
+    groups: Optional[ProcessGroups],
+    zigzag: bool = True,
+    training: bool = True,
+    loss_normalization: str = "batch_mean",
+    window_tokens: Optional[int] = None,
+    accumulate_grad_batches: int = 1,
+    world_max_tokens: bool = False,
+) -> StepContext:
+    """The :class:`StepContext` of one micro-batch, built once where it is sharded.
+
+    Args:
+        batch: the batch as the data loader gave it (its own length and right padding).
+        full: the prepared full batch (:func:`~lightning_ulysses.parallel.sharding.prepare_for_sharding`), ``[b, S]``.
+        local: this rank's shard of ``full`` (``[b, S/sp]``), already on its device.
+        groups: the process groups (``None``: one process, no layout resolved).
+        zigzag: the ring's zigzag layout (sharding's).
+        training: a training batch (``loss_normalization`` applies; evaluation batches are token means).
+        window_tokens: with ``loss_normalization="global_tokens"``, this DP rank's valid tokens in the optimizer
+            step's accumulation window (:class:`~lightning_ulysses.parallel.accumulation.WindowTokenCounter`);
+            summed over the DP group here (one all-reduce).
+        accumulate_grad_batches: micro-batches per optimizer step.
+        world_max_tokens: also find the most tokens any rank holds (one all-reduce over the world), for layers that
+            must run the same number of tiles on every rank (the tiled MLP on ZeRO-3 parameters).
+    """
+    sp, sp_rank, ring = (groups.sp, groups.sp_rank, groups.ring) if groups is not None else (1, 0, 1)
+    ids = local["input_ids"]  # [b, S/sp]
+    seq_len = full["input_ids"].shape[1]
+    num_valid = int((full["shift_labels"] != IGNORE_INDEX).sum())
+    real = real_token_mask(batch, seq_len)  # [b, S] on the host: the user's right padding and ours are False
+    grad_normalizer, step_loss_weight = loss_normalizer(
+        num_valid, groups, training=training, loss_normalization=loss_normalization, window_tokens=window_tokens,
+        accumulate_grad_batches=accumulate_grad_batches, device=ids.device,
+    )
+    return StepContext(
+        shift_labels=local["shift_labels"],
+        sp_group=groups.sp_group if groups is not None else None,
+        num_valid_tokens=num_valid,
+        grad_normalizer=grad_normalizer,
+        step_loss_weight=step_loss_weight,
+        training=training,
+        token_mask=shard_sequence(real, sp_rank, sp, ring, zigzag).to(ids.device, non_blocking=True),
+        input_length=_input_length(batch),
+        real_lengths=real.sum(1),
+        token_index=shard_token_index(seq_len, sp, ring, zigzag) if sp > 1 else None,
+        world_max_local_tokens=max_over_world(ids.numel(), ids.device) if world_max_tokens else None,
+        **(_positions(full, local, groups) if groups is not None else {}),
+    )
+
+
+def loss_normalizer(
+    num_valid: int,
+    groups: Optional[ProcessGroups],
+    *,
+    training: bool,
+    loss_normalization: str,
+    window_tokens: Optional[int],
+    accumulate_grad_batches: int,
+    device: torch.device,
+) -> tuple[float, Optional[float]]:
+    """``(grad_normalizer, step_loss_weight)`` of a micro-batch with ``num_valid`` labels (see :class:`StepContext`)."""
+    if not (training and loss_normalization == "global_tokens"):
+        return float(max(num_valid, 1)), None
+    if window_tokens is None:
+        raise RuntimeError(
+            "loss_normalization='global_tokens' needs the training dataloader that the Trainer prepared (the "
+            "strategy reads it one accumulation window ahead); the batch arrived from elsewhere."
+        )
+    window = torch.tensor(float(window_tokens), dtype=torch.float64, device=device)  # [] this DP rank's window
+    dp = groups.dp if groups is not None else 1
+    if dp > 1:
+        dist.all_reduce(window, group=groups.dp_group)  # [] the step's valid tokens on all DP ranks
+    total = max(float(window), 1.0)
+    # Lightning divides the loss by `accumulate_grad_batches`, the DP reduction averages over `dp`: undo both here
+    return total / (dp * accumulate_grad_batches), num_valid * dp / total
+
+
+def _positions(full: Mapping[str, Any], local: Mapping[str, Any], groups: ProcessGroups) -> dict[str, Any]:
+    """The full batch's position ids and packed segments (host-side bounds included), once per batch, for every
+    attention layer of its forward and recompute (Ulysses, ring with packed rows, and packed rows at sp=1)."""
+    device = local["position_ids"].device
+    positions = full["position_ids"]  # [b, S]
+    segments = packed_segments(positions)  # [b, S] or None
+    return {
+        "local_positions": local["position_ids"],
+        "global_positions": local["position_ids"] if groups.sp == 1 else positions.to(device),
+        "segments": segments.to(device) if segments is not None else None,
+        # per-segment kernels under Ulysses alone; the ring finds its samples' runs itself
+        "segment_bounds": segment_bounds(segments) if segments is not None and groups.ring == 1 else None,
+    }
+
+
+def _input_length(batch: Any) -> Optional[int]:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() == 2 else None
+
+
 def max_over_world(value: int, device: torch.device) -> int:
     """The largest ``value`` over all ranks (one all-reduce; ``value`` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -134,5 +249,5 @@ def max_over_world(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-__all__ = ["LOSS_NORMALIZATIONS", "StepContext", "current_step_context", "max_over_world", "set_step_context",
-           "step_context_for"]
+__all__ = ["LOSS_NORMALIZATIONS", "StepContext", "build", "check_loss_normalization", "current_step_context", "loss_normalizer", "max_over_world",
+           "set_step_context", "step_context_for"]

@@ -16,7 +16,7 @@ import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_ulysses.lightning.callbacks import ActivationOffload, TiledAttentionBackward, TiledLoss, TiledMLP  # noqa: E402
-from lightning_ulysses.memory.checkpointing import is_checkpointing  # noqa: E402
+from lightning_ulysses.memory.activation_checkpoint import is_checkpointing  # noqa: E402
 from lightning_ulysses.memory.tiled_attention import tiled_attention_of  # noqa: E402
 from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 from tests.test_callbacks import PlainLM, token_data  # noqa: E402

@@ -12,6 +12,7 @@
   "auto"``: trains at sp 1 x dp 2; ``mamba_packed``: packed rows are refused.
 * ``unbatched``: a loader with ``batch_size=None`` yielding 1-D tensors; ``vocab``: ids beyond the embedding;
   ``empty_file``: an SFT data module on an empty file -- each refused, reported by rank 0 alone.
+* ``memory_auto``: ``memory="auto"`` and the plan it chose set by hand train with the same losses.
 """
 
 from __future__ import annotations
@@ -195,6 +196,31 @@ def empty_file(out: Path) -> dict:
     _trainer(UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=2)).fit(
         CausalLMModule(dict(LLAMA, model_type="llama", vocab_size=512), optimizer=_sgd), data)
     return {}
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def memory_auto(out: Path) -> dict:
+    """``memory="auto"`` (with the user's ``tiled_mlp=True`` kept), then the plan it chose written by hand: the same
+    losses step for step."""
+    runs = {}
+    for how in ("auto", "by_hand"):
+        flags = {"memory": "auto", "tiled_mlp": True} if how == "auto" else runs["auto"]["flags"]
+        strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=2, **flags)
+        module = CausalLMModule(dict(model_type="llama", **LLAMA), attn_implementation="sdpa", optimizer=_sgd)
+        losses = _Losses()
+        trainer = _trainer(strategy, steps=3, callbacks=[losses])
+        trainer.fit(module, SyntheticLMDataModule(vocab_size=64, seq_len=32, num_train_samples=8, batch_size=1))
+        chosen = strategy.memory_estimate
+        runs[how] = {"losses": losses.losses, "tricks": [repr(t) for t in strategy.memory_tricks],
+                     "name": chosen.name if chosen else None, "flags": chosen.flags if chosen else None}
+    return runs
 
 
 def main() -> None:

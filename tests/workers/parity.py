@@ -26,7 +26,7 @@ import lightning_ulysses  # noqa: E402,F401
 from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.lightning.callbacks import SequenceThroughput  # noqa: E402
 from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
-from lightning_ulysses.memory.checkpointing import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
+from lightning_ulysses.memory.activation_checkpoint import checkpoint_policy_of, is_checkpointing, saved_attention_fraction  # noqa: E402
 from lightning_ulysses.memory.rmsnorm import memory_efficient_rmsnorm_enabled  # noqa: E402
 from lightning_ulysses.memory.swiglu import memory_efficient_swiglu_enabled  # noqa: E402
 from lightning_ulysses.memory.offload import activation_offloader  # noqa: E402

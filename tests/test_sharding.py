@@ -132,3 +132,32 @@ def test_ring_shards_packed_rows_and_rejects_a_bad_pad_multiple() -> None:
     assert shard["position_ids"].tolist() == [[0, 1, 2, 3]]  # zigzag: chunks 0 and 3 of 4
     with pytest.raises(ValueError, match=r"2 x sequence_parallel_size = 4 \(zigzag ring\)"):
         shard_for_sequence_parallel({"input_ids": torch.ones(1, 8, dtype=torch.long)}, 0, 2, pad_to_multiple_of=6, ring=2)
+
+
+def test_step_context_is_built_from_the_full_batch_and_this_ranks_shard() -> None:
+    """step_context.build: counts, token mask and positions from the full batch, without a Trainer or a process group
+    (no private key travels in the batch: the mask is sharded on its own)."""
+    from types import SimpleNamespace
+
+    from lightning_ulysses.parallel import step_context
+    from lightning_ulysses.parallel.layout import ParallelLayout
+    from lightning_ulysses.parallel.sharding import prepare_for_sharding
+
+    ids = torch.arange(1, 13).reshape(2, 6)
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
+    full = prepare_for_sharding(batch, 2, pad_to_multiple_of=4)  # [2, 8]
+    groups = SimpleNamespace(layout=ParallelLayout(2, 2), sp=2, sp_rank=1, ring=1, dp=1, sp_group=None, dp_group=None)
+    local = shard_batch(full, 1, 2)
+    ctx = step_context.build(batch=batch, full=full, local=local, groups=groups)
+    assert set(local) == set(full) and not any(k.startswith("_") for k in local)
+    assert ctx.num_valid_tokens == 5 + 3 and ctx.grad_normalizer == 8.0 and ctx.step_loss_weight is None
+    assert ctx.token_mask.tolist() == [[True, True, False, False], [False, False, False, False]]
+    assert ctx.real_lengths.tolist() == [6, 4] and ctx.input_length == 6
+    assert ctx.token_index.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert torch.equal(ctx.global_positions, full["position_ids"]) and ctx.segments is None
+    assert ctx.applies_to(local["shift_labels"])
+    with pytest.raises(RuntimeError, match="needs the training dataloader"):
+        step_context.build(batch=batch, full=full, local=local, groups=groups, loss_normalization="global_tokens")
+    ctx = step_context.build(batch=batch, full=full, local=local, groups=groups, loss_normalization="global_tokens",
+                             window_tokens=16, accumulate_grad_batches=2)
+    assert ctx.grad_normalizer == 8.0 and ctx.step_loss_weight == 0.5  # 16 tokens in the window, 2 micro-batches

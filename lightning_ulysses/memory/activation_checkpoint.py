@@ -196,6 +196,8 @@ class GradientCheckpointing(MemoryTrick):
 
     order = 10  # first: the offload and the FLOP count read the policy it sets
     flag = "gradient_checkpointing"
+    flag_options = {"checkpoint_policy": "policy", "save_attention_layers": "save_attention_layers"}
+    on_under_sp = True
 
     def __init__(self, policy: str = "full", save_attention_layers: Optional[int] = None) -> None:
         checkpoint_kwargs(policy)  # validates the name at construction

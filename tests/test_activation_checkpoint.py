@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_ulysses.lightning.callbacks import GradientCheckpointing
-from lightning_ulysses.memory.checkpointing import attention_kernel_ops, checkpoint_policy_of, enable_gradient_checkpointing, saved_attention_fraction
+from lightning_ulysses.memory.activation_checkpoint import attention_kernel_ops, checkpoint_policy_of, enable_gradient_checkpointing, saved_attention_fraction
 from lightning_ulysses.models.flops import ModelDims, recompute_flops
 
 
@@ -57,6 +57,24 @@ def test_save_attention_recomputes_only_the_dense_part() -> None:
     assert recompute_flops(dims, 10, 100) == 2 * 1000 * 10 + 2 * 2 * 8 * 100
 
 
+def test_the_modules_switch_goes_through_the_plan() -> None:
+    """CausalLMModule(gradient_checkpointing=False) takes checkpointing out of the plan; with offload in it (which
+    builds on checkpointing) that is an error naming both."""
+    from lightning_ulysses import CausalLMModule
+    from lightning_ulysses.lightning.callbacks import ActivationOffload
+    from lightning_ulysses.memory import trainer_tricks
+
+    module = CausalLMModule(model=_model(), gradient_checkpointing=False)
+    _attach(module, [GradientCheckpointing()])
+    assert trainer_tricks(module.trainer) == []
+    _attach(module, [ActivationOffload()])
+    with pytest.raises(ValueError, match="turns GradientCheckpointing off, but ActivationOffload builds on it"):
+        trainer_tricks(module.trainer)
+    module = CausalLMModule(model=_model(), gradient_checkpointing=True)
+    _attach(module, [])
+    assert trainer_tricks(module.trainer) == [GradientCheckpointing()]
+
+
 def test_unknown_policy_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"one of \['full', 'save_attention'\]"):
         GradientCheckpointing("save_everything")
@@ -68,10 +86,18 @@ def test_module_and_offload_keep_a_chosen_policy() -> None:
     from lightning_ulysses.lightning.callbacks import ActivationOffload
 
     module = CausalLMModule(model=_model(), gradient_checkpointing=True)
-    GradientCheckpointing("save_attention").apply(module.model)
-    ActivationOffload().apply(module.model)
-    module.on_fit_start()
+    _attach(module, [GradientCheckpointing("save_attention"), ActivationOffload()])
+    module.on_fit_start()  # the module's request joins the plan; the callbacks' checkpointing (with its policy) wins
     assert checkpoint_policy_of(module.model) == "save_attention"
+    module.teardown("fit")  # what the plan applied comes off again
+    assert checkpoint_policy_of(module.model) is None
+
+
+def _attach(module, callbacks) -> None:
+    """A Trainer as far as the memory plan reads one: its trick callbacks, a strategy without tricks, the module."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(callbacks=callbacks, strategy=SimpleNamespace(), lightning_module=module)
 
 
 @pytest.mark.parametrize("keep", [0, 1, 2, 3])
@@ -98,8 +124,7 @@ def test_the_layer_count_survives_offload_and_the_module() -> None:
     from lightning_ulysses.lightning.callbacks import ActivationOffload
 
     module = CausalLMModule(model=_model(), gradient_checkpointing=True)
-    GradientCheckpointing("save_attention", save_attention_layers=1).apply(module.model)
-    ActivationOffload().apply(module.model)
+    _attach(module, [GradientCheckpointing("save_attention", save_attention_layers=1), ActivationOffload()])
     module.on_fit_start()
     assert saved_attention_fraction(module.model) == 1 / 3
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,88 @@
+"""``UlyssesDeepSpeedStrategy(memory="auto")``: the facts of a Trainer's run -> :mod:`lightning_ulysses.memory.auto`.
+
+Read before the model is built (the strategy calls :func:`plan_for_trainer` from ``setup_environment``): the model's
+config from what the LightningModule was given (``CausalLMModule``'s ``model``: name, directory, config or instance;
+any other module: its HF model, if it built one in ``__init__``), the sequence length from the strategy's
+``max_seq_len`` or the data module's ``seq_len``, rows from its ``batch_size``, the optimizer, LoRA and ZeRO settings,
+the GPU's memory (``torch.cuda.mem_get_info``) and the node's available RAM. On CPU the "device" is host memory
+shared by the node's ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning_ulysses.memory.auto import Estimate, Hardware, choose, host_available_gib, optimizer_name, workload_for_run
+
+
+def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estimate], str]:
+    """The chosen plan, every estimate, and a line that says where the sequence length came from."""
+    import torch
+
+    module = strategy.lightning_module
+    config = _model_config(module)
+    seq_len, source = _sequence_length(strategy, trainer)
+    zero = strategy.config.get("zero_optimization", {}) if isinstance(strategy.config, dict) else {}
+    ranks_per_node = max(strategy.num_processes, 1)
+    workload = workload_for_run(
+        config, seq_len, rows=_data_attribute(trainer, "batch_size") or 1,
+        sequence_parallel_size=strategy.sequence_parallel_size, world_size=strategy.world_size,
+        ranks_per_node=ranks_per_node, zero_stage=int(zero.get("stage", 0)),
+        optimizer=optimizer_name(getattr(module, "optimizer_factory", None)) or "adamw",
+        offload_optimizer=_offloaded(zero, "offload_optimizer"), offload_parameters=_offloaded(zero, "offload_param"),
+        peft=getattr(module, "peft", None), context_parallel_mode=strategy.context_parallel_mode,
+        ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size,
+    )
+    if strategy.root_device.type == "cuda":
+        hardware = Hardware(torch.cuda.mem_get_info(strategy.root_device)[1] / 2**30, host_available_gib())
+    else:
+        host = host_available_gib()
+        hardware = Hardware(host / ranks_per_node, host)
+    chosen, estimates = choose(workload, hardware, strategy.memory_user_flags)
+    return chosen, estimates, source
+
+
+def _model_config(module: Any) -> Any:
+    from lightning_ulysses.models.build import config_of
+    from lightning_ulysses.models.inspect import find_hf_model
+
+    spec = getattr(module, "model_spec", None)
+    if spec is None:
+        spec = find_hf_model(module)
+    if spec is None:
+        raise ValueError(
+            "memory='auto' needs the model's config before the model is built: use CausalLMModule (its `model` "
+            "names it), or build the HF model in your LightningModule's __init__; or set the memory options by hand."
+        )
+    return config_of(spec, bool(getattr(module, "trust_remote_code", False)))
+
+
+def _sequence_length(strategy: Any, trainer: Any) -> tuple[int, str]:
+    if strategy.max_seq_len is not None:
+        return strategy.max_seq_len, f"max_seq_len={strategy.max_seq_len}"
+    seq_len = _data_attribute(trainer, "seq_len")
+    if seq_len:
+        return int(seq_len), f"the data module's seq_len={seq_len}"
+    raise ValueError(
+        "memory='auto' needs the sequence length to plan for: set the strategy's max_seq_len (YAML: "
+        "trainer.strategy.init_args.max_seq_len) or use a data module with a seq_len (SFTDataModule, "
+        "PretrainDataModule, SyntheticLMDataModule)."
+    )
+
+
+def _data_attribute(trainer: Any, name: str) -> Optional[int]:
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None:
+        return None
+    value = getattr(dm, name, None)
+    if value is None and hasattr(dm, "hparams"):
+        value = dm.hparams.get(name)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _offloaded(zero: dict, key: str) -> bool:
+    section = zero.get(key) or {}
+    return isinstance(section, dict) and section.get("device") in ("cpu", "nvme")
+
+
+__all__ = ["plan_for_trainer"]

@@ -1,0 +1,176 @@
+"""``memory="auto"`` and ``lightning-ulysses plan`` (:mod:`lightning_ulysses.memory.auto`, :mod:`lightning_ulysses.tools.plan`):
+the plan chosen for fixed inputs, the user's flags kept, the early error with its ways out, the command's output and
+exit codes. The parity of ``memory="auto"`` with the plan it chose set by hand runs in ``tests/test_edges.py``'s job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_ulysses.memory.auto import (
+    COEFFICIENTS, Hardware, NothingFits, Workload, choose, estimate, longest_sequence, merge_user_flags,
+)
+from lightning_ulysses.memory.candidates import CANDIDATES
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_8B_4L = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+
+
+def _workload(seq_len: int, layers: int = 4, **layout) -> Workload:
+    from transformers import AutoConfig
+
+    spec = dict(LLAMA_8B_4L, num_hidden_layers=layers)
+    return Workload.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec), seq_len, **layout)
+
+
+@pytest.mark.parametrize(
+    "seq_len, gpu, host, chosen",
+    [
+        (65536, 141.0, 1000.0, "no_checkpointing"),  # a big GPU and short sequences: nothing recomputed
+        (131072, 80.0, 1000.0, "save_attention"),  # an 80 GiB GPU: attention kept, the rest recomputed
+        (262144, 80.0, 1000.0, "save_attention[1]+offload"),  # inputs leave the GPU, one layer keeps its attention
+        (524288, 80.0, 1000.0, "full+offload+tiled"),  # only the leanest stack fits
+        (524288, 80.0, 20.0, "full+offload+tiled, keep 1"),  # little host RAM: one layer input stays on the GPU
+        (524288, 48.0, 20.0, None),  # neither fits: nothing does
+    ],
+)
+def test_the_fastest_plan_that_fits_is_chosen(seq_len, gpu, host, chosen) -> None:
+    w = _workload(seq_len)
+    if chosen is None:
+        with pytest.raises(NothingFits):
+            choose(w, Hardware(gpu, host))
+        return
+    best, estimates = choose(w, Hardware(gpu, host))
+    assert best.name == chosen and best.fits
+    faster = [e for e in estimates if e.step_time < best.step_time]
+    assert all(not e.fits for e in faster), [e.name for e in faster if e.fits]
+    assert best.gpu_peak_gib <= 0.9 * gpu and best.host_peak_gib <= 0.9 * host
+
+
+def test_host_memory_caps_the_offload() -> None:
+    """Offloaded layer inputs live in host RAM shared by a node's ranks: when the plan chosen with plenty of it does
+    not fit the host, another plan is chosen that does (inputs kept on the GPU, some layers kept, or less saved)."""
+    w = _workload(262144, layers=8, ranks_per_node=8)
+    plenty, _ = choose(w, Hardware(80.0, 2000.0))
+    assert "offload" in plenty.name
+    host = plenty.host_peak_gib / 0.9 - 1.0
+    tight, _ = choose(w, Hardware(80.0, host))
+    assert tight.name != plenty.name and tight.host_peak_gib <= 0.9 * host
+
+
+def test_predictions_match_the_measured_cli_runs() -> None:
+    """The coefficients reproduce the one-H200 CLI runs they were fitted to (4 layers of 8B width, ZeRO-3, AdamW;
+    docs/benchmarks.md, 2026-12-01): within 3%."""
+    measured = [(131072, "full+offload+tiled", 39.84), (262144, "full+offload+tiled", 48.25),
+                (131072, "save_attention+offload", 53.83), (131072, "save_attention", 56.83)]
+    for seq, plan, gib in measured:
+        e = estimate(plan, CANDIDATES[plan], _workload(seq))
+        assert abs(e.gpu_peak_gib / gib - 1) < 0.03, (seq, plan, e.gpu_peak_gib, gib)
+    assert set(COEFFICIENTS) >= {"working_set_h", "untiled_attention_h", "untiled_mlp_i"}
+
+
+def test_the_users_flags_stay_in_every_plan() -> None:
+    user = {"tiled_mlp": True, "tiled_mlp_tile_tokens": 2048, "gradient_checkpointing": True}
+    merged = merge_user_flags(CANDIDATES["no_checkpointing"], user)
+    assert merged["tiled_mlp"] is True and merged["tiled_mlp_tile_tokens"] == 2048
+    assert merged["gradient_checkpointing"] is True  # the user's switch, not the plan's False
+    best, estimates = choose(_workload(65536), Hardware(141.0, 1000.0), user)
+    assert all(e.flags["tiled_mlp"] is True for e in estimates) and best.flags["gradient_checkpointing"] is True
+
+
+def test_nothing_fits_names_the_shortfall_and_the_ways_out() -> None:
+    with pytest.raises(NothingFits) as err:
+        choose(_workload(4_000_000), Hardware(80.0, 500.0))
+    text = str(err.value)
+    assert "No memory plan fits 4,000,000 tokens" in text and "the leanest" in text
+    assert "sequence_parallel_size=" in text and "GPU" in text
+    assert "sequences of at most" in text
+    assert err.value.estimates
+
+
+def test_longest_sequence_is_monotone_in_memory() -> None:
+    w = _workload(131072)
+    flags = CANDIDATES["full+offload+tiled"]
+    small, big = longest_sequence(flags, w, Hardware(80.0, 1000.0)), longest_sequence(flags, w, Hardware(141.0, 1000.0))
+    assert 0 < small < big
+    assert estimate("", flags, _workload(small), Hardware(80.0, 1000.0)).fits
+    assert not estimate("", flags, _workload(small + 4096), Hardware(80.0, 1000.0)).fits
+
+
+def test_strategy_memory_option_is_checked() -> None:
+    from lightning_ulysses import UlyssesDeepSpeedStrategy
+
+    assert UlyssesDeepSpeedStrategy(memory="auto", max_seq_len=4096).memory_auto
+    with pytest.raises(ValueError, match="list of MemoryTrick objects or 'auto'"):
+        UlyssesDeepSpeedStrategy(memory="fast")
+    with pytest.raises(ValueError, match="max_seq_len must be an int >= 2"):
+        UlyssesDeepSpeedStrategy(memory="auto", max_seq_len=0)
+
+
+def test_nothing_fits_fails_before_the_model_is_built(monkeypatch) -> None:
+    """The plan is chosen in setup_environment, before configure_model builds (or loads) the model."""
+    import lightning as L
+
+    import lightning_ulysses.lightning.auto_plan as auto_plan
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses.data import SyntheticLMDataModule
+
+    monkeypatch.setattr(auto_plan, "host_available_gib", lambda: 1e-4)  # on CPU the device memory is host memory
+    module = CausalLMModule(dict(LLAMA_8B_4L, num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, memory="auto"), accelerator="cpu",
+                        devices=1, max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NothingFits, match="No memory plan fits 128 tokens"):
+        trainer.fit(module, SyntheticLMDataModule(vocab_size=256, seq_len=128))
+    assert module.model is None  # never built
+
+
+def _override(tmp_path: Path) -> Path:
+    """The shipped config with a model given as a config dict (no hub download)."""
+    p = tmp_path / "model.yaml"
+    p.write_text("model:\n  model: {model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 4, "
+                 "num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256}\n")
+    return p
+
+
+def test_plan_command_marks_the_choice_and_exits_0_when_something_fits(tmp_path, capsys) -> None:
+    from lightning_ulysses.lightning.cli import main
+
+    config = str(ROOT / "configs" / "llama3_8b_long_context.yaml")
+    with pytest.raises(SystemExit) as code:
+        main(["plan", "--config", config, "--config", str(_override(tmp_path)), "--devices", "1",
+              "--gpu-memory-gib", "80", "--host-memory-gib", "120"])
+    out = capsys.readouterr().out
+    assert code.value.code == 0
+    assert "<- auto" in out and "memory: auto chooses save_attention" in out
+    assert "(this config's own options)" in out  # the shipped config sets its tricks by hand: shown as a row
+    for name in CANDIDATES:
+        assert name in out
+    assert "longest seq" in out
+
+
+def test_plan_command_exits_1_with_the_ways_out_when_nothing_fits(tmp_path, capsys) -> None:
+    from lightning_ulysses.lightning.cli import main
+
+    config = str(ROOT / "configs" / "llama3_8b_long_context.yaml")
+    with pytest.raises(SystemExit) as code:
+        main(["plan", "--config", config, "--config", str(_override(tmp_path)), "--devices", "1",
+              "--seq-len", "4000000", "--gpu-memory-gib", "80", "--host-memory-gib", "500"])
+    out = capsys.readouterr().out
+    assert code.value.code == 1
+    assert "No memory plan fits 4,000,000 tokens" in out and "Ways out that would fit" in out
+
+
+def test_plan_command_without_a_gpu_asks_for_its_memory(tmp_path, capsys) -> None:
+    import torch
+
+    from lightning_ulysses.lightning.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as code:
+        main(["plan", "--config", str(ROOT / "configs" / "llama3_8b_long_context.yaml"), "--config",
+              str(_override(tmp_path))])
+    assert code.value.code == 1 and "--gpu-memory-gib" in capsys.readouterr().err
