@@ -142,6 +142,11 @@ class _TokenizedDataModule(LightningDataModule):
                               desc="lightning_ulysses: tokenizing")
         return list(zip(encoded["input_ids"], encoded["labels"]))
 
+    def _rows_of(self, dataset: Any) -> tuple[list[dict], PackingStats]:
+        """Tokenized, packed rows of a split and their stats."""
+        return pack(self._encode(dataset), self.seq_len, self.tokenizer.pad_token_id, self.packing, self.too_long,
+                    self.pack_buffer)
+
     @errors_reported_once  # every rank reads the same files: one report
     def setup(self, stage: str) -> None:
         if self._rows:
@@ -158,8 +163,7 @@ class _TokenizedDataModule(LightningDataModule):
         for name, ds in (("train", train), ("val", val)):
             if ds is None:
                 continue
-            rows, stats = pack(self._encode(ds), self.seq_len, self.tokenizer.pad_token_id, self.packing, self.too_long,
-                               self.pack_buffer)
+            rows, stats = self._rows_of(ds)
             if not rows:
                 raise ValueError(f"The {name} split has no sample left (too_long={self.too_long!r} dropped all?).")
             self._rows[name], self.stats[name] = RowsDataset(rows), stats

@@ -58,7 +58,7 @@ from lightning_ulysses.memory.plan import flat_options
 from lightning_ulysses.lightning.auto_plan import plan_for_trainer
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
-from lightning_ulysses.models.inspect import find_hf_model
+from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
 from lightning_ulysses.parallel.accumulation import WindowTokenCounter
 from lightning_ulysses.parallel.layout import (
     COMM_DTYPES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize, check_sp_options,
@@ -303,17 +303,14 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # under SP: Ulysses/ring attention. At sp=1 the same handler keeps packed samples apart: sdpa per segment (no
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
-        if hf_model is not None and (layout.sp_enabled or attn_implementation(hf_model) in SUPPORTED_ATTN_IMPLEMENTATIONS):
-            comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
-            apply_ulysses(
-                hf_model,
-                self.groups,
-                comm_dtype=comm,
-                ring_zigzag=self.ring_zigzag,
-                ring_backend=self.ring_attention_backend,
-            )
-        elif hf_model is not None:
-            remove_ulysses(hf_model)
+        # the trained model and any frozen companion (reference, teacher) see the same sharded batch: same attention
+        for model in find_hf_models(self.lightning_module):
+            if layout.sp_enabled or attn_implementation(model) in SUPPORTED_ATTN_IMPLEMENTATIONS:
+                comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
+                apply_ulysses(model, self.groups, comm_dtype=comm, ring_zigzag=self.ring_zigzag,
+                              ring_backend=self.ring_attention_backend)
+            else:
+                remove_ulysses(model)
         if hf_model is not None:
             # one ordered plan: this strategy's tricks and any the project passed as callbacks, before DeepSpeed
             # wraps the model (the callbacks re-apply the same plan at each stage start; applying is idempotent)
@@ -552,7 +549,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         hf_model = find_hf_model(self.lightning_module) if self.lightning_module is not None else None
         if hf_model is not None:
             remove_tricks(hf_model, self._applied_tricks)
-            remove_ulysses(hf_model)
+        for model in find_hf_models(self.lightning_module) if self.lightning_module is not None else []:
+            remove_ulysses(model)
         self._applied_tricks = []
         set_step_context(None)  # the last batch's facts must not reach forwards run after fit
         # Lightning's Strategy.teardown copies the optimizer state and the module to host memory to free

@@ -9,14 +9,26 @@ import torch
 from lightning_ulysses.compat.transformers import attn_implementation
 
 
-def find_hf_model(module: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The outermost ``transformers.PreTrainedModel`` in ``module`` (itself included), or None."""
+def find_hf_models(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every outermost ``transformers.PreTrainedModel`` in ``module`` (itself included): the trained model and any
+    frozen companion (a DPO reference, a distillation teacher), in registration order."""
     from transformers import PreTrainedModel
 
+    found: list[torch.nn.Module] = []
+    inner: set[int] = set()
     for m in module.modules():
-        if isinstance(m, PreTrainedModel):
-            return m
-    return None
+        if isinstance(m, PreTrainedModel) and id(m) not in inner:
+            found.append(m)
+            inner.update(id(x) for x in m.modules())
+    return found
+
+
+def find_hf_model(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The trained ``transformers.PreTrainedModel`` in ``module``: the outermost one with a trainable parameter (a
+    frozen reference or teacher next to it is not it), else the first one, or None."""
+    models = find_hf_models(module)
+    trained = [m for m in models if any(p.requires_grad for p in m.parameters())]
+    return (trained or models or [None])[0]
 
 
 # Layer kinds whose token mixing is not softmax attention over (q, k, v): a recurrence or convolution over the
@@ -57,4 +69,4 @@ def attention_spec(model: torch.nn.Module) -> tuple[int, int, Optional[str]]:
     return heads, kv, attn_implementation(cfg)
 
 
-__all__ = ["attention_spec", "check_shardable", "find_hf_model"]
+__all__ = ["attention_spec", "check_shardable", "find_hf_model", "find_hf_models"]

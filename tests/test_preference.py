@@ -1,0 +1,173 @@
+"""Preference optimisation under SP (issue #29): sequence log-probs over the SP group, the reference model, TRL's loss
+definitions, the preference data module. One launched 2-rank job (``tests/workers/preference.py``) trains at sp=2;
+each case is replayed here through plain single-process transformers with plain SGD: loss every step and the final
+weights must match."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.harness import WORKERS, worker_env
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+LR = 0.5
+CASES = [
+    {"name": "dpo_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2},
+    {"name": "ipo_sp2_zero3_checkpointing", "loss": "ipo", "sp": 2, "stage": 3, "checkpointing": True, "beta": 0.5},
+    {"name": "simpo_sp2_zero1", "loss": "simpo", "sp": 2, "stage": 1, "beta": 2.0},
+    {"name": "dpo_lora_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2,
+     "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
+]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("preference")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKERS / "preference.py"), json.dumps(CASES), str(out)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in CASES}
+
+
+def _model():
+    from lightning_ulysses.models.build import build_causal_lm
+
+    torch.manual_seed(0)  # CausalLMModule's seed: the policy and its reference copy start from these weights
+    return build_causal_lm(dict(LLAMA), "sdpa", None, False)
+
+
+def _sample_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain reference: whole rows, full logits, log-softmax, per packed sample sums (samples in row order)."""
+    from lightning_ulysses.parallel.sharding import packed_segments, prepare_batch
+
+    full = prepare_batch({k: torch.tensor(v) for k, v in batch.items()}, 1)
+    # no KV cache: transformers then keeps packed samples apart (block-causal), as the strategy does
+    logits = model(input_ids=full["input_ids"], position_ids=full["position_ids"], use_cache=False).logits.float()
+    labels = full["shift_labels"]
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+    seg = packed_segments(full["position_ids"])
+    seg = torch.zeros_like(labels) if seg is None else seg
+    n = int(seg.max()) + 1
+    sums = torch.zeros(labels.shape[0], n).scatter_add(1, seg, logp).reshape(-1)
+    counts = torch.zeros(labels.shape[0], n).scatter_add(1, seg, (labels != -100).float()).reshape(-1)
+    return sums, counts
+
+
+def _trl_loss(kind: str, beta: float, pc, pr, rc, rr, nc, nr) -> torch.Tensor:
+    """TRL's formulas written out (DPOTrainer / CPOTrainer), independent of lightning_ulysses.alignment."""
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+    if kind == "ipo":
+        return (((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2).mean()
+    return -F.logsigmoid(beta * (pc / nc - pr / nr - 0.5 / beta)).mean()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_preference_training_at_sp2_matches_single_process(job, case) -> None:
+    result = job[case["name"]]
+    beta = case.get("beta", 0.1)
+    initial = {k: torch.tensor(v) for k, v in result["initial"].items()}
+    if case.get("peft"):  # LoRA: the reference is the policy with its adapters disabled
+        from lightning_ulysses.models.adapters import apply_peft
+
+        policy = apply_peft(_model(), case["peft"])
+        policy.load_state_dict(initial)
+        ref = None
+    else:
+        policy, ref = _model(), _model().requires_grad_(False)
+        policy.load_state_dict(initial)
+        ref.load_state_dict(initial)  # the reference is the policy as it started
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
+    for step, batch in enumerate(result["batches"]):
+        logps, tokens = _sample_logps(policy, batch)
+        with torch.no_grad():
+            if ref is None:
+                with policy.disable_adapter():
+                    ref_logps, _ = _sample_logps(policy, batch)
+            else:
+                ref_logps, _ = _sample_logps(ref, batch)
+        keep = (tokens[0::2] > 0) & (tokens[1::2] > 0)
+        loss = _trl_loss(case["loss"], beta, logps[0::2][keep], logps[1::2][keep], ref_logps[0::2][keep],
+                         ref_logps[1::2][keep], tokens[0::2][keep], tokens[1::2][keep])
+        assert result["losses"][step] == pytest.approx(float(loss), rel=1e-4, abs=1e-5), step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            continue
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    assert set(result["metrics"][0]) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                                         "logps/chosen", "logps/rejected"}
+    if case["loss"] != "simpo":
+        assert result["ref_is_submodule"] is not bool(case.get("peft"))  # LoRA: no second copy
+    if case["stage"] == 3:
+        assert result["ref_partitioned"]  # ZeRO-3 partitions the frozen reference like the policy
+
+
+def test_sequence_logprobs_match_log_softmax_and_are_tiled() -> None:
+    from lightning_ulysses import sequence_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 12))
+    labels[:, :3] = -100
+    seg = torch.tensor([[0] * 6 + [1] * 6, [0] * 12])
+    logps, counts = sequence_logprobs(hidden, labels, head, segment_ids=seg, num_segments=2, tile_tokens=5)
+    full = torch.log_softmax(head(hidden).float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    full = full * (labels != -100)
+    expected = torch.stack([torch.stack([full[0, :6].sum(), full[0, 6:].sum()]), torch.stack([full[1].sum(), torch.tensor(0.)])])
+    torch.testing.assert_close(logps, expected)
+    assert counts.tolist() == [[3.0, 6.0], [9.0, 0.0]]
+    (g,) = torch.autograd.grad(logps.sum(), hidden)
+    (g_ref,) = torch.autograd.grad(expected.sum(), hidden)
+    torch.testing.assert_close(g, g_ref)
+    _, entropy = token_logprobs(hidden, labels, head, entropy=True, tile_tokens=7)
+    p = torch.softmax(head(hidden).float(), -1)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
+
+
+def test_preference_options_and_data_are_checked(tmp_path) -> None:
+    from lightning_ulysses import PreferenceModule
+    from lightning_ulysses.data import PreferenceDataModule
+
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        PreferenceModule(LLAMA, loss_type="kto")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        PreferenceModule(LLAMA, beta=0)
+    with pytest.raises(ValueError, match="a pair is never cut"):
+        PreferenceDataModule("x.jsonl", "data/tokenizer", too_long="split")
+    dm = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=16,
+                              val_size=0)
+    with pytest.raises(ValueError, match="more than seq_len=16. Raise seq_len, or set too_long='drop'"):
+        dm.setup("fit")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "a", "rejected": "b"}\n' * 4)
+    with pytest.raises(ValueError, match="without a 'prompt' column"):
+        PreferenceDataModule(str(bad), str(ROOT / "data" / "tokenizer"), val_size=0).setup("fit")
+
+
+def test_conversational_pairs_with_an_implicit_prompt_keep_pairs_together() -> None:
+    from lightning_ulysses.data import PreferenceDataModule
+
+    dm = PreferenceDataModule(str(ROOT / "data" / "preferences_chat.jsonl"), str(ROOT / "data" / "tokenizer"),
+                              seq_len=128, val_size=0)
+    dm.setup("fit")
+    for row in dm._rows["train"].rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert len(starts) % 2 == 0  # whole pairs: chosen, rejected, chosen, ...
+        for a, b in zip(starts[0::2], starts[1::2]):  # the prompt (user turn) is the same and carries no label
+            labels = row["labels"][a:b]
+            assert labels[0] == -100 and any(t != -100 for t in labels)
+    assert dm.stats["train"].samples == 32 and dm.stats["train"].dropped == 0

@@ -1,0 +1,95 @@
+"""Preference training under SP, several cases in one launched job.
+
+``preference.py CASES_JSON OUT_DIR``: each case fits a :class:`PreferenceModule` on ``data/preferences.jsonl`` with
+plain SGD and writes, from rank 0, ``OUT_DIR/<name>.json``: the full batches it trained on (before sharding), the
+losses and metrics of every step, the initial weights and the final trainable weights. ``tests/test_preference.py`` replays the batches
+through plain single-process transformers and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_ulysses import PreferenceModule, UlyssesDeepSpeedStrategy  # noqa: E402
+from lightning_ulysses.checkpoint.weights import gather_weights  # noqa: E402
+from lightning_ulysses.data import PreferenceDataModule  # noqa: E402
+from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+LR = 0.5
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.batches, self.losses, self.metrics = [], [], []
+        self.initial = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the weights training starts from (ZeRO-3 initialises partitions, a different random stream than a plain
+        # build with the same seed); every rank takes part in the gather, rank 0 keeps them
+        self.initial = gather_weights(pl_module.model)
+
+    def on_before_batch_transfer_hook(self, batch) -> None:
+        self.batches.append({k: v.tolist() for k, v in batch.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in pl_module._metrics.items()})
+
+
+class Recorded(PreferenceModule):
+    """Records the full batch before the strategy shards it (Lightning's hook sees whole batches)."""
+
+    recorder: Record
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer.training:
+            self.recorder.on_before_batch_transfer_hook(batch)
+        return batch
+
+
+def run(case: dict, out: Path) -> None:
+    torch.manual_seed(0)
+    rec = Record()
+    module = Recorded(LLAMA, loss_type=case["loss"], beta=case.get("beta", 0.1), attn_implementation="sdpa",
+                      optimizer=lambda p: torch.optim.SGD(p, lr=LR), peft=case.get("peft"))
+    module.recorder = rec
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
+                                        gradient_checkpointing=case.get("checkpointing"))
+    data = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=128,
+                                batch_size=1, val_size=0)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[rec])
+    trainer.fit(module, data)
+    weights = gather_weights(module.model)
+    if trainer.global_rank == 0:
+        trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+        result = {"batches": rec.batches, "losses": rec.losses, "metrics": rec.metrics,
+                  "weights": {k: v.tolist() for k, v in weights.items() if k in trained},
+                  "initial": {k: v.tolist() for k, v in rec.initial.items()},
+                  "ref_is_submodule": module.ref_model is not None,
+                  "ref_partitioned": module.ref_model is not None
+                  and any(hasattr(p, "ds_id") for p in module.ref_model.parameters())}
+        (out / f"{case['name']}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    for case in cases:
+        run(case, out)
+    exit_distributed()
+
+
+if __name__ == "__main__":
+    main()
