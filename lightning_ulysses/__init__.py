@@ -72,6 +72,7 @@ _EXPORTS = {
     "build_causal_lm": "lightning.module",
     "UlyssesDeepSpeedStrategy": "lightning.strategy",
     "PreferenceModule": "lightning.preference",
+    "DistillationModule": "lightning.distillation",
     "sequence_logprobs": "parallel.logprobs",
     "token_logprobs": "parallel.logprobs",
     "MemoryTrick": "memory.trick",

@@ -27,16 +27,21 @@ CASES = [
     {"name": "dpo_lora_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2,
      "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
 ]
+DISTILL_CASES = [
+    {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3},
+    {"name": "jsd_ce_sp2_zero2_checkpointing", "loss": "jsd", "sp": 2, "stage": 2, "checkpointing": True,
+     "ce_weight": 0.3, "temperature": 2.0},
+]
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("preference")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKERS / "preference.py"), json.dumps(CASES), str(out)]
+           str(WORKERS / "preference.py"), json.dumps(CASES + DISTILL_CASES), str(out)]
     proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in CASES}
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in CASES + DISTILL_CASES}
 
 
 def _model():
@@ -115,6 +120,49 @@ def test_preference_training_at_sp2_matches_single_process(job, case) -> None:
         assert result["ref_partitioned"]  # ZeRO-3 partitions the frozen reference like the policy
 
 
+@pytest.mark.parametrize("case", DISTILL_CASES, ids=lambda c: c["name"])
+def test_distillation_at_sp2_matches_single_process(job, case) -> None:
+    """The student's loss every step and its final weights equal a plain single-process computation of TRL GKD's
+    generalized JSD (written out here) on full logits."""
+    import sys
+
+    sys.path.insert(0, str(WORKERS))
+    from preference import teacher  # the worker's teacher, rebuilt the same way
+
+    result = job[case["name"]]
+    student = _model()
+    student.load_state_dict({k: torch.tensor(v) for k, v in result["initial"].items()})
+    teach = teacher().requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=LR)
+    temp, w, beta = case.get("temperature", 1.0), case.get("ce_weight", 0.0), 0.5
+    from lightning_ulysses.parallel.sharding import prepare_batch
+
+    for step, batch in enumerate(result["batches"]):
+        full = prepare_batch({k: torch.tensor(v) for k, v in batch.items()}, 1)
+        ids, pos, labels = full["input_ids"], full["position_ids"], full["shift_labels"]
+        s_logits = student(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        with torch.no_grad():
+            t_logits = teach(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        s, t = torch.log_softmax(s_logits / temp, -1), torch.log_softmax(t_logits / temp, -1)
+        if case["loss"] == "forward_kl":
+            div = (t.exp() * (t - s)).sum(-1)
+        else:  # generalized JSD, TRL GKD
+            m = torch.log(beta * t.exp() + (1 - beta) * s.exp())
+            div = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+        valid = labels != -100
+        ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="sum")
+        loss = ((1 - w) * (div * valid).sum() + w * ce) / valid.sum()
+        assert result["losses"][step] == pytest.approx(float(loss), rel=1e-4, abs=1e-5), step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    if case["stage"] == 3:
+        assert result["ref_partitioned"]  # the teacher is partitioned like the student
+
+
 def test_sequence_logprobs_match_log_softmax_and_are_tiled() -> None:
     from lightning_ulysses import sequence_logprobs, token_logprobs
 
@@ -146,6 +194,15 @@ def test_preference_options_and_data_are_checked(tmp_path) -> None:
         PreferenceModule(LLAMA, loss_type="kto")
     with pytest.raises(ValueError, match="beta must be > 0"):
         PreferenceModule(LLAMA, beta=0)
+    from lightning_ulysses import DistillationModule
+
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        DistillationModule(LLAMA, LLAMA, divergence="kl")
+    with pytest.raises(ValueError, match="jsd_beta must be in"):
+        DistillationModule(LLAMA, LLAMA, divergence="jsd", jsd_beta=1.0)
+    module = DistillationModule(LLAMA, dict(LLAMA, vocab_size=256))
+    with pytest.raises(ValueError, match="teacher's vocabulary"):
+        module.configure_model()
     with pytest.raises(ValueError, match="a pair is never cut"):
         PreferenceDataModule("x.jsonl", "data/tokenizer", too_long="split")
     dm = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=16,

@@ -18,7 +18,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_ulysses import PreferenceModule, UlyssesDeepSpeedStrategy  # noqa: E402
+from lightning_ulysses import DistillationModule, PreferenceModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.checkpoint.weights import gather_weights  # noqa: E402
 from lightning_ulysses.data import PreferenceDataModule  # noqa: E402
 from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
@@ -47,7 +47,7 @@ class Record(L.Callback):
         self.metrics.append({k: float(v) for k, v in pl_module._metrics.items()})
 
 
-class Recorded(PreferenceModule):
+class _RecordsBatches:
     """Records the full batch before the strategy shards it (Lightning's hook sees whole batches)."""
 
     recorder: Record
@@ -58,11 +58,35 @@ class Recorded(PreferenceModule):
         return batch
 
 
+class Recorded(_RecordsBatches, PreferenceModule):
+    pass
+
+
+class RecordedDistillation(_RecordsBatches, DistillationModule):
+    pass
+
+
+def teacher():
+    """A teacher unlike the student: the same shape, other weights (seed 1)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(LLAMA)
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec),
+                                            attn_implementation="sdpa")
+
+
 def run(case: dict, out: Path) -> None:
     torch.manual_seed(0)
     rec = Record()
-    module = Recorded(LLAMA, loss_type=case["loss"], beta=case.get("beta", 0.1), attn_implementation="sdpa",
-                      optimizer=lambda p: torch.optim.SGD(p, lr=LR), peft=case.get("peft"))
+    sgd = lambda p: torch.optim.SGD(p, lr=LR)  # noqa: E731
+    if case["loss"] in ("forward_kl", "reverse_kl", "jsd"):
+        module = RecordedDistillation(LLAMA, teacher(), divergence=case["loss"], ce_weight=case.get("ce_weight", 0.0),
+                                      temperature=case.get("temperature", 1.0), attn_implementation="sdpa",
+                                      optimizer=sgd, logprob_tile_tokens=16)
+    else:
+        module = Recorded(LLAMA, loss_type=case["loss"], beta=case.get("beta", 0.1), attn_implementation="sdpa",
+                          optimizer=sgd, peft=case.get("peft"))
     module.recorder = rec
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
                                         gradient_checkpointing=case.get("checkpointing"))
@@ -78,9 +102,10 @@ def run(case: dict, out: Path) -> None:
         result = {"batches": rec.batches, "losses": rec.losses, "metrics": rec.metrics,
                   "weights": {k: v.tolist() for k, v in weights.items() if k in trained},
                   "initial": {k: v.tolist() for k, v in rec.initial.items()},
-                  "ref_is_submodule": module.ref_model is not None,
-                  "ref_partitioned": module.ref_model is not None
-                  and any(hasattr(p, "ds_id") for p in module.ref_model.parameters())}
+                  "ref_is_submodule": getattr(module, "ref_model", None) is not None,
+                  "ref_partitioned": any(hasattr(p, "ds_id") for m in (getattr(module, "ref_model", None),
+                                                                        getattr(module, "teacher", None))
+                                         if m is not None for p in m.parameters())}
         (out / f"{case['name']}.json").write_text(json.dumps(result))
 
 
