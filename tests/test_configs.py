@@ -18,6 +18,7 @@ REFERENCE_CONFIGS = {"recipe_dp2"}
 def test_config_instantiates(path: Path, tmp_path) -> None:
     cli = LightningCLI(
         CausalLMModule,
+        subclass_mode_model=True,  # as lightning_ulysses.lightning.cli: PreferenceModule / DistillationModule configs
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
@@ -61,7 +62,7 @@ def test_hybrid_yaml_scenario_trains_like_the_sp1_baseline(tmp_path) -> None:
     assert max(abs(a - b) for a, b in zip(hybrid, baseline)) < 2e-3, (hybrid, baseline)
 
 
-@pytest.mark.parametrize("config", ["sft_chat", "pretrain_long_docs"])
+@pytest.mark.parametrize("config", ["sft_chat", "pretrain_long_docs", "dpo_long", "distill_long"])
 def test_data_configs_train_from_the_readme_command(config: str, tmp_path) -> None:
     """The README's command, from the repository root (the configs read data/ relatively): 5 steps, loss falls."""
     import re
@@ -77,4 +78,5 @@ def test_data_configs_train_from_the_readme_command(config: str, tmp_path) -> No
     assert proc.returncode == 0, out[-8000:]
     losses = [float(v) for v in re.findall(r"step\s+\d+\s+train_loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 5 and losses[-1] < losses[0], losses
-    assert "real tokens" in out and "sp 2 x dp 1" in out
+    assert "sp 2 x dp 1" in out
+    assert "real tokens" in out or config == "distill_long" and "samples ->" in out

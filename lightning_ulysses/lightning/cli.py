@@ -56,6 +56,7 @@ def main(args: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(code)
     UlyssesCLI(
         CausalLMModule,
+        subclass_mode_model=True,  # CausalLMModule unless the config names another (PreferenceModule, ...)
         datamodule_class=None,
         subclass_mode_data=True,
         args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself (no duplicate-args warning)

@@ -68,8 +68,10 @@ class DistillationModule(CausalLMModule):
         if self.teacher is not None:
             return
         spec = self._teacher_source[0]
-        teacher = spec if isinstance(spec, torch.nn.Module) else build_causal_lm(
-            spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # a config-built teacher has the same weights on every rank
+            teacher = spec if isinstance(spec, torch.nn.Module) else build_causal_lm(
+                spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
         student_vocab = self.model.get_output_embeddings().out_features
         teacher_vocab = teacher.get_output_embeddings().out_features
         if student_vocab != teacher_vocab:
