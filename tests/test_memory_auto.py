@@ -30,9 +30,9 @@ def _workload(seq_len: int, layers: int = 4, **layout) -> Workload:
     [
         (65536, 141.0, 1000.0, "no_checkpointing"),  # a big GPU and short sequences: nothing recomputed
         (131072, 80.0, 1000.0, "save_attention"),  # an 80 GiB GPU: attention kept, the rest recomputed
-        (262144, 80.0, 1000.0, "save_attention[1]+offload"),  # inputs leave the GPU, one layer keeps its attention
+        (262144, 80.0, 1000.0, "full+offload"),  # layer inputs must leave the GPU, attention is recomputed
         (524288, 80.0, 1000.0, "full+offload+tiled"),  # only the leanest stack fits
-        (524288, 80.0, 20.0, "full+offload+tiled, keep 1"),  # little host RAM: one layer input stays on the GPU
+        (524288, 96.0, 20.0, "full+offload+tiled, keep 1"),  # little host RAM: one layer input stays on the GPU
         (524288, 48.0, 20.0, None),  # neither fits: nothing does
     ],
 )
@@ -61,14 +61,15 @@ def test_host_memory_caps_the_offload() -> None:
 
 
 def test_predictions_match_the_measured_cli_runs() -> None:
-    """The coefficients reproduce the one-H200 CLI runs they were fitted to (4 layers of 8B width, ZeRO-3, AdamW;
-    docs/benchmarks.md, 2026-12-01): within 3%."""
-    measured = [(131072, "full+offload+tiled", 39.84), (262144, "full+offload+tiled", 48.25),
-                (131072, "save_attention+offload", 53.83), (131072, "save_attention", 56.83)]
-    for seq, plan, gib in measured:
-        e = estimate(plan, CANDIDATES[plan], _workload(seq))
-        assert abs(e.gpu_peak_gib / gib - 1) < 0.03, (seq, plan, e.gpu_peak_gib, gib)
-    assert set(COEFFICIENTS) >= {"working_set_h", "untiled_attention_h", "untiled_mlp_i"}
+    """The coefficients reproduce the one-GPU CLI runs (8B width, ZeRO-3, AdamW; docs/benchmarks.md, 2026-12-01 and
+    2026-12-05): within 10%, and never below a measurement by more than 1% (a low prediction is an OOM)."""
+    measured = [(4, 131072, "full+offload+tiled", 39.84), (4, 262144, "full+offload+tiled", 48.25),
+                (4, 131072, "save_attention+offload", 53.83), (4, 131072, "save_attention", 56.83),
+                (8, 131072, "full+offload+tiled", 57.72), (4, 65536, "no_checkpointing", 66.13)]
+    for layers, seq, plan, gib in measured:
+        e = estimate(plan, CANDIDATES[plan], _workload(seq, layers=layers))
+        assert -0.01 < e.gpu_peak_gib / gib - 1 < 0.10, (layers, seq, plan, e.gpu_peak_gib, gib)
+    assert set(COEFFICIENTS) >= {"working_set_h", "untiled_attention_h", "untiled_mlp_i", "zero3_layer_param_bytes"}
 
 
 def test_the_users_flags_stay_in_every_plan() -> None:

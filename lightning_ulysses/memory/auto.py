@@ -47,15 +47,21 @@ COEFFICIENTS: dict[str, float] = {
     # added without the tiled MLP (memory-efficient SwiGLU on), in units of I bytes: 44 KiB at I=14336, from the CLI
     # runs of 2026-12-01 (save_attention + offload without tiled MLP / attention: 53.83 GiB; shipped: 39.84 GiB)
     "untiled_mlp_i": 3.15,
-    # a layer's saved activations without checkpointing: 24.25 H + 8 I bytes per token (210 KiB at 8B width:
-    # 4x H200, SP=4, 8 layers, no checkpointing, 2026-11-22); the memory-efficient norm saves 8 H, the SwiGLU 2 I
-    "layer_activations_h": 24.25,
+    # a layer's saved activations without checkpointing: 17.66 H + 8 I bytes per token, less 8 H with the
+    # memory-efficient norm and 2 I with the SwiGLU: 122.6 KiB at 8B width with both (one H100, 4 layers, 65,536 tokens,
+    # no checkpointing: 66.13 GiB peak, 2026-12-05; DeepSpeed's ALST path without our norm/SwiGLU measured 210 KiB
+    # on 4x H200, 2026-11-22, 11% above this formula)
+    "layer_activations_h": 17.66,
     "layer_activations_i": 8.0,
     "rmsnorm_saves_h": 8.0,
     "swiglu_saves_i": 2.0,
     # without the tiled loss: every token's logits in bf16, their fp32 copy and its gradient (10 bytes x vocab;
     # measured 1.26 GiB per 1K tokens at vocab 128256). The tiled loss's one tile is freed before the layers' backward.
     "logits_v": 10.0,
+    # ZeRO-3 bytes per decoder-layer parameter beyond weights + gradients + optimizer state (buffers that grow with
+    # depth): fitted to 4 vs 8 layers of 8B width at 131,072 tokens (39.84 vs 57.72 GiB, one H100, 2026-12-05); the
+    # 4-layer prediction is then 6% above its measurement, the 8-layer one exact
+    "zero3_layer_param_bytes": 2.92,
     # step time multipliers measured at 128K (tiled MLP: 1.08x; offload: 1.01x; tiled attention backward: 1.0x)
     "tiled_mlp_time": 1.08,
     "offload_time": 1.01,
@@ -186,6 +192,7 @@ def static_bytes(w: Workload) -> dict[str, float]:
     gpu["lm_head_gradient"] = 2.0 * w.vocab * w.hidden if w.trainable_params is None else 0.0
     if w.zero_stage == 3:
         gpu["gathered_layer"] = 2.0 * 2.0 * w.layer_params  # one layer's weights + its gradient before reduction
+        gpu["layer_buffers"] = COEFFICIENTS["zero3_layer_param_bytes"] * w.layer_params * w.layers / world
     return {**{f"gpu_{k}": v for k, v in gpu.items()}, **{f"host_{k}": v for k, v in host.items()}}
 
 
@@ -213,9 +220,13 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
         per_layer = c["layer_activations_h"] * h + c["layer_activations_i"] * inter
         per_layer -= (c["rmsnorm_saves_h"] * h if rms else 0.0) + (c["swiglu_saves_i"] * inter if swiglu else 0.0)
         parts["layer_activations"] = per_layer * s * layers
+    # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors (its
+    # attention backward workspace unless tiled, its MLP intermediates unless tiled); without checkpointing those are
+    # the saved activations counted above
     work = c["working_set_h"] * h
-    work += 0.0 if tiled_attn else c["untiled_attention_h"] * h
-    work += 0.0 if tiled_mlp else c["untiled_mlp_i"] * inter + (0.0 if swiglu else c["swiglu_saves_i"] * inter)
+    if ckpt:
+        work += 0.0 if tiled_attn else c["untiled_attention_h"] * h
+        work += 0.0 if tiled_mlp else c["untiled_mlp_i"] * inter + (0.0 if swiglu else c["swiglu_saves_i"] * inter)
     # the peak is inside one layer's backward, or (without the tiled loss) in the loss over every token's logits
     parts["working_set"] = max(work * s, 0.0 if tiled_loss else c["logits_v"] * w.vocab * s)
     parts["overhead"] = c["gpu_overhead_gib"] * GiB
