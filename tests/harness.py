@@ -25,6 +25,10 @@ def worker_env() -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
         TOKENIZERS_PARALLELISM="false",
     )
+    # a rendezvous left in this process's environment by an in-process Trainer is not the subprocess's
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                "GROUP_RANK"):
+        env.pop(key, None)
     # DeepSpeed JIT-builds a small shm comm op on first use (~40 s); keep it across runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lightning_ulysses_torch_extensions"))
     return env

@@ -27,6 +27,9 @@ CASES = [
     {"name": "dpo_lora_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2,
      "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
 ]
+RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed pairs split over the ring
+    {"name": "dpo_ring4_zero2", "loss": "sigmoid", "sp": 4, "stage": 2, "mode": "ring_only", "devices": 4},
+]
 DISTILL_CASES = [
     {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3},
     {"name": "jsd_ce_sp2_zero2_checkpointing", "loss": "jsd", "sp": 2, "stage": 2, "checkpointing": True,
@@ -77,9 +80,28 @@ def _trl_loss(kind: str, beta: float, pc, pr, rc, rr, nc, nr) -> torch.Tensor:
     return -F.logsigmoid(beta * (pc / nc - pr / nr - 0.5 / beta)).mean()
 
 
+@pytest.fixture(scope="module")
+def ring_job(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("preference_ring")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           str(WORKERS / "preference.py"), json.dumps(RING_CASES), str(out)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in RING_CASES}
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=lambda c: c["name"])
+def test_preference_training_in_a_ring_matches_single_process(ring_job, case) -> None:
+    assert "ring 4" in ring_job[case["name"]]["layout"]
+    _check_against_single_process(ring_job[case["name"]], case)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
 def test_preference_training_at_sp2_matches_single_process(job, case) -> None:
-    result = job[case["name"]]
+    _check_against_single_process(job[case["name"]], case)
+
+
+def _check_against_single_process(result: dict, case: dict) -> None:
     beta = case.get("beta", 0.1)
     initial = {k: torch.tensor(v) for k, v in result["initial"].items()}
     if case.get("peft"):  # LoRA: the reference is the policy with its adapters disabled
@@ -116,6 +138,8 @@ def test_preference_training_at_sp2_matches_single_process(job, case) -> None:
                                          "logps/chosen", "logps/rejected"}
     if case["loss"] != "simpo":
         assert result["ref_is_submodule"] is not bool(case.get("peft"))  # LoRA: no second copy
+    if result["ref_final"] is not None:  # the reference is frozen: bit-identical after training
+        assert all(torch.equal(torch.tensor(v), initial[k]) for k, v in result["ref_final"].items())
     if case["stage"] == 3:
         assert result["ref_partitioned"]  # ZeRO-3 partitions the frozen reference like the policy
 

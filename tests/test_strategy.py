@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -105,21 +103,3 @@ def test_teardown_makes_no_host_copy_of_optimizer_state_or_module(monkeypatch) -
     assert moved == []  # neither the optimizer state nor the module went through a host copy
     assert strategy.optimizers == [opt] and "cpu" not in module.__dict__  # state as before, shadow removed
 
-
-def test_main_port_of_a_self_launched_job_is_outside_the_ephemeral_range(monkeypatch) -> None:
-    """Lightning's launcher picks an ephemeral MASTER_PORT, which a connecting rank's own source port can equal
-    (self-connect, then EADDRINUSE on rank 0): the strategy picks one below the ephemeral range instead."""
-    from lightning.fabric.plugins.environments import LightningEnvironment
-
-    from lightning_ulysses.lightning.launch import choose_main_port, ephemeral_range
-
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.delenv("STANDALONE_PORT", raising=False)
-    choose_main_port(LightningEnvironment(), num_nodes=2)
-    assert "MASTER_PORT" not in os.environ  # several nodes must agree on the port: left to the user / launcher
-    choose_main_port(LightningEnvironment(), num_nodes=1)
-    port = int(os.environ["MASTER_PORT"])
-    assert 10000 <= port < ephemeral_range()[0]
-    monkeypatch.setenv("MASTER_PORT", "12345")
-    choose_main_port(LightningEnvironment(), num_nodes=1)
-    assert os.environ["MASTER_PORT"] == "12345"  # a port the user set stays

@@ -1,9 +1,8 @@
 """Lightning's private APIs (checked against lightning 2.5-2.6.6).
 
-The strategy also overrides four private hooks of ``DeepSpeedStrategy`` (``_setup_model_and_optimizer``: the
+The strategy also overrides three private hooks of ``DeepSpeedStrategy`` (``_setup_model_and_optimizer``: the
 ``mpu`` for DeepSpeed's SP-aware reductions; ``_init_config_if_needed``: called to build the config early for
-transformers' ZeRO-3 integration; ``_auto_select_batch_size``: :func:`train_loader_batch_size`; ``_configure_launcher``:
-the main port, :mod:`lightning_ulysses.lightning.launch`) and reads ``_parallel_devices``; ``OVERRIDDEN_PRIVATE_HOOKS`` names them so the
+transformers' ZeRO-3 integration; ``_auto_select_batch_size``: :func:`train_loader_batch_size`) and reads ``_parallel_devices``; ``OVERRIDDEN_PRIVATE_HOOKS`` names them so the
 compat test checks they still exist with the signatures we call.
 """
 
@@ -16,7 +15,6 @@ OVERRIDDEN_PRIVATE_HOOKS = {
     "_setup_model_and_optimizer": ("self", "model", "optimizer", "lr_scheduler"),
     "_init_config_if_needed": ("self",),
     "_auto_select_batch_size": ("self",),
-    "_configure_launcher": ("self",),
 }
 
 

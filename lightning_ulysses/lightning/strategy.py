@@ -56,7 +56,6 @@ from lightning_ulysses.memory import (
 from lightning_ulysses.memory.auto import Estimate
 from lightning_ulysses.memory.plan import flat_options
 from lightning_ulysses.lightning.auto_plan import plan_for_trainer
-from lightning_ulysses.lightning.launch import choose_main_port
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
@@ -267,12 +266,6 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
     @override
     def parallel_devices(self, parallel_devices: Optional[list[torch.device]]) -> None:
         self._parallel_devices = cpu.index_devices(parallel_devices)
-
-    @override
-    def _configure_launcher(self) -> None:
-        # before Lightning's launcher reads MASTER_PORT: a port its other ranks cannot self-connect to (launch.py)
-        choose_main_port(self.cluster_environment, self.num_nodes)
-        super()._configure_launcher()
 
     @override
     def setup_environment(self) -> None:

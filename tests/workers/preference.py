@@ -89,19 +89,24 @@ def run(case: dict, out: Path) -> None:
                           optimizer=sgd, peft=case.get("peft"))
     module.recorder = rec
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
-                                        gradient_checkpointing=case.get("checkpointing"))
+                                        gradient_checkpointing=case.get("checkpointing"),
+                                        context_parallel_mode=case.get("mode", "auto"))
     data = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=128,
                                 batch_size=1, val_size=0)
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=case.get("devices", 2), max_steps=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[rec])
     trainer.fit(module, data)
     weights = gather_weights(module.model)
+    ref = getattr(module, "ref_model", None)
+    ref_weights = gather_weights(ref) if ref is not None else None
     if trainer.global_rank == 0:
         trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
         result = {"batches": rec.batches, "losses": rec.losses, "metrics": rec.metrics,
                   "weights": {k: v.tolist() for k, v in weights.items() if k in trained},
                   "initial": {k: v.tolist() for k, v in rec.initial.items()},
+                  "ref_final": {k: v.tolist() for k, v in ref_weights.items()} if ref_weights is not None else None,
+                  "layout": trainer.strategy.layout.describe(),
                   "ref_is_submodule": getattr(module, "ref_model", None) is not None,
                   "ref_partitioned": any(hasattr(p, "ds_id") for m in (getattr(module, "ref_model", None),
                                                                         getattr(module, "teacher", None))
