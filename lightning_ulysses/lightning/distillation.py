@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ulysses.alignment.distillation import DIVERGENCES, tiled_distillation_sums
 from lightning_ulysses.lightning.module import CausalLMModule
-from lightning_ulysses.models.build import ModelSpec, build_causal_lm, model_record
+from lightning_ulysses.models.build import ModelSpec, model_record
 from lightning_ulysses.parallel.loss import normalize_sp_loss
 
 
@@ -67,17 +67,13 @@ class DistillationModule(CausalLMModule):
         super().configure_model()
         if self.teacher is not None:
             return
-        spec = self._teacher_source[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # a config-built teacher has the same weights on every rank
-            teacher = spec if isinstance(spec, torch.nn.Module) else build_causal_lm(
-                spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
+        teacher = self.build_frozen(self._teacher_source[0])
         student_vocab = self.model.get_output_embeddings().out_features
         teacher_vocab = teacher.get_output_embeddings().out_features
         if student_vocab != teacher_vocab:
             raise ValueError(f"The teacher's vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}); "
                              "token-level distillation needs the same tokenizer.")
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher
 
     @override
     def train(self, mode: bool = True) -> "DistillationModule":

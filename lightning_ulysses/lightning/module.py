@@ -126,6 +126,16 @@ class CausalLMModule(LightningModule):
             # 8B width at 131K tokens) and dropout. Training starts in train mode (see also on_fit_start).
             self.model = model.train()
 
+    def build_frozen(self, spec: ModelSpec) -> torch.nn.Module:
+        """A frozen companion of the trained model (a reference, a teacher): built from ``spec`` (an instance is taken
+        as it is) with this module's attention, dtype and seed -- so a config built the same way starts from the same
+        weights on every rank -- without trainable parameters, in eval mode."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = spec if isinstance(spec, torch.nn.Module) else build_causal_lm(
+                spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
+        return model.requires_grad_(False).eval()
+
     # ---------------------------------------------------------------------------------- helpers
     def _prepare(self, batch: Any) -> dict[str, Any]:
         if torch.is_tensor(batch):

@@ -25,7 +25,7 @@ from typing_extensions import override
 from lightning_ulysses.alignment.losses import PREFERENCE_LOSSES, preference_loss
 from lightning_ulysses.lightning.module import CausalLMModule
 from lightning_ulysses.models.adapters import is_peft_model
-from lightning_ulysses.models.build import ModelSpec, build_causal_lm, model_record
+from lightning_ulysses.models.build import ModelSpec, model_record
 from lightning_ulysses.parallel.layout import rank_in_group
 from lightning_ulysses.parallel.logprobs import DEFAULT_TILE_TOKENS, sequence_logprobs
 from lightning_ulysses.parallel.sharding import packed_segments
@@ -84,12 +84,8 @@ class PreferenceModule(CausalLMModule):
         spec = self._ref_source[0]
         if spec is None and (self.peft is not None or is_peft_model(self.model)):
             return  # LoRA: the policy with its adapters disabled is the reference
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # the same seed as the policy: a config-built copy starts from its weights
-            ref = spec if isinstance(spec, torch.nn.Module) else build_causal_lm(
-                spec if spec is not None else self.model_spec, self.attn_implementation, self.dtype_name,
-                self.trust_remote_code)
-        self.ref_model = ref.requires_grad_(False).eval()
+        # the same seed as the policy: a config-built copy starts from its weights
+        self.ref_model = self.build_frozen(spec if spec is not None else self.model_spec)
 
     @override
     def train(self, mode: bool = True) -> "PreferenceModule":
