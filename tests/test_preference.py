@@ -227,6 +227,9 @@ def test_preference_options_and_data_are_checked(tmp_path) -> None:
     module = DistillationModule(LLAMA, dict(LLAMA, vocab_size=256))
     with pytest.raises(ValueError, match="teacher's vocabulary"):
         module.configure_model()
+    module = PreferenceModule(LLAMA, ref_model=dict(LLAMA, vocab_size=256))
+    with pytest.raises(ValueError, match="reference model's vocabulary"):
+        module.configure_model()
     with pytest.raises(ValueError, match="a pair is never cut"):
         PreferenceDataModule("x.jsonl", "data/tokenizer", too_long="split")
     dm = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=16,

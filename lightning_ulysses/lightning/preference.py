@@ -85,7 +85,12 @@ class PreferenceModule(CausalLMModule):
         if spec is None and (self.peft is not None or is_peft_model(self.model)):
             return  # LoRA: the policy with its adapters disabled is the reference
         # the same seed as the policy: a config-built copy starts from its weights
-        self.ref_model = self.build_frozen(spec if spec is not None else self.model_spec)
+        ref = self.build_frozen(spec if spec is not None else self.model_spec)
+        ours, theirs = self.model.get_output_embeddings().out_features, ref.get_output_embeddings().out_features
+        if ours != theirs:
+            raise ValueError(f"The reference model's vocabulary ({theirs}) differs from the policy's ({ours}); the "
+                             "reference must score the same tokens: use the policy's own base checkpoint.")
+        self.ref_model = ref
 
     @override
     def train(self, mode: bool = True) -> "PreferenceModule":
