@@ -76,13 +76,6 @@ class DistillationModule(CausalLMModule):
         self.teacher = teacher
 
     @override
-    def train(self, mode: bool = True) -> "DistillationModule":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    @override
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = self._prepare(batch)
         ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["shift_labels"]
@@ -95,15 +88,9 @@ class DistillationModule(CausalLMModule):
             tile_tokens=self.logprob_tile_tokens,
         )
         local = (1 - self.ce_weight) * div + self.ce_weight * ce
-        self._metrics = {"divergence": normalize_sp_loss(div.detach(), labels),
+        self.step_metrics = {"divergence": normalize_sp_loss(div.detach(), labels),
                          "student_ce": normalize_sp_loss(ce.detach(), labels)}
         return normalize_sp_loss(local, labels), batch
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        self.log_dict(self._metrics, sync_dist=True, batch_size=1)
-        return loss
 
 
 __all__ = ["DistillationModule"]

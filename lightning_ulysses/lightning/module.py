@@ -21,7 +21,7 @@ from lightning_ulysses.memory.trick import MemoryTrick, apply_tricks, remove_tri
 from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.models.adapters import adapter_config, apply_peft, is_peft_model, peft_record, trainable_parameters
 from lightning_ulysses.models.build import ModelSpec, build_causal_lm, import_model_code, model_record
-from lightning_ulysses.models.inspect import find_hf_model
+from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
 from lightning_ulysses.parallel.loss import sp_causal_lm_loss
 from lightning_ulysses.parallel.moe import moe_router_spec, sp_load_balancing_loss
 from lightning_ulysses.parallel.sharding import IGNORE_INDEX, prepare_batch
@@ -98,6 +98,7 @@ class CausalLMModule(LightningModule):
         self.peft = peft
         self.trust_remote_code = trust_remote_code
         self.predict_output = predict_output
+        self.step_metrics: dict[str, torch.Tensor] = {}  # set by compute_loss of subclasses, logged per training step
         self.model: Optional[torch.nn.Module] = None
         if instance:
             self._build(model)
@@ -202,7 +203,18 @@ class CausalLMModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, batch = self.compute_loss(batch)
         self._log_step_loss(loss.detach(), batch_idx, batch["input_ids"].shape[0])
+        if self.step_metrics:  # what a subclass's loss reports besides itself (rewards/..., divergence, ...)
+            self.log_dict(self.step_metrics, sync_dist=True, batch_size=1)
         return loss
+
+    @override
+    def train(self, mode: bool = True) -> "CausalLMModule":
+        super().train(mode)
+        # a frozen companion (a reference, a teacher: build_frozen) stays in eval mode, whatever mode Lightning sets
+        for model in find_hf_models(self):
+            if not any(p.requires_grad for p in model.parameters()):
+                model.eval()
+        return self
 
     def _log_step_loss(self, loss: torch.Tensor, batch_idx: int, batch_size: int) -> None:
         """Log ``train_loss`` = the loss of the optimizer step, once per step.

@@ -92,13 +92,6 @@ class PreferenceModule(CausalLMModule):
                              "reference must score the same tokens: use the policy's own base checkpoint.")
         self.ref_model = ref
 
-    @override
-    def train(self, mode: bool = True) -> "PreferenceModule":
-        super().train(mode)
-        if self.ref_model is not None:
-            self.ref_model.eval()  # no dropout in the reference, whatever mode Lightning sets
-        return self
-
     # ---------------------------------------------------------------------------------------------- loss
     def sample_logprobs(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, tokens)`` of every sample of the batch (row by row, packed sample by sample): ``[samples]``."""
@@ -147,20 +140,14 @@ class PreferenceModule(CausalLMModule):
             ref[chosen][keep] if ref is not None else None, ref[rejected][keep] if ref is not None else None,
             beta=self.beta, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
         )
-        self._metrics = out.metrics(logps[chosen][keep], logps[rejected][keep])
+        self.step_metrics = out.metrics(logps[chosen][keep], logps[rejected][keep])
         return out.loss, batch
-
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        self.log_dict(self._metrics, sync_dist=True, batch_size=1)
-        return loss
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
         self.log("val_loss", loss, sync_dist=True, batch_size=1)
-        self.log_dict({f"val_{k}": v for k, v in self._metrics.items()}, sync_dist=True, batch_size=1)
+        self.log_dict({f"val_{k}": v for k, v in self.step_metrics.items()}, sync_dist=True, batch_size=1)
         return loss
 
 

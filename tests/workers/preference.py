@@ -44,7 +44,7 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
-        self.metrics.append({k: float(v) for k, v in pl_module._metrics.items()})
+        self.metrics.append({k: float(v) for k, v in pl_module.step_metrics.items()})
 
 
 class _RecordsBatches:
