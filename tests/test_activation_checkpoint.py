@@ -156,3 +156,23 @@ def test_choosing_full_later_drops_the_layer_count() -> None:
     assert saved_attention_fraction(model) == 0.0
     enable_gradient_checkpointing(model, "save_attention")
     assert saved_attention_fraction(model) == 1.0
+
+
+def test_save_attention_with_the_tiled_mlp_is_exact_and_never_recomputes_attention() -> None:
+    """The ``save_attention+offload+tiled_mlp`` plan of ``memory="auto"`` without the offload (a CPU has no pinned
+    memory to offload to): the MLP in token tiles inside a selectively checkpointed layer."""
+    from lightning_ulysses.memory import GradientCheckpointing as Checkpointing
+    from lightning_ulysses.memory import TiledMLP, apply_tricks
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = _model()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = _model()
+    apply_tricks(model, [Checkpointing("save_attention"), TiledMLP(tile_tokens=5)])
+    loss = model(input_ids=ids, labels=ids).loss
+    counter = _CountAttention()
+    with counter:
+        loss.backward()
+    assert counter.calls == 0
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-6, msg=name)

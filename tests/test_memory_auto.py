@@ -30,7 +30,7 @@ def _workload(seq_len: int, layers: int = 4, **layout) -> Workload:
     [
         (65536, 141.0, 1000.0, "no_checkpointing"),  # a big GPU and short sequences: nothing recomputed
         (131072, 80.0, 1000.0, "save_attention"),  # an 80 GiB GPU: attention kept, the rest recomputed
-        (262144, 80.0, 1000.0, "full+offload"),  # layer inputs must leave the GPU, attention is recomputed
+        (262144, 80.0, 1000.0, "save_attention+offload+tiled_mlp"),  # inputs leave the GPU, the MLP runs in tiles
         (524288, 80.0, 1000.0, "full+offload+tiled"),  # only the leanest stack fits
         (524288, 96.0, 20.0, "full+offload+tiled, keep 1"),  # little host RAM: one layer input stays on the GPU
         (524288, 48.0, 20.0, None),  # neither fits: nothing does
@@ -175,3 +175,47 @@ def test_plan_command_without_a_gpu_asks_for_its_memory(tmp_path, capsys) -> Non
         main(["plan", "--config", str(ROOT / "configs" / "llama3_8b_long_context.yaml"), "--config",
               str(_override(tmp_path))])
     assert code.value.code == 1 and "--gpu-memory-gib" in capsys.readouterr().err
+
+
+def test_frozen_companions_count_as_weights() -> None:
+    """A DPO reference or a distillation teacher adds its bf16 weights (partitioned under ZeRO-3), nothing else; the
+    modules say which companions they build, from the same arguments YAML gives them."""
+    from transformers import AutoConfig
+
+    from lightning_ulysses import CausalLMModule, DistillationModule, PreferenceModule
+    from lightning_ulysses.memory.auto import static_bytes, workload_for_run
+
+    spec = dict(LLAMA_8B_4L)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    alone = workload_for_run(config, 131072, world_size=2, sequence_parallel_size=2)
+    paired = workload_for_run(config, 131072, world_size=2, sequence_parallel_size=2, frozen=[config])
+    assert paired.frozen_params == alone.params
+    assert static_bytes(paired)["gpu_frozen_weights"] == 2.0 * alone.params / 2  # bf16, ZeRO-3 over 2 ranks
+    plan = "save_attention"
+    grown = estimate(plan, CANDIDATES[plan], paired).gpu_peak_gib - estimate(plan, CANDIDATES[plan], alone).gpu_peak_gib
+    assert abs(grown - alone.params / 2**30) < 1e-6
+    zero2 = workload_for_run(config, 131072, world_size=2, zero_stage=2, frozen=[config])
+    assert static_bytes(zero2)["gpu_frozen_weights"] == 2.0 * alone.params  # whole on every rank
+
+    policy, ref = dict(LLAMA_8B_4L), dict(LLAMA_8B_4L, num_hidden_layers=2)
+    assert PreferenceModule.frozen_model_specs({"model": policy}) == [policy]  # the policy's copy
+    assert PreferenceModule.frozen_model_specs({"model": policy, "ref_model": ref}) == [ref]
+    assert PreferenceModule.frozen_model_specs({"model": policy, "loss_type": "simpo"}) == []
+    assert PreferenceModule.frozen_model_specs({"model": policy, "peft": {"peft_type": "LORA"}}) == []  # adapters off
+    assert DistillationModule.frozen_model_specs({"student": policy, "teacher": ref}) == [ref]
+    assert CausalLMModule.frozen_model_specs({"model": policy}) == []
+    assert PreferenceModule(policy, ref_model=ref).frozen_specs == [ref]
+    assert DistillationModule(policy, ref).frozen_specs == [ref]
+    assert CausalLMModule(policy).frozen_specs == []
+
+
+def test_plan_command_counts_the_reference_of_a_preference_config(capsys) -> None:
+    from lightning_ulysses.lightning.cli import main
+
+    for name, frozen in (("dpo_long", True), ("distill_long", True), ("sft_chat", False)):
+        with pytest.raises(SystemExit) as code:
+            main(["plan", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--devices", "2",
+                  "--gpu-memory-gib", "80", "--host-memory-gib", "100"])
+        out = capsys.readouterr().out
+        assert code.value.code == 0
+        assert ("frozen companions" in out) == frozen, (name, out)

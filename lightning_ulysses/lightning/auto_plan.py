@@ -3,7 +3,8 @@
 Read before the model is built (the strategy calls :func:`plan_for_trainer` from ``setup_environment``): the model's
 config from what the LightningModule was given (``CausalLMModule``'s ``model``: name, directory, config or instance;
 any other module: its HF model, if it built one in ``__init__``), the sequence length from the strategy's
-``max_seq_len`` or the data module's ``seq_len``, rows from its ``batch_size``, the optimizer, LoRA and ZeRO settings,
+``max_seq_len`` or the data module's ``seq_len``, the frozen companions' configs (``frozen_specs``: a reference, a
+teacher), rows from its ``batch_size``, the optimizer, LoRA and ZeRO settings,
 the GPU's memory (``torch.cuda.mem_get_info``) and the node's available RAM. On CPU the "device" is host memory
 shared by the node's ranks.
 """
@@ -19,8 +20,12 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
     """The chosen plan, every estimate, and a line that says where the sequence length came from."""
     import torch
 
+    from lightning_ulysses.models.build import config_of
+
     module = strategy.lightning_module
     config = _model_config(module)
+    trust = bool(getattr(module, "trust_remote_code", False))
+    frozen = [config_of(spec, trust) for spec in getattr(module, "frozen_specs", [])]
     seq_len, source = _sequence_length(strategy, trainer)
     zero = strategy.config.get("zero_optimization", {}) if isinstance(strategy.config, dict) else {}
     ranks_per_node = max(strategy.num_processes, 1)
@@ -31,7 +36,7 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
         optimizer=optimizer_name(getattr(module, "optimizer_factory", None)) or "adamw",
         offload_optimizer=_offloaded(zero, "offload_optimizer"), offload_parameters=_offloaded(zero, "offload_param"),
         peft=getattr(module, "peft", None), context_parallel_mode=strategy.context_parallel_mode,
-        ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size,
+        ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size, frozen=frozen,
     )
     if strategy.root_device.type == "cuda":
         hardware = Hardware(torch.cuda.mem_get_info(strategy.root_device)[1] / 2**30, host_available_gib())

@@ -60,7 +60,14 @@ class DistillationModule(CausalLMModule):
         self.divergence, self.jsd_beta, self.temperature = divergence, jsd_beta, temperature
         self.ce_weight, self.logprob_tile_tokens = ce_weight, logprob_tile_tokens
         self._teacher_source = (teacher,)  # in a tuple: an instance must not be registered as a second submodule here
+        self.frozen_specs = self.frozen_model_specs({"teacher": teacher})
         self.teacher: Optional[torch.nn.Module] = None
+
+    @classmethod
+    @override
+    def frozen_model_specs(cls, init_args: dict[str, Any]) -> list[ModelSpec]:
+        """The teacher."""
+        return [init_args.get("teacher", "HuggingFaceTB/SmolLM2-360M")]
 
     @override
     def configure_model(self) -> None:

@@ -99,6 +99,8 @@ class CausalLMModule(LightningModule):
         self.trust_remote_code = trust_remote_code
         self.predict_output = predict_output
         self.step_metrics: dict[str, torch.Tensor] = {}  # set by compute_loss of subclasses, logged per training step
+        # what configure_model will build besides the trained model (memory="auto" counts their weights)
+        self.frozen_specs: list[ModelSpec] = []
         self.model: Optional[torch.nn.Module] = None
         if instance:
             self._build(model)
@@ -126,6 +128,13 @@ class CausalLMModule(LightningModule):
             # in eval mode HF layers skip gradient checkpointing (measured: 60.2 instead of ~40 GiB, 4 layers of
             # 8B width at 131K tokens) and dropout. Training starts in train mode (see also on_fit_start).
             self.model = model.train()
+
+    @classmethod
+    def frozen_model_specs(cls, init_args: dict[str, Any]) -> list[ModelSpec]:
+        """The frozen companions (a reference, a teacher) a module of this class built from ``init_args`` (its
+        ``__init__`` arguments, as in YAML) builds besides the trained model: none here. ``memory="auto"`` and
+        ``lightning-ulysses plan`` count their weights."""
+        return []
 
     def build_frozen(self, spec: ModelSpec) -> torch.nn.Module:
         """A frozen companion of the trained model (a reference, a teacher): built from ``spec`` (an instance is taken

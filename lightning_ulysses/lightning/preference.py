@@ -74,7 +74,20 @@ class PreferenceModule(CausalLMModule):
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.simpo_gamma, self.logprob_tile_tokens = simpo_gamma, logprob_tile_tokens
         self._ref_source = (ref_model,)  # in a tuple: an instance must not be registered as a second submodule here
+        self.frozen_specs = self.frozen_model_specs(
+            {"model": model, "ref_model": ref_model, "loss_type": loss_type, "peft": kwargs.get("peft")})
         self.ref_model: Optional[torch.nn.Module] = None
+
+    @classmethod
+    @override
+    def frozen_model_specs(cls, init_args: dict[str, Any]) -> list[ModelSpec]:
+        """The reference: ``ref_model``, else a copy of the policy; none for SimPO or a LoRA policy (adapters off)."""
+        if init_args.get("loss_type", "sigmoid") == "simpo":
+            return []
+        if init_args.get("ref_model") is not None:
+            return [init_args["ref_model"]]
+        model = init_args.get("model", "HuggingFaceTB/SmolLM2-135M")
+        return [] if init_args.get("peft") is not None or is_peft_model(model) else [model]
 
     @override
     def configure_model(self) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from lightning_ulysses.memory.candidates import CANDIDATES
 
@@ -103,6 +103,7 @@ class Workload:
     offload_parameters: bool = False
     trainable_params: Optional[int] = None  # None: all (full fine-tuning); LoRA: the adapters' count
     experts_per_token: int = 1  # MoE: each token's MLP work and activations scale with the experts it visits
+    frozen_params: int = 0  # frozen companions (a DPO reference, a distillation teacher): weights only, no gradients
 
     @property
     def local_tokens(self) -> int:
@@ -183,12 +184,14 @@ def static_bytes(w: Workload) -> dict[str, float]:
     weights = 2.0 * w.params / (world if w.zero_stage == 3 else 1)
     grads = 2.0 * w.trainable / (world if w.zero_stage >= 2 else 1)
     optimizer = opt / (world if w.zero_stage >= 1 else 1)
-    gpu = {"weights": weights, "gradients": grads, "optimizer": optimizer}
+    # a frozen companion is a submodule of the LightningModule: DeepSpeed casts it to bf16 and ZeRO-3 partitions it
+    frozen = 2.0 * w.frozen_params / (world if w.zero_stage == 3 else 1)
+    gpu = {"weights": weights, "gradients": grads, "optimizer": optimizer, "frozen_weights": frozen}
     host = {}
     if w.offload_optimizer:
         host["optimizer"] = gpu.pop("optimizer") + 2.0 * w.trainable / world  # + fp32 gradients
     if w.offload_parameters and w.zero_stage == 3:
-        host["weights"] = gpu.pop("weights")
+        host["weights"] = gpu.pop("weights") + gpu.pop("frozen_weights")
     gpu["lm_head_gradient"] = 2.0 * w.vocab * w.hidden if w.trainable_params is None else 0.0
     if w.zero_stage == 3:
         gpu["gathered_layer"] = 2.0 * 2.0 * w.layer_params  # one layer's weights + its gradient before reduction
@@ -362,10 +365,11 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                      world_size: int = 1, ranks_per_node: int = 1, zero_stage: int = 3, optimizer: str = "adamw",
                      offload_optimizer: bool = False, offload_parameters: bool = False, peft: Any = None,
                      context_parallel_mode: str = "auto", ulysses_size: Optional[int] = None,
-                     ring_size: Optional[int] = None) -> Workload:
+                     ring_size: Optional[int] = None, frozen: Sequence[Any] = ()) -> Workload:
     """The :class:`Workload` of a run as the strategy sees it before the model is built: the layout resolved from
     the config's head counts as :meth:`ParallelLayout.resolve <lightning_ulysses.parallel.layout.ParallelLayout.resolve>`
-    does (a model that cannot be sequence-sharded is resolved at setup; here it counts as asked)."""
+    does (a model that cannot be sequence-sharded is resolved at setup; here it counts as asked). ``frozen``: the
+    configs of frozen companion models (a DPO reference, a distillation teacher), counted as weights only."""
     from lightning_ulysses.parallel.layout import ParallelLayout
 
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -376,7 +380,8 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                                     ulysses_size=ulysses_size, ring_size=ring_size, gpus_per_node=ranks_per_node)
     w = Workload.from_config(config, seq_len, rows=rows, sp=layout.sp, world_size=world_size,
                              ranks_per_node=ranks_per_node, zero_stage=zero_stage, optimizer=optimizer,
-                             offload_optimizer=offload_optimizer, offload_parameters=offload_parameters)
+                             offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
+                             frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen))
     return replace(w, trainable_params=lora_params(w, peft)) if peft is not None else w
 
 

@@ -2,7 +2,7 @@
 speed relative to the fastest, and the longest sequence it allows; the one ``memory: auto`` would choose is marked.
 
 Reads the YAML ``fit`` reads (several ``--config`` merge as in ``fit``): the model (``model.model``), LoRA
-(``model.peft``), the optimizer, the strategy's layout, ZeRO stage, offload and flat memory options
+(``model.peft``), a preference reference or distillation teacher (their weights), the optimizer, the strategy's layout, ZeRO stage, offload and flat memory options
 (:mod:`lightning_ulysses.memory.auto`; user-set options stay in every plan), ``trainer.devices`` / ``num_nodes``, and
 the data module's ``seq_len`` / ``batch_size``. Runs without a GPU: ``--gpu-memory-gib`` / ``--host-memory-gib`` give
 the machine (default: this one's GPU, and this node's available RAM). Exit 0 when a plan fits, 1 when none does (the
@@ -64,11 +64,13 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
     if not length:
         raise ValueError("The config names no sequence length (data.init_args.seq_len or the strategy's max_seq_len); "
                          "give one with --seq-len S.")
+    module_class = _module_class(cfg.get("model"))
+    frozen = module_class.frozen_model_specs(model) if hasattr(module_class, "frozen_model_specs") else []
     optimizer = model.get("optimizer", "adamw")
     opt_name = optimizer.get("class_path", "adamw") if isinstance(optimizer, dict) else str(optimizer)
     defaults = flat_options()
     return dict(
-        model=model.get("model"), peft=model.get("peft"), trust_remote_code=bool(model.get("trust_remote_code")),
+        model=model.get("model", model.get("student")), frozen=frozen, peft=model.get("peft"), trust_remote_code=bool(model.get("trust_remote_code")),
         seq_len=int(length), rows=int(data.get("batch_size", 1)), world_size=per_node * nodes, ranks_per_node=per_node,
         sequence_parallel_size=strategy_args.get("sequence_parallel_size", strategy_args.get("context_parallel_size", "auto")),
         zero_stage=stage, optimizer=opt_name.rsplit(".", 1)[-1].lower(),
@@ -79,6 +81,23 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
         context_parallel_mode=strategy_args.get("context_parallel_mode", "auto"),
         ulysses_size=strategy_args.get("ulysses_size"), ring_size=strategy_args.get("ring_size"),
     )
+
+
+def _module_class(section: Any) -> Any:
+    """The LightningModule class a ``model`` section names (``class_path``; default ``CausalLMModule``)."""
+    import importlib
+
+    path = section.get("class_path") if isinstance(section, dict) else None
+    if not path:
+        from lightning_ulysses.lightning.module import CausalLMModule
+
+        return CausalLMModule
+    if "." not in path:  # LightningCLI resolves bare class names among the registered subclasses
+        import lightning_ulysses
+
+        return getattr(lightning_ulysses, path, None)
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,11 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # hand is shown as one more row, next to the plans auto would choose from
     config_flags, auto = facts.pop("user_flags"), facts.pop("auto")
     user_flags = config_flags if auto else {}
-    config = config_of(facts.pop("model"), facts.pop("trust_remote_code"))
+    trust = facts.pop("trust_remote_code")
+    config = config_of(facts.pop("model"), trust)
+    facts["frozen"] = [config_of(spec, trust) for spec in facts["frozen"]]
     workload = workload_for_run(config, **facts)
     print(f"{workload.seq_len:,} tokens x {workload.rows} row(s), {workload.layers} layers (hidden {workload.hidden}), "
           f"sp={workload.sp} of {workload.world_size} GPUs, ZeRO-{workload.zero_stage}, {workload.optimizer}"
-          f"{', LoRA' if workload.trainable_params is not None else ''}; {hw.gpu_memory_gib:.1f} GiB per GPU, "
+          f"{', LoRA' if workload.trainable_params is not None else ''}"
+          f"{f', frozen companions {workload.frozen_params:,} params' if workload.frozen_params else ''}; {hw.gpu_memory_gib:.1f} GiB per GPU, "
           f"{hw.host_memory_gib:.1f} GiB host per node, margin {args.margin:.0%}")
     message = ""
     try:
