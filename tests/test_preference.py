@@ -26,9 +26,12 @@ CASES = [
     {"name": "simpo_sp2_zero1", "loss": "simpo", "sp": 2, "stage": 1, "beta": 2.0},
     {"name": "dpo_lora_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2,
      "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
+    # the reference's log-probs precomputed into the data (TRL's columns): no reference model is built
+    {"name": "dpo_precomputed_ref_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2, "precomputed": True},
 ]
-RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed pairs split over the ring
+RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed pairs split over the ring; sp x dp
     {"name": "dpo_ring4_zero2", "loss": "sigmoid", "sp": 4, "stage": 2, "mode": "ring_only", "devices": 4},
+    {"name": "dpo_sp2_dp2_zero3", "loss": "sigmoid", "sp": 2, "stage": 3, "devices": 4},
 ]
 DISTILL_CASES = [
     {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3},
@@ -37,9 +40,33 @@ DISTILL_CASES = [
 ]
 
 
+def _with_reference_logps(path: Path) -> str:
+    """data/preferences.jsonl with TRL's precomputed columns: each completion's summed log-probs under the reference
+    (the policy's initial weights at ZeRO-2: the seed-0 build), each sequence run alone (what packing keeps apart)."""
+    from lightning_ulysses.data import PreferenceDataModule
+
+    dm = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=128)
+    dm.setup("fit")  # loads the tokenizer the worker's data module will use
+    ref = _model().eval()
+    lines = []
+    for line in (ROOT / "data" / "preferences.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        values = []
+        for ids, labels in dm._pair(sample):
+            row = {"input_ids": [ids], "labels": [[-100] + list(labels[1:])], "position_ids": [list(range(len(ids)))]}
+            with torch.no_grad():
+                values.append(float(_sample_logps(ref, row)[0][0]))
+        lines.append(json.dumps({**sample, "ref_chosen_logps": values[0], "ref_rejected_logps": values[1]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("preference")
+    for case in CASES:
+        if case.get("precomputed"):
+            case["data"] = _with_reference_logps(out / "preferences_with_ref.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKERS / "preference.py"), json.dumps(CASES + DISTILL_CASES), str(out)]
     proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
@@ -91,8 +118,11 @@ def ring_job(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("case", RING_CASES, ids=lambda c: c["name"])
-def test_preference_training_in_a_ring_matches_single_process(ring_job, case) -> None:
-    assert "ring 4" in ring_job[case["name"]]["layout"]
+def test_preference_training_on_4_ranks_matches_single_process(ring_job, case) -> None:
+    """Ring attention alone over 4 ranks; Ulysses sp=2 x dp=2 at ZeRO-3 (the step's gradient is the mean of both DP
+    groups' pair losses)."""
+    expected = "ring 4" if case.get("mode") == "ring_only" else "sp 2 x dp 2"
+    assert expected in ring_job[case["name"]]["layout"]
     _check_against_single_process(ring_job[case["name"]], case)
 
 
@@ -115,20 +145,29 @@ def _check_against_single_process(result: dict, case: dict) -> None:
         policy.load_state_dict(initial)
         ref.load_state_dict(initial)  # the reference is the policy as it started
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
-    for step, batch in enumerate(result["batches"]):
-        logps, tokens = _sample_logps(policy, batch)
-        with torch.no_grad():
-            if ref is None:
-                with policy.disable_adapter():
-                    ref_logps, _ = _sample_logps(policy, batch)
-            else:
-                ref_logps, _ = _sample_logps(ref, batch)
-        keep = (tokens[0::2] > 0) & (tokens[1::2] > 0)
-        loss = _trl_loss(case["loss"], beta, logps[0::2][keep], logps[1::2][keep], ref_logps[0::2][keep],
-                         ref_logps[1::2][keep], tokens[0::2][keep], tokens[1::2][keep])
-        assert result["losses"][step] == pytest.approx(float(loss), rel=1e-4, abs=1e-5), step
+    dp_batches = result["dp_batches"]  # per DP group (the first is rank 0's); the step's gradient is their mean
+    assert dp_batches[0] == result["batches"] and len(dp_batches) == case.get("devices", 2) // case["sp"]
+    for step in range(len(result["batches"])):
+        losses = []
+        for batches in dp_batches:
+            batch = batches[step]
+            logps, tokens = _sample_logps(policy, {k: v for k, v in batch.items() if not k.startswith("ref_")})
+            with torch.no_grad():
+                if ref is None:
+                    with policy.disable_adapter():
+                        ref_logps, _ = _sample_logps(policy, batch)
+                else:
+                    ref_logps, _ = _sample_logps(ref, {k: v for k, v in batch.items() if not k.startswith("ref_")})
+            if case.get("precomputed"):  # the data's values, as the rows carry them: [b, pairs] -> chosen, rejected
+                pairs = torch.stack([torch.tensor(batch["ref_chosen_logps"]).reshape(-1),
+                                     torch.tensor(batch["ref_rejected_logps"]).reshape(-1)], 1).reshape(-1).float()
+                torch.testing.assert_close(pairs, ref_logps[: pairs.numel()], rtol=1e-4, atol=1e-4)
+            keep = (tokens[0::2] > 0) & (tokens[1::2] > 0)
+            losses.append(_trl_loss(case["loss"], beta, logps[0::2][keep], logps[1::2][keep], ref_logps[0::2][keep],
+                                    ref_logps[1::2][keep], tokens[0::2][keep], tokens[1::2][keep]))
+        assert result["losses"][step] == pytest.approx(float(losses[0]), rel=1e-4, abs=1e-5), step
         opt.zero_grad()
-        loss.backward()
+        torch.stack(losses).mean().backward()
         opt.step()
     for name, p in policy.named_parameters():
         if not p.requires_grad:
@@ -136,11 +175,11 @@ def _check_against_single_process(result: dict, case: dict) -> None:
         torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
     assert set(result["metrics"][0]) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                                          "logps/chosen", "logps/rejected"}
-    if case["loss"] != "simpo":
-        assert result["ref_is_submodule"] is not bool(case.get("peft"))  # LoRA: no second copy
+    if case["loss"] != "simpo":  # LoRA: no second copy; precomputed: no reference at all
+        assert result["ref_is_submodule"] is not bool(case.get("peft") or case.get("precomputed"))
     if result["ref_final"] is not None:  # the reference is frozen: bit-identical after training
         assert all(torch.equal(torch.tensor(v), initial[k]) for k, v in result["ref_final"].items())
-    if case["stage"] == 3:
+    if case["stage"] == 3 and not case.get("peft"):
         assert result["ref_partitioned"]  # ZeRO-3 partitions the frozen reference like the policy
 
 
@@ -255,3 +294,68 @@ def test_conversational_pairs_with_an_implicit_prompt_keep_pairs_together() -> N
             labels = row["labels"][a:b]
             assert labels[0] == -100 and any(t != -100 for t in labels)
     assert dm.stats["train"].samples == 32 and dm.stats["train"].dropped == 0
+
+
+def test_precomputed_reference_logps_travel_with_their_pairs(tmp_path) -> None:
+    """TRL's ``ref_chosen_logps`` / ``ref_rejected_logps`` columns: each row carries its pairs' values in the row's
+    order, batches pad them per sample (never to the token length), and bad columns or options are clear errors."""
+    from torch.utils.data import DataLoader
+
+    from lightning_ulysses import PreferenceModule
+    from lightning_ulysses.data import PreferenceDataModule
+
+    samples = [json.loads(line) for line in (ROOT / "data" / "preferences.jsonl").read_text().splitlines()]
+    data = tmp_path / "with_ref.jsonl"
+    data.write_text("".join(json.dumps({**s, "ref_chosen_logps": -float(i), "ref_rejected_logps": -100.0 - i}) + "\n"
+                            for i, s in enumerate(samples)))
+    dm = PreferenceDataModule(str(data), str(ROOT / "data" / "tokenizer"), seq_len=128, val_size=0, batch_size=2)
+    dm.setup("fit")
+    seen = []
+    for row in dm._rows["train"].rows:
+        pairs = sum(1 for p in row["position_ids"] if p == 0) // 2
+        assert len(row["ref_chosen_logps"]) == len(row["ref_rejected_logps"]) == pairs
+        seen += [(c, r) for c, r in zip(row["ref_chosen_logps"], row["ref_rejected_logps"])]
+    assert sorted(seen) == sorted((-float(i), -100.0 - i) for i in range(len(samples)))  # each pair's own values
+    batch = next(iter(DataLoader(dm._rows["train"], batch_size=2, collate_fn=dm.train_dataloader().collate_fn)))
+    assert batch["ref_chosen_logps"].dtype == torch.float64
+    assert batch["ref_chosen_logps"].shape[1] < batch["input_ids"].shape[1]  # per sample, not per token
+
+    one = tmp_path / "one_column.jsonl"
+    one.write_text("".join(json.dumps({**s, "ref_chosen_logps": -1.0}) + "\n" for s in samples))
+    with pytest.raises(ValueError, match="'ref_chosen_logps' column but no 'ref_rejected_logps'"):
+        PreferenceDataModule(str(one), str(ROOT / "data" / "tokenizer"), seq_len=128, val_size=0).setup("fit")
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({**s, "ref_chosen_logps": "x", "ref_rejected_logps": -1.0}) + "\n"
+                            for s in samples))
+    with pytest.raises(ValueError, match="must be numbers"):
+        PreferenceDataModule(str(text), str(ROOT / "data" / "tokenizer"), seq_len=128, val_size=0).setup("fit")
+    with pytest.raises(ValueError, match="give no ref_model"):
+        PreferenceModule(LLAMA, ref_model=LLAMA, precomputed_ref_logps=True)
+    module = PreferenceModule(LLAMA, precomputed_ref_logps=True)
+    assert module.frozen_specs == []
+    module.configure_model()
+    assert module.ref_model is None
+    plain = {k: torch.tensor(v)[None] for k, v in dm._rows["train"].rows[0].items() if not k.startswith("ref_")}
+    with pytest.raises(ValueError, match="the batch has no 'ref_chosen_logps'"):
+        module.compute_loss(plain)
+
+
+def test_a_frozen_model_the_layout_cannot_run_is_refused_at_setup() -> None:
+    """A reference / teacher next to the trained model runs at the layout chosen for the trained model: heads it
+    cannot split there, or fewer positions than the run's sequences (and than the trained model), are refused."""
+    from lightning_ulysses.models.build import build_causal_lm
+    from lightning_ulysses.parallel.layout import ParallelLayout
+
+    trained = build_causal_lm(dict(LLAMA), "sdpa", None, False)
+    odd_heads = build_causal_lm(dict(LLAMA, num_attention_heads=6, num_key_value_heads=3, hidden_size=48), "sdpa",
+                                None, False)
+    short = build_causal_lm(dict(LLAMA, max_position_embeddings=64), "sdpa", None, False)
+    ulysses = ParallelLayout.resolve(2, 2, 4, 2, "sdpa")
+    with pytest.raises(ValueError, match="frozen model `teacher`.*Ulysses degree 2.*context_parallel_mode='ring_only'"):
+        ulysses.check_companion(odd_heads, "teacher", trained)
+    ParallelLayout.resolve(2, 2, 4, 2, "sdpa", mode="ring_only").check_companion(odd_heads, "teacher", trained)
+    with pytest.raises(ValueError, match="handles 64 positions.*fewer than the 128 tokens"):
+        ulysses.check_companion(short, "ref_model", trained, seq_len=128)
+    ulysses.check_companion(short, "ref_model", trained, seq_len=64)  # the run's sequences fit
+    short_policy = build_causal_lm(dict(LLAMA, max_position_embeddings=64), "sdpa", None, False)
+    ulysses.check_companion(short, "ref_model", short_policy, seq_len=128)  # no shorter than the trained model

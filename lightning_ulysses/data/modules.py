@@ -48,7 +48,8 @@ def load_data(data: Union[str, list[str]], split: str = "train") -> Any:
 
 
 class RowsDataset(Dataset):
-    """Rows of ``input_ids`` / ``labels`` / ``position_ids`` (lists) -> tensors."""
+    """Rows of ``input_ids`` / ``labels`` / ``position_ids`` (lists) -> tensors; other entries are per-sample values
+    (e.g. a preference row's precomputed reference log-probs: floats stay float64)."""
 
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
@@ -57,17 +58,25 @@ class RowsDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in self.rows[i].items()}
+        return {k: torch.tensor(v, dtype=torch.float64 if v and isinstance(v[0], float) else torch.long)
+                for k, v in self.rows[i].items()}
 
 
 def collate_rows(batch: list[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Stack rows, right-padding to the longest (a multiple of ``pad_to_multiple_of``) with ``attention_mask``."""
+    """Stack rows, right-padding to the longest (a multiple of ``pad_to_multiple_of``) with ``attention_mask``.
+    Per-sample entries (shorter than their row's tokens: one value per packed sample) are padded with zeros to the
+    most samples of a row, never to the token length (the strategy would shard them as a sequence)."""
     longest = max(r["input_ids"].shape[0] for r in batch)
     n = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     out: dict[str, torch.Tensor] = {}
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
     for key in batch[0]:
         rows = []
+        if key not in ("input_ids", "labels", "position_ids"):
+            samples = max(r[key].shape[0] for r in batch)
+            if all(r[key].shape[0] < r["input_ids"].shape[0] for r in batch):
+                out[key] = torch.stack([torch.nn.functional.pad(r[key], (0, samples - r[key].shape[0])) for r in batch])
+                continue
         for r in batch:
             v = r[key]
             pad = n - v.shape[0]

@@ -19,6 +19,9 @@ from lightning_ulysses.data.packing import PackingStats, _row, best_fit_decreasi
 from lightning_ulysses.errors import errors_reported_once
 
 PAIR_PACKINGS = ("best_fit", "none")
+# TRL's precomputed reference columns (``DPOTrainer(precompute_ref_log_probs=True)``): one float per pair, carried
+# into each row as ``[pairs in the row]`` (whole on every SP rank: per-sample values are not sharded)
+REF_LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PAIR_TOO_LONG = ("error", "drop")
 
 Sample = tuple[list[int], list[int]]
@@ -33,6 +36,10 @@ class PreferenceDataModule(_TokenizedDataModule):
         seq_len: tokens per row; a pair (chosen + rejected with their prompt twice) must fit.
         packing: ``"best_fit"`` (several whole pairs per row) or ``"none"`` (one pair per row, padded per batch).
         too_long: a pair longer than ``seq_len``: ``"error"`` (default) or ``"drop"`` (counted and logged).
+
+    Data with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (the reference's summed completion log-probs,
+    precomputed) keeps them with their pairs: each row carries the values of its pairs, and
+    :class:`~lightning_ulysses.PreferenceModule` uses them instead of running a reference.
     """
 
     @errors_reported_once
@@ -66,7 +73,22 @@ class PreferenceDataModule(_TokenizedDataModule):
         if missing:
             raise ValueError(f"Preference data needs 'chosen' and 'rejected' columns (and 'prompt', or conversations "
                              f"with a common start); missing {sorted(missing)} in {dataset.column_names}.")
+        refs = [c for c in REF_LOGP_COLUMNS if c in dataset.column_names]
+        if len(refs) == 1:
+            raise ValueError(f"Preference data has a '{refs[0]}' column but no "
+                             f"'{next(c for c in REF_LOGP_COLUMNS if c not in refs)}': precomputed reference log-probs "
+                             "need both (or neither: the module's reference computes them).")
         return dataset
+
+    @staticmethod
+    def _reference_of(sample: dict, index: int) -> Optional[tuple[float, float]]:
+        if REF_LOGP_COLUMNS[0] not in sample:
+            return None
+        values = tuple(sample[c] for c in REF_LOGP_COLUMNS)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"Preference sample {index}: {dict(zip(REF_LOGP_COLUMNS, values))}; precomputed reference "
+                             "log-probs must be numbers (the reference's summed log-probs of each completion).")
+        return float(values[0]), float(values[1])
 
     def _pair(self, sample: dict) -> tuple[Sample, Sample]:
         prompt, chosen, rejected = sample.get("prompt"), sample["chosen"], sample["rejected"]
@@ -87,9 +109,11 @@ class PreferenceDataModule(_TokenizedDataModule):
     def _rows_of(self, dataset: Any) -> tuple[list[dict], PackingStats]:
         stats = PackingStats()
         pairs: list[tuple[Sample, Sample]] = []
-        for sample in dataset:
+        refs: list[Optional[tuple[float, float]]] = []
+        for index, sample in enumerate(dataset):
             stats.samples += 1
             chosen, rejected = self._pair(sample)
+            ref = self._reference_of(sample, index)
             length = len(chosen[0]) + len(rejected[0])
             if length > self.seq_len:
                 if self.too_long == "error":
@@ -101,16 +125,22 @@ class PreferenceDataModule(_TokenizedDataModule):
                 stats.dropped += 1
                 continue
             pairs.append((chosen, rejected))
+            refs.append(ref)
         pad = self.tokenizer.pad_token_id
         if self.packing == "none":
-            rows = [_row([c, r], None, pad) for c, r in pairs]
+            groups = [[i] for i in range(len(pairs))]
+            rows = [_row([*pairs[i]], None, pad) for i in range(len(pairs))]
         else:
-            groups = best_fit_decreasing([len(c[0]) + len(r[0]) for c, r in pairs], self.seq_len)
-            rows = [_row([part for i in sorted(group) for part in pairs[i]], self.seq_len, pad) for group in groups]
+            groups = [sorted(g) for g in best_fit_decreasing([len(c[0]) + len(r[0]) for c, r in pairs], self.seq_len)]
+            rows = [_row([part for i in group for part in pairs[i]], self.seq_len, pad) for group in groups]
+        if refs and refs[0] is not None:  # a row's pairs in its order: chosen, rejected of pair 0, then pair 1, ...
+            for row, group in zip(rows, groups):
+                row[REF_LOGP_COLUMNS[0]] = [refs[i][0] for i in group]
+                row[REF_LOGP_COLUMNS[1]] = [refs[i][1] for i in group]
         stats.rows = len(rows)
         stats.real_tokens = sum(len(c[0]) + len(r[0]) for c, r in pairs)
         stats.row_tokens = sum(len(r["input_ids"]) for r in rows) if self.packing != "none" else stats.real_tokens
         return rows, stats
 
 
-__all__ = ["PAIR_PACKINGS", "PAIR_TOO_LONG", "PreferenceDataModule"]
+__all__ = ["PAIR_PACKINGS", "PAIR_TOO_LONG", "REF_LOGP_COLUMNS", "PreferenceDataModule"]

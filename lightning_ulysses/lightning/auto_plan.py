@@ -62,12 +62,19 @@ def _model_config(module: Any) -> Any:
     return config_of(spec, bool(getattr(module, "trust_remote_code", False)))
 
 
-def _sequence_length(strategy: Any, trainer: Any) -> tuple[int, str]:
+def known_sequence_length(strategy: Any, trainer: Any) -> tuple[Optional[int], str]:
+    """Tokens per sequence of the run, where it is known before the first batch: the strategy's ``max_seq_len``,
+    else the data module's ``seq_len`` (``None`` otherwise), and where it came from."""
     if strategy.max_seq_len is not None:
         return strategy.max_seq_len, f"max_seq_len={strategy.max_seq_len}"
     seq_len = _data_attribute(trainer, "seq_len")
-    if seq_len:
-        return int(seq_len), f"the data module's seq_len={seq_len}"
+    return (int(seq_len), f"the data module's seq_len={seq_len}") if seq_len else (None, "")
+
+
+def _sequence_length(strategy: Any, trainer: Any) -> tuple[int, str]:
+    seq_len, source = known_sequence_length(strategy, trainer)
+    if seq_len is not None:
+        return seq_len, source
     raise ValueError(
         "memory='auto' needs the sequence length to plan for: set the strategy's max_seq_len (YAML: "
         "trainer.strategy.init_args.max_seq_len) or use a data module with a seq_len (SFTDataModule, "
@@ -90,4 +97,4 @@ def _offloaded(zero: dict, key: str) -> bool:
     return isinstance(section, dict) and section.get("device") in ("cpu", "nvme")
 
 
-__all__ = ["plan_for_trainer"]
+__all__ = ["known_sequence_length", "plan_for_trainer"]

@@ -44,6 +44,10 @@ class PreferenceModule(CausalLMModule):
         label_smoothing: conservative DPO / SimPO (``0``: off).
         simpo_gamma: SimPO's target margin ``gamma`` (the loss uses ``gamma / beta``, as TRL).
         logprob_tile_tokens: tokens per lm_head tile when computing log-probs.
+        precomputed_ref_logps: the data carries the reference's log-probs (``ref_chosen_logps`` /
+            ``ref_rejected_logps``, see :class:`~lightning_ulysses.data.PreferenceDataModule`): no reference model is
+            built, and a batch without them is an error. Without this option such columns are still used when
+            present, but a reference is built (and held) for batches without them.
         **kwargs: everything else of :class:`~lightning_ulysses.CausalLMModule` (optimizer, peft, dtype, ...).
     """
 
@@ -56,6 +60,7 @@ class PreferenceModule(CausalLMModule):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         logprob_tile_tokens: int = DEFAULT_TILE_TOKENS,
+        precomputed_ref_logps: bool = False,
         **kwargs: Any,
     ) -> None:
         if loss_type not in PREFERENCE_LOSSES:
@@ -64,25 +69,32 @@ class PreferenceModule(CausalLMModule):
             raise ValueError(f"beta must be > 0, got {beta!r}.")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}.")
+        if precomputed_ref_logps and ref_model is not None:
+            raise ValueError("precomputed_ref_logps=True takes the reference's log-probs from the data: give no "
+                             "ref_model (or drop the option to run ref_model).")
         from transformers import PreTrainedModel
 
         # an instance policy without a reference: its frozen copy is taken now, before training changes it
-        if ref_model is None and loss_type != "simpo" and isinstance(model, PreTrainedModel) and kwargs.get("peft") is None:
+        if (ref_model is None and loss_type != "simpo" and not precomputed_ref_logps and isinstance(model, PreTrainedModel)
+                and kwargs.get("peft") is None):
             ref_model = copy.deepcopy(model)
         super().__init__(model, **kwargs)
         self.hparams["ref_model"] = model_record(ref_model) if ref_model is not None else None
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.simpo_gamma, self.logprob_tile_tokens = simpo_gamma, logprob_tile_tokens
+        self.precomputed_ref_logps = precomputed_ref_logps
         self._ref_source = (ref_model,)  # in a tuple: an instance must not be registered as a second submodule here
         self.frozen_specs = self.frozen_model_specs(
-            {"model": model, "ref_model": ref_model, "loss_type": loss_type, "peft": kwargs.get("peft")})
+            {"model": model, "ref_model": ref_model, "loss_type": loss_type, "peft": kwargs.get("peft"),
+             "precomputed_ref_logps": precomputed_ref_logps})
         self.ref_model: Optional[torch.nn.Module] = None
 
     @classmethod
     @override
     def frozen_model_specs(cls, init_args: dict[str, Any]) -> list[ModelSpec]:
-        """The reference: ``ref_model``, else a copy of the policy; none for SimPO or a LoRA policy (adapters off)."""
-        if init_args.get("loss_type", "sigmoid") == "simpo":
+        """The reference: ``ref_model``, else a copy of the policy; none for SimPO, precomputed reference log-probs or a
+        LoRA policy (adapters off)."""
+        if init_args.get("loss_type", "sigmoid") == "simpo" or init_args.get("precomputed_ref_logps"):
             return []
         if init_args.get("ref_model") is not None:
             return [init_args["ref_model"]]
@@ -92,7 +104,7 @@ class PreferenceModule(CausalLMModule):
     @override
     def configure_model(self) -> None:
         super().configure_model()
-        if self.ref_model is not None or self.loss_type == "simpo":
+        if self.ref_model is not None or self.loss_type == "simpo" or self.precomputed_ref_logps:
             return
         spec = self._ref_source[0]
         if spec is None and (self.peft is not None or is_peft_model(self.model)):
@@ -140,6 +152,9 @@ class PreferenceModule(CausalLMModule):
             ref = torch.stack([batch["ref_chosen_logps"].reshape(-1), batch["ref_rejected_logps"].reshape(-1)], 1)
             ref = ref.reshape(-1).to(logps)
             ref = torch.cat([ref, ref.new_zeros(max(0, logps.numel() - ref.numel()))])
+        elif self.precomputed_ref_logps and self.loss_type != "simpo":
+            raise ValueError("precomputed_ref_logps=True but the batch has no 'ref_chosen_logps' / 'ref_rejected_logps': "
+                             "give data with both columns (PreferenceDataModule carries them), or drop the option.")
         else:
             ref = self._reference_logprobs(batch)
         # samples alternate chosen, rejected; slots of a row without a sample (fewer pairs than others) have no token

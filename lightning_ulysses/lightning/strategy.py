@@ -55,7 +55,7 @@ from lightning_ulysses.memory import (
 )
 from lightning_ulysses.memory.auto import Estimate
 from lightning_ulysses.memory.plan import flat_options
-from lightning_ulysses.lightning.auto_plan import plan_for_trainer
+from lightning_ulysses.lightning.auto_plan import known_sequence_length, plan_for_trainer
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
@@ -304,7 +304,11 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
         # the trained model and any frozen companion (reference, teacher) see the same sharded batch: same attention
+        names = {id(m): n for n, m in self.lightning_module.named_modules()}
+        seq_len = known_sequence_length(self, trainer)[0]
         for model in find_hf_models(self.lightning_module):
+            if model is not hf_model:  # a frozen companion must run at the layout chosen for the trained model
+                layout.check_companion(model, names.get(id(model), type(model).__name__), hf_model, seq_len)
             if layout.sp_enabled or attn_implementation(model) in SUPPORTED_ATTN_IMPLEMENTATIONS:
                 comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
                 apply_ulysses(model, self.groups, comm_dtype=comm, ring_zigzag=self.ring_zigzag,

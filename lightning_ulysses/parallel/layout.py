@@ -46,6 +46,12 @@ COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "eager")
 
 
+def _max_positions(model: torch.nn.Module) -> Optional[int]:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "max_position_embeddings", None)
+
+
 def heads_allow(sp: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether Ulysses can split ``num_heads`` query / ``num_kv_heads`` kv heads over ``sp`` ranks.
 
@@ -333,6 +339,37 @@ class ParallelLayout:
             sequence_parallel_size, world_size, heads, kv_heads, impl, mode=mode, ulysses_size=ulysses_size,
             ring_size=ring_size, gpus_per_node=gpus_per_node,
         )
+
+    def check_companion(self, model: torch.nn.Module, name: str, trained: Optional[torch.nn.Module] = None,
+                        seq_len: Optional[int] = None) -> None:
+        """Refuse a frozen model run next to the trained one (a DPO reference, a distillation teacher) that this
+        layout cannot run: it sees the same sharded batch under the same attention, so its layers must be shardable
+        and its heads split at this layout's Ulysses degree (chosen for the trained model); and with ``seq_len``
+        known, it must handle as many positions as the trained model does for that length (``max_position_embeddings``
+        of a frozen model that is shorter than both: its distributions past it would be extrapolated)."""
+        kind = type(model).__name__
+        if self.sp_enabled:
+            check_shardable(model, self.sp)
+            heads, kv, _ = attention_spec(model)
+            if not heads_allow(self.ulysses, heads, kv):
+                raise ValueError(
+                    f"The frozen model `{name}` ({kind}, num_attention_heads={heads}, num_key_value_heads={kv}) cannot run at this "
+                    f"layout: Ulysses degree {self.ulysses} (chosen for the trained model's heads) does not split its "
+                    f"heads. Use one whose heads the degree divides, a sequence_parallel_size / ulysses_size "
+                    f"that both models' heads allow, or context_parallel_mode='ring_only' (a ring splits no heads)."
+                )
+        if seq_len is None:
+            return
+        ours = _max_positions(model)
+        theirs = _max_positions(trained) if trained is not None else None
+        if ours is not None and ours < seq_len and (theirs is None or ours < theirs):
+            raise ValueError(
+                f"The frozen model `{name}` ({kind}) handles {ours:,} positions (max_position_embeddings), fewer than the "
+                f"{seq_len:,} tokens per sequence of this run"
+                + (f" and the trained model's {theirs:,}" if theirs is not None else "")
+                + f": its outputs past {ours:,} would be extrapolated. Use one trained for this length, shorter "
+                f"sequences, or, if it does extrapolate (rope_scaling), set its max_position_embeddings."
+            )
 
     @property
     def dp(self) -> int:

@@ -86,12 +86,12 @@ def run(case: dict, out: Path) -> None:
                                       optimizer=sgd, logprob_tile_tokens=16)
     else:
         module = Recorded(LLAMA, loss_type=case["loss"], beta=case.get("beta", 0.1), attn_implementation="sdpa",
-                          optimizer=sgd, peft=case.get("peft"))
+                          optimizer=sgd, peft=case.get("peft"), precomputed_ref_logps=bool(case.get("precomputed")))
     module.recorder = rec
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
                                         gradient_checkpointing=case.get("checkpointing"),
                                         context_parallel_mode=case.get("mode", "auto"))
-    data = PreferenceDataModule(str(ROOT / "data" / "preferences.jsonl"), str(ROOT / "data" / "tokenizer"), seq_len=128,
+    data = PreferenceDataModule(case.get("data", str(ROOT / "data" / "preferences.jsonl")), str(ROOT / "data" / "tokenizer"), seq_len=128,
                                 batch_size=1, val_size=0)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=case.get("devices", 2), max_steps=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -100,9 +100,14 @@ def run(case: dict, out: Path) -> None:
     weights = gather_weights(module.model)
     ref = getattr(module, "ref_model", None)
     ref_weights = gather_weights(ref) if ref is not None else None
+    # every rank's batches: with dp > 1 the step's gradient is the mean over the DP groups' batches
+    everyone = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, rec.batches)
+    sp = trainer.strategy.layout.sp
     if trainer.global_rank == 0:
         trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
         result = {"batches": rec.batches, "losses": rec.losses, "metrics": rec.metrics,
+                  "dp_batches": everyone[::sp],
                   "weights": {k: v.tolist() for k, v in weights.items() if k in trained},
                   "initial": {k: v.tolist() for k, v in rec.initial.items()},
                   "ref_final": {k: v.tolist() for k, v in ref_weights.items()} if ref_weights is not None else None,
