@@ -55,6 +55,9 @@ def fit(mode: str, seq: int, args) -> dict:
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-6, fused=True)  # noqa: E731
     module = (PreferenceModule(model, loss_type="sigmoid", beta=0.1, attn_implementation="sdpa", optimizer=optimizer)
               if mode == "dpo" else CausalLMModule(model, attn_implementation="sdpa", optimizer=optimizer))
+    rows = pair_rows(seq, args.prompt, args.steps, WIDTH["vocab_size"])
+    if mode == "sft_one_document":  # the same tokens as one sequence (positions never restart): packing's share
+        rows = [dict(r, position_ids=list(range(len(r["input_ids"])))) for r in rows]
     throughput = SequenceThroughput(warmup_steps=1)
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=3, memory="auto", max_seq_len=seq,
                                         pad_to_multiple_of=1024)
@@ -62,7 +65,7 @@ def fit(mode: str, seq: int, args) -> dict:
                          max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          callbacks=[throughput])
-    rows = RowsDataset(pair_rows(seq, args.prompt, args.steps, WIDTH["vocab_size"]))
+    rows = RowsDataset(rows)
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, DataLoader(rows, batch_size=1))
     steady = throughput.history[1:] or throughput.history
@@ -111,7 +114,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq-lens", type=int, nargs="*", default=[65536, 131072])
-    p.add_argument("--modes", nargs="+", default=["dpo", "sft"])
+    p.add_argument("--modes", nargs="+", default=["dpo", "sft"], help="dpo, sft, sft_one_document")
     p.add_argument("--prompt", type=int, default=1024, help="prompt tokens of each pair")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--distill-tokens", type=int, nargs="*", default=[16384, 32768])

@@ -62,7 +62,7 @@ def test_hybrid_yaml_scenario_trains_like_the_sp1_baseline(tmp_path) -> None:
     assert max(abs(a - b) for a, b in zip(hybrid, baseline)) < 2e-3, (hybrid, baseline)
 
 
-@pytest.mark.parametrize("config", ["sft_chat", "pretrain_long_docs", "dpo_long", "distill_long"])
+@pytest.mark.parametrize("config", ["sft_chat", "pretrain_long_docs", "dpo_long", "distill_long", "sft_vlm"])
 def test_data_configs_train_from_the_readme_command(config: str, tmp_path) -> None:
     """The README's command, from the repository root (the configs read data/ relatively): 5 steps, loss falls."""
     import re

@@ -105,6 +105,41 @@ def checkpointed_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def rope_index(inner: torch.nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+               image_grid_thw: Optional[torch.Tensor], video_grid_thw: Optional[torch.Tensor],
+               second_per_grid_ts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[3, b, n]`` multimodal rotary positions of a Qwen-VL model's ``get_rope_index`` (its arguments changed
+    across transformers releases: ``mm_token_type_ids`` is taken where it exists, video timing where it does)."""
+    import inspect
+
+    accepted = inspect.signature(inner.get_rope_index).parameters
+    kwargs: dict[str, Any] = {"image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw}
+    if "mm_token_type_ids" in accepted:
+        kwargs["mm_token_type_ids"] = mm_token_type_ids
+    if second_per_grid_ts is not None and "second_per_grid_ts" in accepted:
+        kwargs["second_per_grid_ts"] = second_per_grid_ts
+    return inner.get_rope_index(input_ids, **kwargs)[0]
+
+
+def auto_model_mapping(auto_class: Any) -> Any:
+    """The lazy config -> model class mapping of an ``AutoModelFor...`` class (indexing it imports the module)."""
+    return auto_class._model_mapping
+
+
+def multimodal_output(inner: torch.nn.Module, out: Any) -> Any:
+    """The language model's output as the output type of the VLM's inner model (its outer forward reads fields
+    such as ``image_outputs`` or ``rope_deltas`` that releases add and rename), those fields left empty."""
+    import sys
+
+    module = sys.modules[type(inner).__module__]
+    prefix = type(inner).__name__[: -len("Model")] if type(inner).__name__.endswith("Model") else ""
+    for name in ("MultimodalBaseModelOutputWithPast", f"{prefix}ModelOutputWithPast"):
+        kind = getattr(module, name, None)
+        if kind is not None:
+            return kind(**out)
+    return out
+
+
 def set_checkpoint_function(layer: torch.nn.Module, fn: Callable) -> None:
     """The checkpoint function one HF layer calls (``gradient_checkpointing_enable`` gives all layers the same)."""
     layer._gradient_checkpointing_func = fn
@@ -174,6 +209,8 @@ def plain_model_init() -> Iterator[None]:
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-__all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "checkpointed_layers",
-           "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "plain_model_init",
+__all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "auto_model_mapping",
+           "checkpointed_layers",
+           "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "multimodal_output",
+           "plain_model_init", "rope_index",
            "set_checkpoint_function", "tied_weight_keys"]

@@ -37,6 +37,7 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
         offload_optimizer=_offloaded(zero, "offload_optimizer"), offload_parameters=_offloaded(zero, "offload_param"),
         peft=getattr(module, "peft", None), context_parallel_mode=strategy.context_parallel_mode,
         ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size, frozen=frozen,
+        packed=packs_rows(getattr(trainer, "datamodule", None)),
     )
     if strategy.root_device.type == "cuda":
         hardware = Hardware(torch.cuda.mem_get_info(strategy.root_device)[1] / 2**30, host_available_gib())
@@ -82,6 +83,17 @@ def _sequence_length(strategy: Any, trainer: Any) -> tuple[int, str]:
     )
 
 
+def packs_rows(datamodule: Any) -> bool:
+    """Whether a data module's rows hold several samples: preference pairs always do (chosen + rejected), the others
+    unless their ``packing`` is ``"none"``. Unknown data (a plain DataLoader) counts as one sample per row."""
+    from lightning_ulysses.data.preference import PreferenceDataModule
+
+    if isinstance(datamodule, PreferenceDataModule):
+        return True
+    packing = getattr(datamodule, "packing", None)
+    return packing is not None and packing != "none"
+
+
 def _data_attribute(trainer: Any, name: str) -> Optional[int]:
     dm = getattr(trainer, "datamodule", None)
     if dm is None:
@@ -97,4 +109,4 @@ def _offloaded(zero: dict, key: str) -> bool:
     return isinstance(section, dict) and section.get("device") in ("cpu", "nvme")
 
 
-__all__ = ["known_sequence_length", "plan_for_trainer"]
+__all__ = ["known_sequence_length", "packs_rows", "plan_for_trainer"]

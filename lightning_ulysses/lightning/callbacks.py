@@ -153,7 +153,9 @@ class SequenceThroughput(Callback):
     prints a summary at the end of training (formulas: :mod:`lightning_ulysses.models.flops`).
 
     Tokens are counted once per sequence (not once per SP rank) and include padding. Works with any
-    strategy; under ``UlyssesDeepSpeedStrategy`` the sequence length is the shard length times sp.
+    strategy; under ``UlyssesDeepSpeedStrategy`` the sequence length is the shard length times sp. A vision-language
+    model's tower is counted apart (``throughput/vision_patches_per_sec``, ``throughput/vision_tflops_per_gpu``:
+    :func:`~lightning_ulysses.models.flops.vision_flops`); tokens, model TFLOPS and MFU are the language model's.
 
     Args:
         peak_tflops: bf16 peak per GPU for MFU; default: Lightning's table for the chip (CUDA only).
@@ -166,14 +168,16 @@ class SequenceThroughput(Callback):
         self.history: list[dict[str, float]] = []
         self._t0 = 0.0
         self._dims: Any = None
+        self._vision: Any = None
         self._model: Any = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_ulysses.models.flops import ModelDims, peak_flops_per_gpu
+        from lightning_ulysses.models.flops import ModelDims, VisionDims, peak_flops_per_gpu
 
         model = find_hf_model(pl_module)
         self._dims = ModelDims.of(model) if model is not None else None
+        self._vision = VisionDims.of(model) if model is not None else None
         self._peak_flops = peak_flops_per_gpu(pl_module.device, self.peak_tflops)  # once, not every step
         self.history = []
 
@@ -181,6 +185,15 @@ class SequenceThroughput(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after every callback's on_fit_start: the memory tricks are applied by now
         self._model = find_hf_model(pl_module)
+
+    def _vision_work(self, batch: Any) -> tuple[float, float]:
+        """Patches the tower encodes in this batch and the sum over its units of their patch count squared."""
+        from lightning_ulysses.models.multimodal import vlm_family
+
+        if not isinstance(batch, dict):
+            return 0.0, 0.0
+        units = vlm_family(self._model).units(self._model, batch)
+        return float(sum(u.patches for u in units)), float(sum(u.patches**2 for u in units))
 
     def _sync(self, device: Any) -> None:
         if getattr(device, "type", None) == "cuda":
@@ -205,11 +218,14 @@ class SequenceThroughput(Callback):
         b, s = ids.shape[0], ids.shape[1] * sp  # full sequence length
         ctx = current_step_context()  # packed rows: attention is per segment
         bounds = ctx.segment_bounds if ctx is not None and ctx.training else None
-        # [sequences, sum S, sum S^2] over the world; every SP rank of a group reports the same sequences
-        stats = torch.tensor([float(b), float(b * s), sum_sq_len(b, s, bounds)], device=pl_module.device, dtype=torch.float64)
+        patches, sq_patches = self._vision_work(batch) if self._vision is not None else (0.0, 0.0)
+        # [sequences, sum S, sum S^2, vision patches, sum of units' patches^2] over the world; every SP rank of a
+        # group reports the same sequences (and the same images: the batch's vision inputs are whole on each)
+        stats = torch.tensor([float(b), float(b * s), sum_sq_len(b, s, bounds), patches, sq_patches],
+                             device=pl_module.device, dtype=torch.float64)
         stats = trainer.strategy.reduce(stats, reduce_op="sum") / sp
         world = trainer.world_size
-        _, tokens, sq = (float(x) for x in stats)
+        _, tokens, sq, patches, sq_patches = (float(x) for x in stats)
         flops = model_flops(self._dims, tokens, sq) if self._dims else 0.0
         recompute = 0.0
         if self._dims and self._model is not None:  # what each trick, as applied, recomputes
@@ -221,6 +237,11 @@ class SequenceThroughput(Callback):
             "throughput/hw_tflops_per_gpu": hw / dt / world / 1e12,
             "throughput/step_s": dt,
         }
+        if self._vision is not None:  # the tower apart: model TFLOPS and MFU stay the language model's
+            from lightning_ulysses.models.flops import vision_flops
+
+            metrics["throughput/vision_patches_per_sec"] = patches / dt
+            metrics["throughput/vision_tflops_per_gpu"] = vision_flops(self._vision, patches, sq_patches) / dt / world / 1e12
         if self._peak_flops:
             metrics["throughput/mfu"] = flops / dt / world / self._peak_flops
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
@@ -241,6 +262,9 @@ class SequenceThroughput(Callback):
                  f"{med['throughput/hw_tflops_per_gpu']:.3g} hw TFLOPS/GPU"]
         if "throughput/mfu" in med:
             parts.append(f"MFU {100 * med['throughput/mfu']:.1f}%")
+        if "throughput/vision_patches_per_sec" in med:
+            parts.append(f"vision {med['throughput/vision_patches_per_sec']:,.0f} patches/s, "
+                         f"{med['throughput/vision_tflops_per_gpu']:.3g} TFLOPS/GPU")
         if "memory/peak_allocated_gib" in med:
             parts.append(f"peak {max(m['memory/peak_allocated_gib'] for m in steady):.2f} GiB")
         print(f"throughput (median of {len(steady)} steps): " + ", ".join(parts), flush=True)

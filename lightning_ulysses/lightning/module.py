@@ -22,6 +22,7 @@ from lightning_ulysses.memory.tiled_loss import tiled_loss_enabled
 from lightning_ulysses.models.adapters import adapter_config, apply_peft, is_peft_model, peft_record, trainable_parameters
 from lightning_ulysses.models.build import ModelSpec, build_causal_lm, import_model_code, model_record
 from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
+from lightning_ulysses.models.multimodal import checked_vision_inputs, freeze_vision
 from lightning_ulysses.parallel.loss import sp_causal_lm_loss
 from lightning_ulysses.parallel.moe import moe_router_spec, sp_load_balancing_loss
 from lightning_ulysses.parallel.sharding import IGNORE_INDEX, prepare_batch
@@ -57,6 +58,8 @@ class CausalLMModule(LightningModule):
             the SP group, cut to the batch's own length): ``"logits"`` (``[b, S, V]``), ``"token_logprobs"``
             (``[b, S-1]``: log-probability of each next token, 0 where its label is masked; never builds the full
             ``[b, S, V]`` on one rank) or ``"last_logits"`` (``[b, V]`` at each row's last non-padding token).
+        freeze_vision_tower: a vision-language model's vision encoder (without its projector) does not train.
+        freeze_projector: its projector (the patch merger of Qwen-VL) does not train.
     """
 
     @errors_reported_once  # every rank builds the module from the same arguments: one report of a bad one
@@ -72,6 +75,8 @@ class CausalLMModule(LightningModule):
         peft: Optional[Any] = None,
         trust_remote_code: bool = False,
         predict_output: str = "logits",
+        freeze_vision_tower: bool = False,
+        freeze_projector: bool = False,
     ) -> None:
         super().__init__()
         if predict_output not in PREDICT_OUTPUTS:
@@ -98,6 +103,7 @@ class CausalLMModule(LightningModule):
         self.peft = peft
         self.trust_remote_code = trust_remote_code
         self.predict_output = predict_output
+        self.freeze_vision_tower, self.freeze_projector = freeze_vision_tower, freeze_projector
         self.step_metrics: dict[str, torch.Tensor] = {}  # set by compute_loss of subclasses, logged per training step
         # what configure_model will build besides the trained model (memory="auto" counts their weights)
         self.frozen_specs: list[ModelSpec] = []
@@ -109,7 +115,8 @@ class CausalLMModule(LightningModule):
     def setup(self, stage: str) -> None:
         # before configure_model, which runs inside the strategy's sharded context (see import_model_code)
         if self.model is None:
-            import_model_code(self.model_spec, self.trust_remote_code)
+            for spec in (self.model_spec, *self.frozen_specs):  # the trained model and its frozen companions
+                import_model_code(spec, self.trust_remote_code)
 
     @override
     @errors_reported_once
@@ -121,6 +128,7 @@ class CausalLMModule(LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = build_causal_lm(spec, self.attn_implementation, self.dtype_name, self.trust_remote_code)
+            freeze_vision(model, self.freeze_vision_tower, self.freeze_projector)
             if self.peft is not None:
                 torch.manual_seed(self.seed)  # adapters start from `seed` however the model was built
                 model = apply_peft(model, self.peft)
@@ -165,6 +173,7 @@ class CausalLMModule(LightningModule):
         batch = self._prepare(batch)
         moe = moe_router_spec(find_hf_model(self.model))
         extra = {"output_router_logits": True} if moe else {}
+        extra.update(checked_vision_inputs(batch))  # a vision-language batch: pixels, grids, slots, 3-D positions
         ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["shift_labels"]
         if tiled_loss_enabled(self.model):
             # SP-aware token mean computed in tiles inside the model (no logits tensor at all)

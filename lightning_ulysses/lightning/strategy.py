@@ -59,6 +59,7 @@ from lightning_ulysses.lightning.auto_plan import known_sequence_length, plan_fo
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
+from lightning_ulysses.models.multimodal import apply_multimodal, prepare_multimodal, remove_multimodal, sp_target, vlm_family
 from lightning_ulysses.parallel.accumulation import WindowTokenCounter
 from lightning_ulysses.parallel.layout import (
     COMM_DTYPES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize, check_sp_options,
@@ -235,6 +236,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
         self._applied_tricks: list[MemoryTrick] = []  # what setup() applied (with the Trainer's trick callbacks)
         self._vocab_size: Optional[int] = None  # rows of the model's input embedding: every batch's ids are checked
+        self._vlm: Optional[torch.nn.Module] = None  # the trained model when it is vision-language (batches get slots)
         self.groups: Optional[ProcessGroups] = None
         self._rng_checkpoint: Optional[str] = None  # a resumed checkpoint whose RNG states are still to restore
 
@@ -300,6 +302,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             rank_zero_info(f"lightning_ulysses layout: {layout.describe(self.num_nodes)}")
         hf_model = find_hf_model(self.lightning_module)
         self._vocab_size = _embedding_rows(hf_model, trainer)
+        self._vlm = hf_model if vlm_family(hf_model) is not None else None
         # under SP: Ulysses/ring attention. At sp=1 the same handler keeps packed samples apart: sdpa per segment (no
         # dense mask); eager with the samples' mask (transformers separates packed samples itself only in calls
         # without a KV cache); flash kernels through varlen cu_seqlens (transformers does so only for one-row batches)
@@ -309,12 +312,16 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         for model in find_hf_models(self.lightning_module):
             if model is not hf_model:  # a frozen companion must run at the layout chosen for the trained model
                 layout.check_companion(model, names.get(id(model), type(model).__name__), hf_model, seq_len)
-            if layout.sp_enabled or attn_implementation(model) in SUPPORTED_ATTN_IMPLEMENTATIONS:
+            # a vision-language model: the sequence is sharded at its language model's input, where the vision
+            # features are merged in; the tower attends within whole images and is not wrapped
+            apply_multimodal(model)
+            target = sp_target(model)
+            if layout.sp_enabled or attn_implementation(target) in SUPPORTED_ATTN_IMPLEMENTATIONS:
                 comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")
-                apply_ulysses(model, self.groups, comm_dtype=comm, ring_zigzag=self.ring_zigzag,
+                apply_ulysses(target, self.groups, comm_dtype=comm, ring_zigzag=self.ring_zigzag,
                               ring_backend=self.ring_attention_backend)
             else:
-                remove_ulysses(model)
+                remove_ulysses(target)
         if hf_model is not None:
             # one ordered plan: this strategy's tricks and any the project passed as callbacks, before DeepSpeed
             # wraps the model (the callbacks re-apply the same plan at each stage start; applying is idempotent)
@@ -412,6 +419,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         try:
             full = prepare_for_sharding(batch, sp, self.pad_to_multiple_of, self.pad_token_id, ring, self.ring_zigzag)
             check_token_ids(full["input_ids"], self._vocab_size)
+            if self._vlm is not None:  # vision slots and 3-D positions of the whole sequence, sharded with it
+                full = prepare_multimodal(full, self._vlm)
         except (TypeError, ValueError, KeyError) as exc:
             error = exc
         if sp > 1:  # a rank that failed, or a batch that differs, must stop the whole group before any all-to-all
@@ -554,7 +563,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         if hf_model is not None:
             remove_tricks(hf_model, self._applied_tricks)
         for model in find_hf_models(self.lightning_module) if self.lightning_module is not None else []:
-            remove_ulysses(model)
+            remove_ulysses(sp_target(model))
+            remove_multimodal(model)
         self._applied_tricks = []
         set_step_context(None)  # the last batch's facts must not reach forwards run after fit
         # Lightning's Strategy.teardown copies the optimizer state and the module to host memory to free

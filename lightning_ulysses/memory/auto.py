@@ -47,6 +47,12 @@ COEFFICIENTS: dict[str, float] = {
     # added without the tiled MLP (memory-efficient SwiGLU on), in units of I bytes: 44 KiB at I=14336, from the CLI
     # runs of 2026-12-01 (save_attention + offload without tiled MLP / attention: 53.83 GiB; shipped: 39.84 GiB)
     "untiled_mlp_i": 3.15,
+    # packed rows (positions restarting; attention one kernel call per sample): bytes per token per layer above one
+    # document, in units of H: 31 GiB at 65,536 tokens x 4 layers of 8B width without checkpointing (97.16 GiB for
+    # one DPO-style pair per row vs 66.13 for the same tokens as one document; one H200, 2026-12-05). Without
+    # checkpointing only: with it, packed rows peaked as one document does (39.84 GiB both, shipped config at 128K,
+    # 2026-12-01). A DPO step on such rows measured 82.24 GiB, 20% below this model's 103.1 (safe side).
+    "packed_attention_h": 31.0,
     # a layer's saved activations without checkpointing: 17.66 H + 8 I bytes per token, less 8 H with the
     # memory-efficient norm and 2 I with the SwiGLU: 122.6 KiB at 8B width with both (one H100, 4 layers, 65,536 tokens,
     # no checkpointing: 66.13 GiB peak, 2026-12-05; DeepSpeed's ALST path without our norm/SwiGLU measured 210 KiB
@@ -104,6 +110,7 @@ class Workload:
     trainable_params: Optional[int] = None  # None: all (full fine-tuning); LoRA: the adapters' count
     experts_per_token: int = 1  # MoE: each token's MLP work and activations scale with the experts it visits
     frozen_params: int = 0  # frozen companions (a DPO reference, a distillation teacher): weights only, no gradients
+    packed: bool = False  # rows hold several samples (positions restarting): preference pairs, packed SFT data
 
     @property
     def local_tokens(self) -> int:
@@ -222,6 +229,7 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     else:
         per_layer = c["layer_activations_h"] * h + c["layer_activations_i"] * inter
         per_layer -= (c["rmsnorm_saves_h"] * h if rms else 0.0) + (c["swiglu_saves_i"] * inter if swiglu else 0.0)
+        per_layer += c["packed_attention_h"] * h if w.packed else 0.0
         parts["layer_activations"] = per_layer * s * layers
     # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors (its
     # attention backward workspace unless tiled, its MLP intermediates unless tiled); without checkpointing those are
@@ -365,11 +373,12 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                      world_size: int = 1, ranks_per_node: int = 1, zero_stage: int = 3, optimizer: str = "adamw",
                      offload_optimizer: bool = False, offload_parameters: bool = False, peft: Any = None,
                      context_parallel_mode: str = "auto", ulysses_size: Optional[int] = None,
-                     ring_size: Optional[int] = None, frozen: Sequence[Any] = ()) -> Workload:
+                     ring_size: Optional[int] = None, frozen: Sequence[Any] = (), packed: bool = False) -> Workload:
     """The :class:`Workload` of a run as the strategy sees it before the model is built: the layout resolved from
     the config's head counts as :meth:`ParallelLayout.resolve <lightning_ulysses.parallel.layout.ParallelLayout.resolve>`
     does (a model that cannot be sequence-sharded is resolved at setup; here it counts as asked). ``frozen``: the
-    configs of frozen companion models (a DPO reference, a distillation teacher), counted as weights only."""
+    configs of frozen companion models (a DPO reference, a distillation teacher), counted as weights only; ``packed``:
+    rows hold several samples."""
     from lightning_ulysses.parallel.layout import ParallelLayout
 
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -381,7 +390,7 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
     w = Workload.from_config(config, seq_len, rows=rows, sp=layout.sp, world_size=world_size,
                              ranks_per_node=ranks_per_node, zero_stage=zero_stage, optimizer=optimizer,
                              offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
-                             frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen))
+                             frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen), packed=packed)
     return replace(w, trainable_params=lora_params(w, peft)) if peft is not None else w
 
 

@@ -45,13 +45,23 @@ def build_causal_lm(
     if isinstance(model, dict):
         model = config_of(model)
     if isinstance(model, PretrainedConfig):
-        return AutoModelForCausalLM.from_config(model, **kwargs)
+        return _auto_class(model).from_config(model, **kwargs)
     if isinstance(model, str):
-        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        return _auto_class(config_of(model, trust_remote_code)).from_pretrained(model, **kwargs)
     raise TypeError(
         f"Cannot build a causal LM from {type(model).__name__}; pass a name/path, dict, config, PreTrainedModel or "
         "PEFT model."
     )
+
+
+def _auto_class(config: Any) -> Any:
+    """``AutoModelForImageTextToText`` for the vision-language families the strategy shards
+    (:data:`lightning_ulysses.models.multimodal.SUPPORTED_VLMS`), ``AutoModelForCausalLM`` otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from lightning_ulysses.models.multimodal import SUPPORTED_VLMS
+
+    return AutoModelForImageTextToText if getattr(config, "model_type", None) in SUPPORTED_VLMS else AutoModelForCausalLM
 
 
 def model_record(model: ModelSpec) -> Union[str, dict[str, Any]]:
@@ -98,11 +108,12 @@ def import_model_code(spec: ModelSpec, trust_remote_code: bool = False) -> None:
     built after the fit (an evaluation copy, an export) lack the decorator's state and fail in forward."""
     if trust_remote_code or isinstance(spec, torch.nn.Module):
         return  # remote code is imported by from_pretrained itself; an instance's code is imported already
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from lightning_ulysses.compat.transformers import auto_model_mapping
 
     config = config_of(spec)
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    mapping = auto_model_mapping(_auto_class(config))
+    if type(config) in mapping:
+        mapping[type(config)]  # the lazy mapping imports the modelling module
 
 
 __all__ = ["ModelSpec", "build_causal_lm", "config_of", "import_model_code", "model_record"]

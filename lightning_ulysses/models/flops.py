@@ -34,12 +34,49 @@ class ModelDims:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelDims":
+        """The language model's dimensions (a vision-language model's tower is :class:`VisionDims`)."""
+        from lightning_ulysses.models.multimodal import vlm_family
+
         cfg = model.config.get_text_config()
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        family = vlm_family(model)
+        tower = {id(p) for p in family.tower(model).parameters()} if family is not None else set()
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in tower)
         emb = model.get_input_embeddings()
         emb_n = sum(getattr(p, "ds_numel", p.numel()) for p in emb.parameters()) if emb is not None else 0
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(total - emb_n, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """A vision-language model's tower (encoder + projector): parameters, depth, width, and whether it trains."""
+
+    n_params: int
+    layers: int
+    hidden: int
+    trains: bool
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional["VisionDims"]:
+        from lightning_ulysses.models.multimodal import vlm_family
+
+        family = vlm_family(model)
+        if family is None:
+            return None
+        params = list(family.tower(model).parameters())
+        vc = model.config.vision_config
+        layers = getattr(vc, "depth", None) or vc.num_hidden_layers
+        hidden = getattr(vc, "embed_dim", None) or vc.hidden_size
+        return cls(sum(getattr(p, "ds_numel", p.numel()) for p in params), layers, hidden,
+                   any(p.requires_grad for p in params))
+
+
+def vision_flops(dims: VisionDims, patches: float, sum_sq_patches: float) -> float:
+    """Tower FLOPs of one step: ``patches`` encoded, ``sum_sq_patches`` the sum over units (what one attention spans:
+    an image, a video's frame group) of their patch count squared; bidirectional attention. A trained tower costs
+    forward + backward (3x the forward), a frozen one its forward."""
+    passes = 3.0 if dims.trains else 1.0
+    return passes * (2.0 * dims.n_params * patches + 4.0 * dims.layers * dims.hidden * sum_sq_patches)
 
 
 def sum_sq_len(rows: int, length: int, segment_bounds: Optional[list] = None) -> float:
@@ -89,4 +126,5 @@ def peak_flops_per_gpu(device: torch.device, peak_tflops: Optional[float] = None
     return float(flops) if flops else None
 
 
-__all__ = ["ModelDims", "chip_bf16_tflops", "model_flops", "peak_flops_per_gpu", "recompute_flops"]
+__all__ = ["ModelDims", "VisionDims", "chip_bf16_tflops", "model_flops", "peak_flops_per_gpu", "recompute_flops",
+           "vision_flops"]

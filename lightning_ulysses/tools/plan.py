@@ -70,7 +70,8 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
     opt_name = optimizer.get("class_path", "adamw") if isinstance(optimizer, dict) else str(optimizer)
     defaults = flat_options()
     return dict(
-        model=model.get("model", model.get("student")), frozen=frozen, peft=model.get("peft"), trust_remote_code=bool(model.get("trust_remote_code")),
+        model=model.get("model", model.get("student")), frozen=frozen, peft=model.get("peft"),
+        packed=_data_packs(cfg.get("data")), trust_remote_code=bool(model.get("trust_remote_code")),
         seq_len=int(length), rows=int(data.get("batch_size", 1)), world_size=per_node * nodes, ranks_per_node=per_node,
         sequence_parallel_size=strategy_args.get("sequence_parallel_size", strategy_args.get("context_parallel_size", "auto")),
         zero_stage=stage, optimizer=opt_name.rsplit(".", 1)[-1].lower(),
@@ -81,6 +82,18 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
         context_parallel_mode=strategy_args.get("context_parallel_mode", "auto"),
         ulysses_size=strategy_args.get("ulysses_size"), ring_size=strategy_args.get("ring_size"),
     )
+
+
+def _data_packs(section: Any) -> bool:
+    """As :func:`lightning_ulysses.lightning.auto_plan.packs_rows`, from the YAML's ``data`` section."""
+    if not isinstance(section, dict):
+        return False
+    if str(section.get("class_path", "")).endswith("PreferenceDataModule"):
+        return True
+    packing = _init_args(section).get("packing")
+    if packing is None and str(section.get("class_path", "")).endswith(("SFTDataModule", "PretrainDataModule")):
+        packing = "best_fit"  # their default
+    return packing is not None and packing != "none"
 
 
 def _module_class(section: Any) -> Any:

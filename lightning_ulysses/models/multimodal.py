@@ -1,0 +1,411 @@
+"""Vision-language models under sequence parallelism: the sequence is sharded where it exists, at the decoder's
+input, after the vision features are merged into the token embeddings.
+
+Per step:
+
+1. The strategy prepares the *whole* batch (:func:`prepare_multimodal`, before sharding): ``vision_slots [b, S]``
+   (the index of each vision placeholder token's feature among the batch's features: images in order, then videos;
+   ``-1`` for text) and, for families with 3-D rotary positions (Qwen-VL), ``mm_position_ids [b, S, 3]``
+   (temporal, height, width) computed by the model's own ``get_rope_index`` on each packed sample of the whole
+   sequence. Both are ``[b, S, ...]``: the strategy shards them with the tokens.
+2. Each SP rank runs the model's forward on its shard (:func:`sp_vision_language_forward`, which replaces the inner
+   model's ``forward``): the vision tower on this rank's share of the units (:mod:`lightning_ulysses.parallel.vision`),
+   the features gathered over the SP group, the shard's token embeddings with its placeholders replaced by their
+   features, then the language model on the shard (Ulysses/ring attention applied to it alone, not to the tower).
+
+Supported families (:data:`SUPPORTED_VLMS`): Qwen2-VL and Qwen2.5-VL (images and videos).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_ulysses.parallel.vision import Unit, gather_features, split_units, units_of
+
+# batch keys a vision-language model takes besides the text (whole on every rank: not [b, S])
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# keys prepare_multimodal adds ([b, S, ...]: sharded with the tokens)
+PREPARED = ("vision_slots", "mm_position_ids")
+_PLAIN_FORWARD = "_lightning_ulysses_plain_forward"
+
+
+class VisionLanguageFamily:
+    """What the SP path needs to know of a family: where its parts are, how its vision inputs split into units and
+    are encoded, and how its positions work. Subclasses: :class:`QwenVL`, :class:`Llava`."""
+
+    name = ""
+    model_types: tuple[str, ...] = ()
+    rope_3d = False  # positions are (temporal, height, width) per token, from the model's get_rope_index
+    sources: tuple[tuple[str, str, str], ...] = (("image", "pixel_values", "image_grid_thw"),)  # (source, pixels, grid)
+
+    def inner(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model holding the tower and the language model (``XForConditionalGeneration.model``)."""
+        return model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+
+    def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.inner(model).language_model
+
+    def config(self, model: torch.nn.Module) -> Any:
+        return model.config
+
+    def tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Every vision parameter: the encoder and its projector."""
+        raise NotImplementedError
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def token_id(self, model: torch.nn.Module, source: str) -> int:
+        cfg = self.config(model)
+        return int(getattr(cfg, f"{source}_token_id", None) if getattr(cfg, f"{source}_token_id", None) is not None
+                   else getattr(cfg, f"{source}_token_index"))
+
+    def units(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Unit]:
+        """The batch's units, images first, in the order their placeholders appear."""
+        raise NotImplementedError
+
+    def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
+        """``[sum tokens, H]``: the units' features in order (a one-unit dummy when ``units`` is empty)."""
+        raise NotImplementedError
+
+
+class QwenVL(VisionLanguageFamily):
+    """Qwen2-VL / Qwen2.5-VL: ``pixel_values [patches, C*T*P*P]`` with ``image_grid_thw [n, 3]`` (and videos);
+    a unit is one temporal group of an image or video (the tower attends within it); 3-D rotary positions."""
+
+    name = "Qwen2-VL / Qwen2.5-VL"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    rope_3d = True
+    sources = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+
+    def tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.inner(model).visual
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.tower(model).merger
+
+    def merge_size(self, model: torch.nn.Module) -> int:
+        return int(self.config(model).vision_config.spatial_merge_size)
+
+    def feature_count(self, model: torch.nn.Module, grid: Optional[Tensor]) -> int:
+        merge = self.merge_size(model)
+        return int((grid.prod(-1) // (merge * merge)).sum()) if grid is not None else 0
+
+    def units(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Unit]:
+        merge = self.merge_size(model)
+        return [u for source, _, grid in self.sources for u in units_of(inputs.get(grid), source, merge)]
+
+    def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
+        tower = self.tower(model)
+        dtype = next(tower.parameters()).dtype
+        pixels_of = {source: inputs.get(pixels) for source, pixels, _ in self.sources}
+        if units:
+            pixels = torch.cat([pixels_of[u.source][u.start : u.start + u.rows] for u in units]).to(dtype)
+            grid = torch.tensor([u.grid for u in units], device=device)
+        else:  # a dummy frame: merge x merge patches of zeros
+            vc, merge = self.config(model).vision_config, self.merge_size(model)
+            width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+            pixels = torch.zeros(merge * merge, width, dtype=dtype, device=device)
+            grid = torch.tensor([(1, merge, merge)], device=device)
+        return _merged(tower(pixels, grid_thw=grid))
+
+
+class Llava(VisionLanguageFamily):
+    """LLaVA: ``pixel_values [n, C, H, W]``, each image one unit of a fixed token count (the vision encoder's
+    patches, its CLS token dropped under the ``"default"`` feature strategy); 1-D positions."""
+
+    name = "LLaVA"
+    model_types = ("llava",)
+
+    def tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        inner = self.inner(model)
+        return torch.nn.ModuleList([inner.vision_tower, inner.multi_modal_projector])
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.inner(model).multi_modal_projector
+
+    def tokens_per_image(self, model: torch.nn.Module) -> int:
+        cfg = self.config(model)
+        vc = cfg.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
+    def feature_count(self, model: torch.nn.Module, pixels: Optional[Tensor]) -> int:
+        return self.tokens_per_image(model) * (pixels.shape[0] if pixels is not None else 0)
+
+    def units(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Unit]:
+        pixels = inputs.get("pixel_values")
+        n, tokens = (pixels.shape[0] if pixels is not None else 0), self.tokens_per_image(model)
+        vc = self.config(model).vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2 + 1  # with the CLS token
+        return [Unit("image", i, 1, (1, 1, 1), tokens, patches) for i in range(n)]
+
+    def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
+        inner, cfg = self.inner(model), self.config(model)
+        dtype = next(inner.vision_tower.parameters()).dtype
+        if units:
+            pixels = torch.cat([inputs["pixel_values"][u.start : u.start + u.rows] for u in units]).to(dtype)
+        else:
+            vc = cfg.vision_config
+            pixels = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=dtype, device=device)
+        out = inner.get_image_features(pixel_values=pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return _merged(out)
+
+
+def _merged(out: Any) -> Tensor:
+    """``[tokens, H]`` from a tower's output: a tensor (``[tokens, H]`` or ``[n, t, H]``), a list of per-item
+    tensors, or an output whose ``pooler_output`` is one of those (transformers changed this across releases)."""
+    pooled = out if torch.is_tensor(out) or isinstance(out, (list, tuple)) else getattr(out, "pooler_output", None)
+    if pooled is None:
+        pooled = out[0]
+    if isinstance(pooled, (list, tuple)):
+        pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
+    return pooled.reshape(-1, pooled.shape[-1])
+
+
+QWEN_VL, LLAVA = QwenVL(), Llava()
+SUPPORTED_VLMS: dict[str, VisionLanguageFamily] = {t: f for f in (QWEN_VL, LLAVA) for t in f.model_types}
+
+
+def vlm_family(model: Optional[torch.nn.Module]) -> Optional[VisionLanguageFamily]:
+    """The family of a vision-language ``model``; ``None`` for a text model. A model with a vision part that is not
+    supported is refused, naming the supported ones."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    family = SUPPORTED_VLMS.get(getattr(cfg, "model_type", ""))
+    if family is not None:
+        return family
+    if getattr(cfg, "vision_config", None) is not None:
+        names = sorted({f.name for f in SUPPORTED_VLMS.values()})
+        raise ValueError(
+            f"{type(model).__name__} (model_type={cfg.model_type!r}) is a vision-language model lightning_ulysses does "
+            f"not shard yet: its vision features are merged inside the model's forward, after the batch is sharded. "
+            f"Supported: {', '.join(names)} (model types {sorted(SUPPORTED_VLMS)}); or train its language model alone."
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the whole batch
+def prepare_multimodal(full: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Add ``vision_slots`` (and ``mm_position_ids``) to the prepared whole batch ``full`` (``input_ids``,
+    ``position_ids [b, S]`` restarting per packed sample, the vision inputs); checks that placeholders and
+    features agree."""
+    family = vlm_family(model)
+    ids, text_pos = full["input_ids"], full["position_ids"]
+    slots = torch.full_like(ids, -1)
+    done = 0
+    for source, pixel_key, grid_key in family.sources:
+        token = family.token_id(model, source)
+        if full.get(pixel_key) is not None and grid_key not in (None, "") and family.rope_3d and full.get(grid_key) is None:
+            raise ValueError(f"The batch has '{pixel_key}' but no '{grid_key}': give the processor's output whole.")
+        placeholders = int((ids == token).sum())
+        features = family.feature_count(model, full.get(grid_key if family.rope_3d else pixel_key))
+        if placeholders != features:
+            if features and not placeholders:
+                why = f"{source}s were given but the text has no {source} token (id {token})"
+            elif placeholders and not features:
+                why = f"the text has {placeholders} {source} tokens but no {source}s were given"
+            else:
+                why = f"{placeholders} {source} tokens in the text for {features} {source} features"
+            raise ValueError(
+                f"Vision inputs do not match the text: {why}. Render samples with the model's own processor (its "
+                f"chat template expands each {source} into as many placeholder tokens as the tower gives features); a "
+                f"processor of another model uses other token ids or feature counts."
+            )
+        where = ids == token
+        slots[where] = done + torch.arange(placeholders, device=ids.device)  # row-major: the features' order
+        done += placeholders
+    out = dict(full)
+    out["vision_slots"] = slots
+    if family.rope_3d:
+        out["mm_position_ids"] = _rope_3d_positions(family, model, full, text_pos, family.token_id(model, "image"),
+                                                    family.token_id(model, "video"))
+    return out
+
+
+def _rope_3d_positions(family: VisionLanguageFamily, model: torch.nn.Module, full: dict, text_pos: Tensor,
+                       image_id: int, video_id: int) -> Tensor:
+    """``[b, S, 3]``: the model's ``get_rope_index`` on every packed sample alone (positions restart per sample), the
+    grids consumed in order; pure-text samples get their text positions on all three axes."""
+    from lightning_ulysses.compat.transformers import rope_index
+    from lightning_ulysses.parallel.sharding import packed_segments
+
+    ids = full["input_ids"]
+    b, s = ids.shape
+    kinds = (ids == image_id).long() + 2 * (ids == video_id).long()  # mm_token_type_ids: 0 text, 1 image, 2 video
+    grids = {1: _rows(full.get("image_grid_thw")), 2: _rows(full.get("video_grid_thw"))}
+    seconds = _rows(full.get("second_per_grid_ts"))
+    used = {1: 0, 2: 0}
+    segments = packed_segments(text_pos)
+    out = text_pos.unsqueeze(-1).expand(b, s, 3).clone()
+    inner = family.inner(model)
+    for row in range(b):
+        seg = segments[row] if segments is not None else torch.zeros(s, dtype=torch.long, device=ids.device)
+        for sid in torch.unique_consecutive(seg).tolist():
+            where = (seg == sid).nonzero().squeeze(-1)
+            lo, hi = int(where[0]), int(where[-1]) + 1
+            kind = kinds[row, lo:hi]
+            if not bool((kind > 0).any()):
+                continue  # text only: the text positions, as the model itself would give
+            runs = [int(k) for k, _ in _runs(kind.tolist()) if k > 0]
+            take = {k: runs.count(k) for k in (1, 2)}
+            image_grid = grids[1][used[1] : used[1] + take[1]] if take[1] else None
+            video_grid = grids[2][used[2] : used[2] + take[2]] if take[2] else None
+            sec = seconds[used[2] : used[2] + take[2]] if take[2] and seconds is not None else None
+            used[1], used[2] = used[1] + take[1], used[2] + take[2]
+            pos = rope_index(inner, ids[row : row + 1, lo:hi], kind[None], image_grid, video_grid, sec)  # [3, 1, n]
+            out[row, lo:hi] = pos[:, 0].T.to(out.dtype)
+    return out
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.dim() > 0 else t.reshape(1)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    import itertools
+
+    return [(k, len(list(g))) for k, g in itertools.groupby(values)]
+
+
+# --------------------------------------------------------------------------------------------- each rank
+def sp_vision_language_forward(
+    self: torch.nn.Module,
+    input_ids: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    vision_slots: Optional[Tensor] = None,
+    mm_position_ids: Optional[Tensor] = None,
+    inputs_embeds: Optional[Tensor] = None,
+    **kwargs: Any,
+):
+    """The inner VLM's forward on this rank's shard (see the module docstring). ``input_ids``, ``position_ids``,
+    ``vision_slots [b, s]`` and ``mm_position_ids [b, s, 3]`` are this rank's; the vision inputs (in ``kwargs``) are
+    the whole batch's. Without ``vision_slots`` (a call not prepared by the strategy) it is the model's own forward."""
+    if vision_slots is None:
+        return getattr(self, _PLAIN_FORWARD)(input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+    from lightning_ulysses.compat.transformers import multimodal_output
+    from lightning_ulysses.parallel.step_context import current_step_context
+
+    family: VisionLanguageFamily = self._lightning_ulysses_family
+    inputs = {k: kwargs.pop(k) for k in VISION_INPUTS if k in kwargs}
+    for key in ("mm_token_type_ids", "rope_deltas", "mm_encoder_outputs", "vision_feature_layer",
+                "vision_feature_select_strategy", "image_sizes"):  # prepared already, or the config's
+        kwargs.pop(key, None)
+    embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # [b, s, H]
+    ctx = current_step_context()
+    features = _sharded_features(family, self, inputs, ctx.sp_group if ctx is not None else None, embeds.device)
+    mask = vision_slots >= 0  # [b, s]; features [N, H], N = the batch's vision tokens
+    if bool(mask.any()):
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[vision_slots[mask]].to(embeds.dtype))
+    elif features.requires_grad:
+        embeds = embeds + 0.0 * features.sum()  # no placeholder here: keep the gather's backward collective
+    if mm_position_ids is not None:  # [4, b, s]: text positions first (packed samples, the attention's causality)
+        position_ids = torch.cat([position_ids.unsqueeze(0), mm_position_ids.permute(2, 0, 1)], 0)
+    out = self.language_model(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
+                              attention_mask=attention_mask, **kwargs)
+    return multimodal_output(self, out)
+
+
+def _sharded_features(family: VisionLanguageFamily, inner: torch.nn.Module, inputs: dict[str, Any], group: Any,
+                      device: torch.device) -> Tensor:
+    """The batch's vision features ``[N, H]`` (images, then videos), each rank encoding its contiguous share of the
+    units. Every rank runs the tower exactly once (on a dummy unit when it has none): under ZeRO-3 its parameters
+    are gathered by collectives every rank must join."""
+    import torch.distributed as dist
+
+    units = family.units(inner, inputs)
+    sp = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    shares = split_units(units, sp)
+    lo, hi = shares[rank]
+    trains = any(p.requires_grad for p in family.tower(inner).parameters())
+    with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
+        local = family.encode(inner, units[lo:hi], inputs, device)
+    if hi == lo:
+        local = local[:0]  # the dummy's features are not used; its graph keeps ZeRO-3's backward hooks in step
+    counts = [sum(u.tokens for u in units[a:b]) for a, b in shares]
+    return gather_features(local, counts, rank, group)
+
+
+# --------------------------------------------------------------------------------------------- apply / remove
+def apply_multimodal(model: torch.nn.Module) -> Optional[VisionLanguageFamily]:
+    """Install the sharded forward on a vision-language ``model``'s inner model (idempotent); ``None`` and nothing
+    done for a text model. The language model is what Ulysses attention is applied to (:func:`sp_target`)."""
+    family = vlm_family(model)
+    if family is None:
+        return None
+    inner = family.inner(model)
+    if not hasattr(inner, _PLAIN_FORWARD):
+        setattr(inner, _PLAIN_FORWARD, inner.forward)
+        inner.forward = types.MethodType(sp_vision_language_forward, inner)
+    inner._lightning_ulysses_family = family
+    return family
+
+
+def remove_multimodal(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_multimodal`."""
+    family = vlm_family(model)
+    if family is None:
+        return
+    inner = family.inner(model)
+    if hasattr(inner, _PLAIN_FORWARD):
+        del inner.forward
+        delattr(inner, _PLAIN_FORWARD)
+        del inner._lightning_ulysses_family
+
+
+def sp_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module sequence-parallel attention applies to: the language model of a VLM (its tower attends within
+    images, on whole units), the model itself otherwise."""
+    family = vlm_family(model)
+    return family.language_model(model) if family is not None else model
+
+
+def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``batch`` a vision-language model takes besides ``input_ids`` / ``position_ids``."""
+    return {k: batch[k] for k in (*VISION_INPUTS, *PREPARED) if batch.get(k) is not None}
+
+
+def checked_vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """:func:`vision_inputs`, refusing vision inputs the strategy did not prepare (their 3-D positions and slots
+    exist only after :func:`prepare_multimodal`)."""
+    inputs = vision_inputs(batch)
+    if any(k in inputs for k in VISION_INPUTS) and "vision_slots" not in inputs:
+        raise ValueError(
+            "This batch has images or videos, but was not prepared by UlyssesDeepSpeedStrategy: train a "
+            "vision-language model with strategy='ulysses' (any sequence_parallel_size, 1 and one device included), "
+            "which merges the vision features and computes the multimodal positions on the whole sequence."
+        )
+    return inputs
+
+
+def freeze_vision(model: torch.nn.Module, tower: bool, projector: bool) -> None:
+    """``requires_grad_(False)`` on the vision tower without its projector (``tower``) and/or the projector."""
+    family = vlm_family(model)
+    if family is None:
+        if tower or projector:
+            raise ValueError("freeze_vision_tower / freeze_projector need a vision-language model; this one is text only.")
+        return
+    proj = family.projector(model)
+    proj_params = {id(p) for p in proj.parameters()}
+    if tower:
+        for p in family.tower(model).parameters():
+            if id(p) not in proj_params:
+                p.requires_grad_(False)
+    if projector:
+        proj.requires_grad_(False)
+
+
+__all__ = ["PREPARED", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal",
+           "checked_vision_inputs", "freeze_vision", "prepare_multimodal", "remove_multimodal", "sp_target", "sp_vision_language_forward",
+           "vision_inputs", "vlm_family"]

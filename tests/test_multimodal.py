@@ -1,0 +1,262 @@
+"""Vision-language models under SP (:mod:`lightning_ulysses.models.multimodal`): a tiny Qwen2-VL trained by the
+strategy matches plain single-process transformers (loss every step, final weights of every parameter, the vision
+tower's included), plain SGD; the vision tower's share per rank; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.harness import WORKERS, worker_env
+
+sys.path.insert(0, str(WORKERS))
+from multimodal import IMG, LR, MODELS, QWEN2_VL, VID, batch  # noqa: E402
+
+CASES = [
+    # images and a video; a row whose second half is one image's tokens (that rank holds no label)
+    {"name": "qwen2_vl_sp2_zero2", "sp": 2, "stage": 2, "kinds": ["mixed", "image_tail", "images"]},
+    {"name": "qwen2_vl_video_sp2_zero3_checkpointing", "sp": 2, "stage": 3, "kinds": ["mixed", "mixed"],
+     "checkpointing": True},
+    {"name": "qwen2_vl_frozen_tower_sp2_zero2", "sp": 2, "stage": 2, "kinds": ["mixed", "images"], "freeze_tower": True},
+    # two samples per row, positions restarting: 3-D positions per sample
+    {"name": "qwen2_vl_packed_sp2_zero1", "sp": 2, "stage": 1, "kinds": ["mixed", "image_tail"], "packed": True},
+    # Qwen2.5-VL: windowed vision attention, video timing in the 3-D positions
+    {"name": "qwen2_5_vl_sp2_zero2", "sp": 2, "stage": 2, "model": "qwen2_5_vl", "kinds": ["mixed", "images"]},
+    # the second family: LLaVA (a CLIP tower + projector, 1-D positions)
+    {"name": "llava_sp2_zero2", "sp": 2, "stage": 2, "model": "llava", "kinds": ["llava", "llava_one", "llava"]},
+]
+CASES_4 = [  # a second launched job, 4 ranks: sp=2 x dp=2 at ZeRO-3 with videos; ring attention alone
+    {"name": "qwen2_vl_video_sp2_dp2_zero3", "sp": 2, "stage": 3, "devices": 4,
+     "kinds": ["mixed", "images", "mixed", "image_tail"]},
+    {"name": "qwen2_vl_ring4_zero2", "sp": 4, "stage": 2, "devices": 4, "mode": "ring_only",
+     "kinds": ["mixed", "image_tail", "mixed", "images"]},
+]
+
+
+def _launch(tmp_path_factory, cases: list, ranks: int) -> dict:
+    out = tmp_path_factory.mktemp("multimodal")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           str(WORKERS / "multimodal.py"), json.dumps(cases), str(out)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in cases}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, CASES, 2)
+
+
+@pytest.fixture(scope="module")
+def job4(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, CASES_4, 4)
+
+
+def _model(name: str = "qwen2_vl"):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    spec = dict(MODELS[name])
+    return AutoModelForImageTextToText.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec),
+                                                   attn_implementation="sdpa")
+
+
+def _loss_sum(model, b: dict) -> tuple[torch.Tensor, int]:
+    """transformers' own forward on one sample (its own 3-D positions), summed CE and label count."""
+    ids = b["input_ids"]
+    extra = {k: b[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in b}
+    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        extra["mm_token_type_ids"] = (ids == IMG).int() + 2 * (ids == VID).int()
+    out = model(input_ids=ids, **extra)
+    logits = out.logits[0, :-1].float()
+    labels = b["labels"][0, 1:]
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return ce, int((labels != -100).sum())
+
+
+def _split_packed(b: dict) -> list[dict]:
+    """A packed row -> its samples, each with its own pixels (images / videos consumed in order)."""
+    pos = b["position_ids"][0]
+    starts = (pos == 0).nonzero().squeeze(-1).tolist() + [pos.numel()]
+    used = {"image": [0, 0], "video": [0, 0]}  # grids, rows
+    out = []
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        ids = b["input_ids"][:, lo:hi]
+        sample = {"input_ids": ids, "labels": b["labels"][:, lo:hi]}
+        for kind, token in (("image", IMG), ("video", VID)):
+            grid_key, pix_key = f"{kind}_grid_thw", "pixel_values" if kind == "image" else "pixel_values_videos"
+            n = int((ids == token).sum())
+            if not n:
+                continue
+            grids, count = [], 0
+            while count < n:
+                g = b[grid_key][used[kind][0]]
+                grids.append(g)
+                count += int(g.prod()) // 4
+                used[kind][0] += 1
+            rows = sum(int(g.prod()) for g in grids)
+            sample[grid_key] = torch.stack(grids)
+            sample[pix_key] = b[pix_key][used[kind][1] : used[kind][1] + rows]
+            used[kind][1] += rows
+        out.append(sample)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_vision_language_training_matches_single_process(job, case) -> None:
+    assert "sp 2 x dp 1" in job[case["name"]]["layout"]
+    _check_against_single_process(job[case["name"]], case)
+
+
+@pytest.mark.parametrize("case", CASES_4, ids=lambda c: c["name"])
+def test_vision_language_training_on_4_ranks_matches_single_process(job4, case) -> None:
+    assert ("ring 4" if case.get("mode") == "ring_only" else "sp 2 x dp 2") in job4[case["name"]]["layout"]
+    _check_against_single_process(job4[case["name"]], case)
+
+
+def _check_against_single_process(result: dict, case: dict) -> None:
+    model = _model(case.get("model", "qwen2_vl")).train()
+    model.load_state_dict({k: torch.tensor(v) for k, v in result["initial"].items()})
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tower = [n for n, p in model.named_parameters()
+             if (".visual." in n and ".merger." not in n) or ".vision_tower." in n]
+    if case.get("freeze_tower"):
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in tower)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for step in range(len(result["losses"])):
+        losses = []
+        for batches in result["dp_batches"]:
+            b = {k: torch.tensor(v) for k, v in batches[step].items()}
+            sums = [_loss_sum(model, s) for s in (_split_packed(b) if case.get("packed") else [b])]
+            losses.append(sum(s for s, _ in sums) / sum(n for _, n in sums))
+        assert result["losses"][step] == pytest.approx(float(losses[0]), rel=1e-4, abs=1e-5), step
+        opt.zero_grad()
+        torch.stack(losses).mean().backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    # SequenceThroughput counts the tower's patches apart from the language model's tokens (the last step's batches)
+    last = [b[-1] for b in result["dp_batches"]]
+    patches = sum(len(b.get("pixel_values", [])) + len(b.get("pixel_values_videos", [])) for b in last)
+    if case.get("model") == "llava":
+        patches = sum(len(b["pixel_values"]) for b in last) * 5  # 4 patches + CLS per image
+    assert result["vision_patches_per_step"] == pytest.approx(patches)
+    moved = [n for n in tower if not torch.equal(torch.tensor(result["weights"][n]), initial[n])]
+    assert (moved == []) is bool(case.get("freeze_tower")), moved  # the tower trains unless frozen
+
+
+def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
+    from lightning_ulysses.parallel.vision import split_units, units_of
+
+    units = units_of(torch.tensor([[1, 4, 4], [1, 8, 8]]), "image", 2) + units_of(torch.tensor([[3, 4, 4]]), "video", 2)
+    assert [(u.source, u.start, u.rows, u.tokens) for u in units] == [
+        ("image", 0, 16, 4), ("image", 16, 64, 16), ("video", 0, 16, 4), ("video", 16, 16, 4), ("video", 32, 16, 4)]
+    for sp in (1, 2, 3, 4, 8):
+        parts = split_units(units, sp)
+        assert parts[0][0] == 0 and parts[-1][1] == len(units) and len(parts) == sp
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # contiguous, in order
+    assert split_units(units[2:], 3) == [(0, 1), (1, 2), (2, 3)]  # a video's frames spread over the ranks
+    assert split_units(units[:1], 2) == [(0, 1), (1, 1)]  # fewer units than ranks: one rank encodes none
+
+
+def test_bad_vision_inputs_are_clear_errors() -> None:
+    from lightning_ulysses.models.multimodal import prepare_multimodal, vlm_family
+    from lightning_ulysses.parallel.sharding import prepare_batch
+
+    model = _model()
+    good = batch("mixed", 0)
+    prepare_multimodal(prepare_batch(good, 1), model)
+    no_token = dict(good, input_ids=good["input_ids"].masked_fill(good["input_ids"] == IMG, 5))
+    with pytest.raises(ValueError, match="images were given but the text has no image token"):
+        prepare_multimodal(prepare_batch(no_token, 1), model)
+    extra = dict(good, image_grid_thw=good["image_grid_thw"][:1], pixel_values=good["pixel_values"][:16])
+    with pytest.raises(ValueError, match="12 image tokens in the text for 4 image features.*model's own processor"):
+        prepare_multimodal(prepare_batch(extra, 1), model)
+    text_only = {k: good[k] for k in ("input_ids", "labels")}
+    with pytest.raises(ValueError, match="the text has 12 image tokens but no images were given"):
+        prepare_multimodal(prepare_batch(text_only, 1), model)
+    from types import SimpleNamespace
+
+    gemma3 = SimpleNamespace(config=SimpleNamespace(model_type="gemma3", vision_config={}))
+    with pytest.raises(ValueError, match="not shard yet.*Supported: LLaVA, Qwen2-VL / Qwen2.5-VL"):
+        vlm_family(gemma3)
+    llava = _model("llava")
+    text = batch("llava", 0)
+    with pytest.raises(ValueError, match="12 image tokens in the text for 8 image features"):
+        prepare_multimodal(prepare_batch(dict(text, pixel_values=text["pixel_values"][:2]), 1), llava)
+
+
+def test_a_vision_batch_without_the_strategy_is_refused() -> None:
+    from lightning_ulysses import CausalLMModule
+
+    module = CausalLMModule(QWEN2_VL, attn_implementation="sdpa")
+    module.configure_model()
+    with pytest.raises(ValueError, match="not prepared by UlyssesDeepSpeedStrategy"):
+        module.compute_loss(batch("mixed", 0))
+
+
+ROOT = WORKERS.parents[1]
+PROCESSOR = str(ROOT / "data" / "vlm" / "processor")
+
+
+def test_multimodal_data_module_renders_expands_and_packs(tmp_path) -> None:
+    """The shipped sample through the processor: each image placeholder expanded to the image processor's grid
+    (t*h*w/merge^2 tokens, never labelled), labels on the assistant turns only, whole samples packed with positions
+    restarting, pixels in placeholder order; bad samples are clear errors."""
+    from lightning_ulysses.data import MultimodalSFTDataModule
+
+    dm = MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "conversations.jsonl"), PROCESSOR, seq_len=128)
+    dm.setup("fit")
+    tok = dm.renderer.tokenizer
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert dm.stats["train"].samples == 24 and dm.stats["train"].dropped == 0
+    for row in dm._rows["train"]:
+        ids, labels, pos = row["input_ids"], row["labels"], row["position_ids"]
+        assert len(ids) == 128
+        grid = row["image_grid_thw"]
+        assert sum(1 for t in ids if t == image_id) == int((grid.prod(-1) // 4).sum())
+        assert row["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+        assert all(label == -100 for t, label in zip(ids, labels) if t == image_id)
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        for a, b in zip(starts, starts[1:] + [len(ids)]):  # each sample: only its answer is labelled
+            text = tok.decode([t for t, label in zip(ids[a:b], labels[a:b]) if label != -100])
+            assert text.startswith(("It is", "a ")) and text.endswith("<|end|>"), text
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].dtype == torch.float32 and batch["image_grid_thw"].shape[1] == 3
+
+    bad = tmp_path / "bad.jsonl"
+    sample = json.loads((ROOT / "data" / "vlm" / "conversations.jsonl").read_text().splitlines()[0])
+    bad.write_text(json.dumps(dict(sample, images=[])) + "\n")
+    with pytest.raises(ValueError, match="more {'type': 'image'} items than files"):
+        MultimodalSFTDataModule(str(bad), PROCESSOR, media_root=str(ROOT / "data" / "vlm")).setup("fit")
+    bad.write_text(json.dumps(dict(sample, images=sample["images"] * 2)) + "\n")
+    with pytest.raises(ValueError, match="have no {'type': 'image'} item"):
+        MultimodalSFTDataModule(str(bad), PROCESSOR, media_root=str(ROOT / "data" / "vlm")).setup("fit")
+    with pytest.raises(ValueError, match="more than seq_len=16.*never cut"):
+        MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "conversations.jsonl"), PROCESSOR, seq_len=16).setup("fit")
+    with pytest.raises(ValueError, match="a sample with images is never cut"):
+        MultimodalSFTDataModule("x.jsonl", PROCESSOR, too_long="split")
+    with pytest.raises(ValueError, match="has no image processor"):
+        MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "conversations.jsonl"), str(ROOT / "data" / "tokenizer")).setup("fit")
+
+
+def test_multimodal_videos_need_the_video_processor() -> None:
+    """Videos go through transformers' video processor (it needs torchvision): with it, the video's frame groups are
+    expanded like images; without it, the error names the fix."""
+    import importlib.util
+
+    from lightning_ulysses.data import MultimodalSFTDataModule
+
+    dm = MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "videos.jsonl"), PROCESSOR, seq_len=512)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="needs torchvision"):
+            dm.setup("fit")
+        return
+    dm.setup("fit")
+    row = dm._rows["train"][0]
+    assert int((row["video_grid_thw"].prod(-1) // 4).sum()) == sum(
+        1 for t in row["input_ids"] if t == dm.renderer.tokenizer.convert_tokens_to_ids("<|video_pad|>"))
