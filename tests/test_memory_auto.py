@@ -243,3 +243,12 @@ def test_plan_command_counts_the_reference_of_a_preference_config(capsys) -> Non
         out = capsys.readouterr().out
         assert code.value.code == 0
         assert ("frozen companions" in out) == frozen, (name, out)
+
+
+def test_plan_command_knows_which_configs_pack_rows() -> None:
+    from lightning_ulysses.tools.plan import load_yaml, run_facts
+
+    packs = {name: run_facts(load_yaml([str(ROOT / "configs" / f"{name}.yaml")]), 2, None)["packed"]
+             for name in ("dpo_long", "sft_chat", "sft_vlm", "llama3_8b_long_context", "distill_long")}
+    assert packs == {"dpo_long": True, "sft_chat": True, "sft_vlm": True, "llama3_8b_long_context": False,
+                     "distill_long": True}
