@@ -28,6 +28,8 @@ CASES = [
      "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
     # the reference's log-probs precomputed into the data (TRL's columns): no reference model is built
     {"name": "dpo_precomputed_ref_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2, "precomputed": True},
+    # two micro-batches per optimizer step: the step's gradient is their mean (DDP's, Lightning's accumulation)
+    {"name": "dpo_accumulate2_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2, "accumulate": 2},
 ]
 RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed pairs split over the ring; sp x dp
     {"name": "dpo_ring4_zero2", "loss": "sigmoid", "sp": 4, "stage": 2, "mode": "ring_only", "devices": 4},
@@ -147,6 +149,7 @@ def _check_against_single_process(result: dict, case: dict) -> None:
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
     dp_batches = result["dp_batches"]  # per DP group (the first is rank 0's); the step's gradient is their mean
     assert dp_batches[0] == result["batches"] and len(dp_batches) == case.get("devices", 2) // case["sp"]
+    accumulate = case.get("accumulate", 1)
     for step in range(len(result["batches"])):
         losses = []
         for batches in dp_batches:
@@ -165,10 +168,13 @@ def _check_against_single_process(result: dict, case: dict) -> None:
             keep = (tokens[0::2] > 0) & (tokens[1::2] > 0)
             losses.append(_trl_loss(case["loss"], beta, logps[0::2][keep], logps[1::2][keep], ref_logps[0::2][keep],
                                     ref_logps[1::2][keep], tokens[0::2][keep], tokens[1::2][keep]))
-        assert result["losses"][step] == pytest.approx(float(losses[0]), rel=1e-4, abs=1e-5), step
-        opt.zero_grad()
-        torch.stack(losses).mean().backward()
-        opt.step()
+        # Lightning hands on_train_batch_end the loss it backpropagates: divided by the accumulation count
+        assert result["losses"][step] * accumulate == pytest.approx(float(losses[0]), rel=1e-4, abs=1e-5), step
+        (torch.stack(losses).mean() / accumulate).backward()
+        if (step + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+    assert len(result["batches"]) == 3 * accumulate  # max_steps=3 optimizer steps
     for name, p in policy.named_parameters():
         if not p.requires_grad:
             continue
@@ -359,3 +365,32 @@ def test_a_frozen_model_the_layout_cannot_run_is_refused_at_setup() -> None:
     ulysses.check_companion(short, "ref_model", trained, seq_len=64)  # the run's sequences fit
     short_policy = build_causal_lm(dict(LLAMA, max_position_embeddings=64), "sdpa", None, False)
     ulysses.check_companion(short, "ref_model", short_policy, seq_len=128)  # no shorter than the trained model
+
+
+def test_preference_training_refuses_token_weighted_normalization() -> None:
+    import lightning as L
+
+    from lightning_ulysses import PreferenceModule, UlyssesDeepSpeedStrategy
+
+    module = PreferenceModule(LLAMA)
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, loss_normalization="global_tokens"),
+                        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    module.trainer = trainer
+    with pytest.raises(ValueError, match="preference losses are means over pairs"):
+        module.setup("fit")
+
+
+def test_preference_module_from_a_pretrained_directory_uses_its_weights_for_both(tmp_path) -> None:
+    """A policy given as a saved directory: the reference is built from the same directory (the checkpoint's weights,
+    not a seed's); the frozen companion is counted by the plan and the policy trains."""
+    from lightning_ulysses import PreferenceModule
+
+    saved = _model()
+    saved.save_pretrained(tmp_path / "sft")
+    module = PreferenceModule(str(tmp_path / "sft"), seed=123)
+    assert module.frozen_specs == [str(tmp_path / "sft")]
+    module.configure_model()
+    for (name, p), r, s in zip(module.model.named_parameters(), module.ref_model.parameters(), saved.parameters()):
+        assert torch.equal(p, s) and torch.equal(r, s), name
+        assert p.requires_grad and not r.requires_grad

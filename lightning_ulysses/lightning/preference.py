@@ -89,6 +89,17 @@ class PreferenceModule(CausalLMModule):
              "precomputed_ref_logps": precomputed_ref_logps})
         self.ref_model: Optional[torch.nn.Module] = None
 
+    @override
+    def setup(self, stage: str) -> None:
+        normalization = getattr(getattr(self.trainer, "strategy", None), "loss_normalization", "batch_mean")
+        if normalization != "batch_mean":
+            raise ValueError(
+                f"loss_normalization={normalization!r} weighs every token of a step alike; preference losses are means "
+                "over pairs (TRL's definition), which this option would not change. Use the strategy's default "
+                "loss_normalization='batch_mean' (accumulated micro-batches then weigh equally)."
+            )
+        super().setup(stage)
+
     @classmethod
     @override
     def frozen_model_specs(cls, init_args: dict[str, Any]) -> list[ModelSpec]:

@@ -89,11 +89,13 @@ def run(case: dict, out: Path) -> None:
                           optimizer=sgd, peft=case.get("peft"), precomputed_ref_logps=bool(case.get("precomputed")))
     module.recorder = rec
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
+                                        loss_normalization=case.get("normalization", "batch_mean"),
                                         gradient_checkpointing=case.get("checkpointing"),
                                         context_parallel_mode=case.get("mode", "auto"))
     data = PreferenceDataModule(case.get("data", str(ROOT / "data" / "preferences.jsonl")), str(ROOT / "data" / "tokenizer"), seq_len=128,
                                 batch_size=1, val_size=0)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=case.get("devices", 2), max_steps=3, logger=False,
+                        accumulate_grad_batches=case.get("accumulate", 1),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[rec])
     trainer.fit(module, data)
