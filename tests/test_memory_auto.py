@@ -252,3 +252,25 @@ def test_plan_command_knows_which_configs_pack_rows() -> None:
              for name in ("dpo_long", "sft_chat", "sft_vlm", "llama3_8b_long_context", "distill_long")}
     assert packs == {"dpo_long": True, "sft_chat": True, "sft_vlm": True, "llama3_8b_long_context": False,
                      "distill_long": True}
+
+
+def test_a_vision_language_models_tower_is_planned_as_weights_gradients_and_optimizer_state() -> None:
+    import sys
+
+    from transformers import AutoConfig
+
+    from lightning_ulysses.memory.auto import static_bytes, vision_tower_params, workload_for_run
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from multimodal import QWEN2_VL
+
+    spec = dict(QWEN2_VL)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    from tests.test_multimodal import _model
+
+    tower = sum(p.numel() for n, p in _model().named_parameters() if ".visual." in n)
+    assert vision_tower_params(config) == tower > 0
+    w = workload_for_run(config, 1024, world_size=1, sequence_parallel_size=1, zero_stage=2)
+    text = replace(w, vision_params=0)
+    grown = {k: static_bytes(w)[k] - static_bytes(text)[k] for k in ("gpu_weights", "gpu_gradients", "gpu_optimizer")}
+    assert grown == {"gpu_weights": 2.0 * tower, "gpu_gradients": 2.0 * tower, "gpu_optimizer": 12.0 * tower}

@@ -111,6 +111,7 @@ class Workload:
     experts_per_token: int = 1  # MoE: each token's MLP work and activations scale with the experts it visits
     frozen_params: int = 0  # frozen companions (a DPO reference, a distillation teacher): weights only, no gradients
     packed: bool = False  # rows hold several samples (positions restarting): preference pairs, packed SFT data
+    vision_params: int = 0  # a vision-language model's tower (encoder + projector); trains with full fine-tuning
 
     @property
     def local_tokens(self) -> int:
@@ -193,6 +194,12 @@ def static_bytes(w: Workload) -> dict[str, float]:
     optimizer = opt / (world if w.zero_stage >= 1 else 1)
     # a frozen companion is a submodule of the LightningModule: DeepSpeed casts it to bf16 and ZeRO-3 partitions it
     frozen = 2.0 * w.frozen_params / (world if w.zero_stage == 3 else 1)
+    # the tower's weights (whole under ZeRO 0-2), and with full fine-tuning its gradients and optimizer state; its
+    # activations (a share of the units per SP rank, one layer's at a time with checkpointing) are not modelled
+    tower = w.vision_params if w.trainable_params is None else 0
+    weights += 2.0 * w.vision_params / (world if w.zero_stage == 3 else 1)
+    grads += 2.0 * tower / (world if w.zero_stage >= 2 else 1)
+    optimizer += OPTIMIZER_BYTES.get(w.optimizer.lower(), 12) * tower / (world if w.zero_stage >= 1 else 1)
     gpu = {"weights": weights, "gradients": grads, "optimizer": optimizer, "frozen_weights": frozen}
     host = {}
     if w.offload_optimizer:
@@ -390,8 +397,25 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
     w = Workload.from_config(config, seq_len, rows=rows, sp=layout.sp, world_size=world_size,
                              ranks_per_node=ranks_per_node, zero_stage=zero_stage, optimizer=optimizer,
                              offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
-                             frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen), packed=packed)
+                             frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen), packed=packed,
+                             vision_params=vision_tower_params(config))
     return replace(w, trainable_params=lora_params(w, peft)) if peft is not None else w
+
+
+def vision_tower_params(config: Any) -> int:
+    """Parameters of a supported vision-language model's tower (encoder + projector), counted on a model built on
+    the meta device (no memory, no weights read); 0 for a text model."""
+    from lightning_ulysses.models.multimodal import SUPPORTED_VLMS
+
+    family = SUPPORTED_VLMS.get(getattr(config, "model_type", ""))
+    if family is None:
+        return 0
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in family.tower(model).parameters())
 
 
 def host_available_gib() -> float:
@@ -410,4 +434,4 @@ def host_available_gib() -> float:
 
 __all__ = ["COEFFICIENTS", "DEFAULT_MARGIN", "Estimate", "Hardware", "NothingFits", "Workload", "candidates", "choose",
            "estimate", "host_available_gib", "longest_sequence", "lora_params", "merge_user_flags", "optimizer_name",
-           "static_bytes", "workload_for_run"]
+           "static_bytes", "vision_tower_params", "workload_for_run"]
