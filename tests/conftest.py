@@ -26,6 +26,13 @@ def _no_process_group_left_behind():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # DeepSpeed caches a clone of the world group (its sequence-data-parallel group without an mpu) on first
+        # use; once the group is destroyed, a later in-process fit would broadcast over the dead clone
+        import sys
+
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+            groups._WORLD_GROUP = None
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

@@ -139,6 +139,7 @@ def _check_against_single_process(result: dict, case: dict) -> None:
         opt.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    assert result["unpatched"]  # the model handed back after fit runs transformers' own forward
     # SequenceThroughput counts the tower's patches apart from the language model's tokens (the last step's batches)
     last = [b[-1] for b in result["dp_batches"]]
     patches = sum(len(b.get("pixel_values", [])) + len(b.get("pixel_values_videos", [])) for b in last)
@@ -260,3 +261,39 @@ def test_multimodal_videos_need_the_video_processor() -> None:
     row = dm._rows["train"][0]
     assert int((row["video_grid_thw"].prod(-1) // 4).sum()) == sum(
         1 for t in row["input_ids"] if t == dm.renderer.tokenizer.convert_tokens_to_ids("<|video_pad|>"))
+
+
+@pytest.mark.parametrize("way", ["directory", "instance"])
+def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) -> None:
+    """The ways in a user has besides a config dict: a saved checkpoint directory (``save_pretrained``) or the model
+    instance itself; one process, devices=1 (sp=1): the loss equals transformers' own, and the user's model is handed
+    back unpatched."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+
+    saved = _model()
+    saved.save_pretrained(tmp_path / "vlm")
+    b = batch("mixed", 0)
+    expected = _loss_sum(saved, b)
+    spec = str(tmp_path / "vlm") if way == "directory" else saved
+    module = CausalLMModule(spec, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    losses = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
+                        devices=1, max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Keep()])
+    trainer.fit(module, DataLoader([b], batch_size=None))
+    assert losses[0] == pytest.approx(float(expected[0] / expected[1]), rel=1e-4)
+    model = module.model
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and (model is saved) is (way == "instance")
+    assert "forward" not in vars(model.model)  # its own forward again
+    out = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                pixel_values_videos=b["pixel_values_videos"], video_grid_thw=b["video_grid_thw"],
+                mm_token_type_ids=(b["input_ids"] == IMG).int() + 2 * (b["input_ids"] == VID).int())
+    assert out.logits.shape[1] == b["input_ids"].shape[1]

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_ulysses.data.formats import labels_from_mask, tokenize_sample
 from lightning_ulysses.data.modules import collate_rows, load_data
 from lightning_ulysses.data.packing import PackingStats, _row, best_fit_decreasing
+from lightning_ulysses.data.tokenizer import load_tokenizer
 from lightning_ulysses.errors import errors_reported_once
 
 MULTIMODAL_PACKINGS = ("best_fit", "none")
@@ -47,10 +48,10 @@ class Renderer:
     all without torchvision, while images need only the image processor."""
 
     def __init__(self, processor: Any) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor
 
         if isinstance(processor, (str, Path)):
-            self.tokenizer = AutoTokenizer.from_pretrained(str(processor))
+            self.tokenizer = load_tokenizer(str(processor))  # with a pad token, and an EOS token checked
             try:
                 self.image_processor = AutoImageProcessor.from_pretrained(str(processor))
             except OSError as exc:
@@ -61,7 +62,7 @@ class Renderer:
             if getattr(self.tokenizer, "chat_template", None) is None and template.is_file():
                 self.tokenizer.chat_template = template.read_text()
         else:  # a processor object
-            self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
+            self.tokenizer, self.image_processor = load_tokenizer(processor.tokenizer), processor.image_processor
             self.video_processor = getattr(processor, "video_processor", None)
             if getattr(self.tokenizer, "chat_template", None) is None:
                 self.tokenizer.chat_template = processor.chat_template
@@ -73,8 +74,6 @@ class Renderer:
                 "model's own processor (input_ids, labels with -100 on image tokens, pixel_values)."
             )
         self.merge = int(merge)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.token_ids = {}
         for source, (token, _, _) in SOURCES.items():
             token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -565,6 +565,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         for model in find_hf_models(self.lightning_module) if self.lightning_module is not None else []:
             remove_ulysses(sp_target(model))
             remove_multimodal(model)
+        self._vlm = None
         self._applied_tricks = []
         set_step_context(None)  # the last batch's facts must not reach forwards run after fit
         # Lightning's Strategy.teardown copies the optimizer state and the module to host memory to free

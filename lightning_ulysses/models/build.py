@@ -26,7 +26,7 @@ def build_causal_lm(
     model is built partitioned, checkpoints load into the partitions, and from a config the model's own
     weight init runs (on gathered parameters). ``trust_remote_code`` is passed to transformers only when set.
     """
-    from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
     from lightning_ulysses.compat.transformers import attn_implementation as current_attn
 

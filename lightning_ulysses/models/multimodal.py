@@ -18,9 +18,7 @@ Supported families (:data:`SUPPORTED_VLMS`): Qwen2-VL and Qwen2.5-VL (images and
 
 from __future__ import annotations
 
-import functools
 import types
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -42,7 +40,8 @@ class VisionLanguageFamily:
     name = ""
     model_types: tuple[str, ...] = ()
     rope_3d = False  # positions are (temporal, height, width) per token, from the model's get_rope_index
-    sources: tuple[tuple[str, str, str], ...] = (("image", "pixel_values", "image_grid_thw"),)  # (source, pixels, grid)
+    # (source, its pixels' batch key, its grid's key or None where the pixels alone say how many items there are)
+    sources: tuple[tuple[str, str, Optional[str]], ...] = (("image", "pixel_values", None),)
 
     def inner(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model holding the tower and the language model (``XForConditionalGeneration.model``)."""
@@ -93,10 +92,6 @@ class QwenVL(VisionLanguageFamily):
     def merge_size(self, model: torch.nn.Module) -> int:
         return int(self.config(model).vision_config.spatial_merge_size)
 
-    def feature_count(self, model: torch.nn.Module, grid: Optional[Tensor]) -> int:
-        merge = self.merge_size(model)
-        return int((grid.prod(-1) // (merge * merge)).sum()) if grid is not None else 0
-
     def units(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Unit]:
         merge = self.merge_size(model)
         return [u for source, _, grid in self.sources for u in units_of(inputs.get(grid), source, merge)]
@@ -130,21 +125,12 @@ class Llava(VisionLanguageFamily):
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.inner(model).multi_modal_projector
 
-    def tokens_per_image(self, model: torch.nn.Module) -> int:
-        cfg = self.config(model)
-        vc = cfg.vision_config
-        patches = (vc.image_size // vc.patch_size) ** 2
-        return patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
-
-    def feature_count(self, model: torch.nn.Module, pixels: Optional[Tensor]) -> int:
-        return self.tokens_per_image(model) * (pixels.shape[0] if pixels is not None else 0)
-
     def units(self, model: torch.nn.Module, inputs: dict[str, Any]) -> list[Unit]:
+        cfg = self.config(model)
+        patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1  # with the CLS token
+        tokens = patches if cfg.vision_feature_select_strategy == "full" else patches - 1
         pixels = inputs.get("pixel_values")
-        n, tokens = (pixels.shape[0] if pixels is not None else 0), self.tokens_per_image(model)
-        vc = self.config(model).vision_config
-        patches = (vc.image_size // vc.patch_size) ** 2 + 1  # with the CLS token
-        return [Unit("image", i, 1, (1, 1, 1), tokens, patches) for i in range(n)]
+        return [Unit("image", i, 1, (1, 1, 1), tokens, patches) for i in range(0 if pixels is None else pixels.shape[0])]
 
     def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
         inner, cfg = self.inner(model), self.config(model)
@@ -202,12 +188,13 @@ def prepare_multimodal(full: dict[str, Any], model: torch.nn.Module) -> dict[str
     ids, text_pos = full["input_ids"], full["position_ids"]
     slots = torch.full_like(ids, -1)
     done = 0
+    units = family.units(model, full)
     for source, pixel_key, grid_key in family.sources:
         token = family.token_id(model, source)
-        if full.get(pixel_key) is not None and grid_key not in (None, "") and family.rope_3d and full.get(grid_key) is None:
+        if grid_key is not None and full.get(pixel_key) is not None and full.get(grid_key) is None:
             raise ValueError(f"The batch has '{pixel_key}' but no '{grid_key}': give the processor's output whole.")
         placeholders = int((ids == token).sum())
-        features = family.feature_count(model, full.get(grid_key if family.rope_3d else pixel_key))
+        features = sum(u.tokens for u in units if u.source == source)
         if placeholders != features:
             if features and not placeholders:
                 why = f"{source}s were given but the text has no {source} token (id {token})"

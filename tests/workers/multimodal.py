@@ -160,7 +160,11 @@ def run(case: dict, out: Path) -> None:
     torch.distributed.all_gather_object(everyone, rec.batches)
     if trainer.global_rank == 0:
         last = throughput.history[-1]
+        inner = module.model.model
         result = {"losses": rec.losses, "layout": trainer.strategy.layout.describe(),
+                  # what the user holds after fit: the model's own forward, no sequence-parallel attention left
+                  "unpatched": "forward" not in vars(inner) and not any(
+                      k.startswith("_lightning_ulysses") for m in module.model.modules() for k in vars(m)),
                   "vision_patches_per_step": last["throughput/vision_patches_per_sec"] * last["throughput/step_s"],
                   "tokens_per_step": last["throughput/tokens_per_sec"] * last["throughput/step_s"],
                   "dp_batches": everyone[:: trainer.strategy.layout.sp],
