@@ -19,8 +19,9 @@ from multimodal import IMG, LR, MODELS, QWEN2_VL, VID, batch  # noqa: E402
 CASES = [
     # images and a video; a row whose second half is one image's tokens (that rank holds no label)
     {"name": "qwen2_vl_sp2_zero2", "sp": 2, "stage": 2, "kinds": ["mixed", "image_tail", "images"]},
+    # the tower in tiles of 16 patches (one frame group each; the ranks call it a different number of times)
     {"name": "qwen2_vl_video_sp2_zero3_checkpointing", "sp": 2, "stage": 3, "kinds": ["mixed", "mixed"],
-     "checkpointing": True},
+     "checkpointing": True, "tile_patches": 16},
     {"name": "qwen2_vl_frozen_tower_sp2_zero2", "sp": 2, "stage": 2, "kinds": ["mixed", "images"], "freeze_tower": True},
     # two samples per row, positions restarting: 3-D positions per sample
     {"name": "qwen2_vl_packed_sp2_zero1", "sp": 2, "stage": 1, "kinds": ["mixed", "image_tail"], "packed": True},
@@ -31,7 +32,7 @@ CASES = [
 ]
 CASES_4 = [  # a second launched job, 4 ranks: sp=2 x dp=2 at ZeRO-3 with videos; ring attention alone
     {"name": "qwen2_vl_video_sp2_dp2_zero3", "sp": 2, "stage": 3, "devices": 4,
-     "kinds": ["mixed", "images", "mixed", "image_tail"]},
+     "kinds": ["mixed", "images", "mixed", "image_tail"], "tile_patches": 16},
     {"name": "qwen2_vl_ring4_zero2", "sp": 4, "stage": 2, "devices": 4, "mode": "ring_only",
      "kinds": ["mixed", "image_tail", "mixed", "images"]},
 ]
@@ -151,7 +152,7 @@ def _check_against_single_process(result: dict, case: dict) -> None:
 
 
 def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
-    from lightning_ulysses.parallel.vision import split_units, units_of
+    from lightning_ulysses.parallel.vision import split_units, tiles_of, units_of
 
     units = units_of(torch.tensor([[1, 4, 4], [1, 8, 8]]), "image", 2) + units_of(torch.tensor([[3, 4, 4]]), "video", 2)
     assert [(u.source, u.start, u.rows, u.tokens) for u in units] == [
@@ -162,6 +163,10 @@ def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # contiguous, in order
     assert split_units(units[2:], 3) == [(0, 1), (1, 2), (2, 3)]  # a video's frames spread over the ranks
     assert split_units(units[:1], 2) == [(0, 1), (1, 1)]  # fewer units than ranks: one rank encodes none
+    # a rank's share goes through the tower in tiles of whole units, at most N patches each (a larger unit alone)
+    sizes = lambda tiles: [[u.rows for u in tile] for tile in tiles]  # noqa: E731
+    assert sizes(tiles_of(units, 32)) == [[16], [64], [16, 16], [16]]
+    assert sizes(tiles_of(units, 1 << 20)) == [[16, 64, 16, 16, 16]] and tiles_of([], 32) == []
 
 
 def test_bad_vision_inputs_are_clear_errors() -> None:
@@ -297,3 +302,23 @@ def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) ->
                 pixel_values_videos=b["pixel_values_videos"], video_grid_thw=b["video_grid_thw"],
                 mm_token_type_ids=(b["input_ids"] == IMG).int() + 2 * (b["input_ids"] == VID).int())
     assert out.logits.shape[1] == b["input_ids"].shape[1]
+
+
+def test_save_attention_counts_decoder_layers_and_the_tower_recomputes_fully() -> None:
+    """``save_attention_layers=N`` means the first N *decoder* layers (a tower's blocks come first in module order),
+    and the tower's blocks take the full policy (their windowed attention is cheap to recompute)."""
+    from lightning_ulysses.compat.transformers import checkpointed_layers
+    from lightning_ulysses.memory.activation_checkpoint import (
+        decoder_layers, enable_gradient_checkpointing, saved_attention_fraction,
+    )
+
+    model = _model("qwen2_5_vl")
+    decoder = decoder_layers(model)
+    tower = [m for m in checkpointed_layers(model) if all(m is not d for d in decoder)]
+    assert len(decoder) == 2 and len(tower) == 2  # the text config's layers; the vision config's depth
+    keeps = lambda layer: "context_fn" in layer._gradient_checkpointing_func.keywords  # noqa: E731
+    enable_gradient_checkpointing(model, "save_attention")
+    assert all(keeps(d) for d in decoder) and not any(keeps(b) for b in tower)
+    enable_gradient_checkpointing(model, "save_attention", save_attention_layers=1)
+    assert [keeps(d) for d in decoder] == [True, False] and not any(keeps(b) for b in tower)
+    assert saved_attention_fraction(model) == 0.5

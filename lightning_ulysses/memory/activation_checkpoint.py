@@ -111,13 +111,29 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
     if not users_hook and has_input_grads_hook(model):
         settings(model)["added_input_grads_hook"] = True
     settings(model).update(checkpoint_policy=policy, save_attention_layers=save_attention_layers)
-    if policy == "save_attention" and save_attention_layers is not None:
+    if policy == "save_attention":
         from torch.utils.checkpoint import checkpoint
 
-        # HF gave every layer the same checkpoint function; the layers past N get the full policy's
+        # HF gave every layer the same checkpoint function. A vision tower's blocks recompute everything (their
+        # attention spans one window or frame: cheap to recompute, and N layers means N *decoder* layers); with
+        # save_attention_layers=N, so do the decoder layers past N
         full = functools.partial(checkpoint, **checkpoint_kwargs("full"))
-        for layer in checkpointed_layers(model)[save_attention_layers:]:
+        decoder = decoder_layers(model)
+        tower = [layer for layer in checkpointed_layers(model) if all(layer is not d for d in decoder)]
+        for layer in tower + (decoder[save_attention_layers:] if save_attention_layers is not None else []):
             set_checkpoint_function(layer, full)
+
+
+def decoder_layers(model: torch.nn.Module) -> list:
+    """The checkpointed decoder layers, in order: a vision-language model's tower blocks left out."""
+    from lightning_ulysses.models.multimodal import vlm_family
+
+    layers = checkpointed_layers(model)
+    family = vlm_family(model)
+    if family is None:
+        return layers
+    tower = {id(m) for m in family.tower(model).modules()}
+    return [layer for layer in layers if id(layer) not in tower]
 
 
 def check_save_attention_layers(policy: str, save_attention_layers: Optional[int]) -> None:
@@ -138,7 +154,7 @@ def saved_attention_fraction(model: torch.nn.Module) -> float:
     if checkpoint_policy_of(model) != "save_attention":
         return 0.0
     n = settings(model).get("save_attention_layers")
-    layers = len(checkpointed_layers(model))
+    layers = len(decoder_layers(model))
     return 1.0 if n is None or layers == 0 else min(n, layers) / layers
 
 
@@ -228,6 +244,7 @@ __all__ = [
     "attention_kernel_ops",
     "check_save_attention_layers",
     "checkpoint_kwargs",
+    "decoder_layers",
     "checkpoint_policy_of",
     "checkpointed_layers",
     "disable_gradient_checkpointing",

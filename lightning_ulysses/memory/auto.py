@@ -9,12 +9,13 @@ What a rank holds at its memory peak (bytes; ``S_l`` = tokens this rank holds = 
 * static: weights, gradients and optimizer state as ZeRO partitions them (:func:`static_bytes`), plus the
   lm_head's gradient in flight (``V x H`` bf16) and, under ZeRO-3, one gathered decoder layer;
 * per layer and token, what backward needs later: without checkpointing all of a layer's activations
-  (``24.25 H + 8 I`` bytes, less ``8 H`` with the memory-efficient RMSNorm and ``2 I`` with the SwiGLU);
+  (``17.66 H + 8 I`` bytes, less ``8 H`` with the memory-efficient RMSNorm and ``2 I`` with the SwiGLU);
   with checkpointing the layer input (``2 H``, in host memory when offloaded) and, under ``save_attention``, the
   attention output and its log-sum-exp (``2 H + 4 heads``);
 * per token, the working set of the one layer whose backward runs (:data:`COEFFICIENTS`): gradients in flight,
-  the recomputed layer, the attention backward's workspace (smaller with ``tiled_attention_backward``) and the MLP's
-  intermediates (``[S_l, I]`` tensors, gone with ``tiled_mlp``).
+  the recomputed layer, and the larger of the attention backward's workspace (where attention is recomputed; smaller
+  with ``tiled_attention_backward``) and the MLP's intermediates (``[S_l, I]`` tensors, gone with ``tiled_mlp``):
+  the two backwards run one after the other.
 
 Host memory, per node: each rank's process (``host_base_gib``), its offloaded layer inputs (pinned) and, with
 ``offload_optimizer``, its optimizer partition and fp32 gradients; ``ranks_per_node`` ranks share it.
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from lightning_ulysses.memory.candidates import CANDIDATES
+from lightning_ulysses.models.flops import VisionDims
 
 GiB = 2**30
 
@@ -44,9 +46,12 @@ COEFFICIENTS: dict[str, float] = {
     "working_set_h": 18.1,
     # added without the tiled attention backward: 107.3 - 72.4 KiB at H=4096 (same table)
     "untiled_attention_h": 8.7,
-    # added without the tiled MLP (memory-efficient SwiGLU on), in units of I bytes: 44 KiB at I=14336, from the CLI
-    # runs of 2026-12-01 (save_attention + offload without tiled MLP / attention: 53.83 GiB; shipped: 39.84 GiB)
-    "untiled_mlp_i": 3.15,
+    # added without the tiled MLP (memory-efficient SwiGLU on), in units of I bytes: 19.9 H at 8B width (about three
+    # [S_l, I] bf16 intermediates). The attention's and the MLP's extras do not add: their backwards run one after the
+    # other. Fitted at 4 layers x 262,144 tokens: save_attention+offload 78.46 GiB (H200) and full+offload 72.37 GiB
+    # (H100) vs save_attention+offload+tiled_mlp 59.38 GiB (H100), 2026-12-05; the 2026-12-01 CLI runs at 128K
+    # (save_attention+offload 53.83 vs shipped 39.84 GiB) agree within 5%
+    "untiled_mlp_i": 5.7,
     # packed rows (positions restarting; attention one kernel call per sample): bytes per token per layer above one
     # document, in units of H: 31 GiB at 65,536 tokens x 4 layers of 8B width without checkpointing (97.16 GiB for
     # one DPO-style pair per row vs 66.13 for the same tokens as one document; one H200, 2026-12-05). Without
@@ -73,6 +78,12 @@ COEFFICIENTS: dict[str, float] = {
     "offload_time": 1.01,
     # CUDA context, allocator slack and DeepSpeed buffers above the tensors' sum at the peak (fits the CLI runs above)
     "gpu_overhead_gib": 0.5,
+    # a vision tower block's activations per patch: units of its width E and its MLP width I (bytes), assumed from
+    # the Qwen2.5-VL block's saved tensors, not measured
+    "vision_block_e": 44.0,
+    "vision_block_i": 8.0,
+    # of which a frozen tower's forward (no autograd) holds at once: assumed
+    "vision_forward_share": 0.5,
     # a rank's process in host memory (torch, CUDA, transformers, DeepSpeed), pinned staging excluded
     "host_base_gib": 6.0,
 }
@@ -111,11 +122,22 @@ class Workload:
     experts_per_token: int = 1  # MoE: each token's MLP work and activations scale with the experts it visits
     frozen_params: int = 0  # frozen companions (a DPO reference, a distillation teacher): weights only, no gradients
     packed: bool = False  # rows hold several samples (positions restarting): preference pairs, packed SFT data
-    vision_params: int = 0  # a vision-language model's tower (encoder + projector); trains with full fine-tuning
+    # a vision-language model's tower (its trains: full fine-tuning without freeze_vision_tower) and the most vision
+    # tokens a row holds (None: any token may be one, the worst case)
+    vision: Optional[VisionDims] = None
+    vision_tokens: Optional[int] = None
 
     @property
     def local_tokens(self) -> int:
         return self.rows * math.ceil(self.seq_len / self.sp)
+
+    @property
+    def vision_params(self) -> int:
+        return self.vision.n_params if self.vision is not None else 0
+
+    @property
+    def vision_trains(self) -> bool:
+        return self.vision is not None and self.vision.trains and self.trainable_params is None
 
     @property
     def trainable(self) -> int:
@@ -194,9 +216,9 @@ def static_bytes(w: Workload) -> dict[str, float]:
     optimizer = opt / (world if w.zero_stage >= 1 else 1)
     # a frozen companion is a submodule of the LightningModule: DeepSpeed casts it to bf16 and ZeRO-3 partitions it
     frozen = 2.0 * w.frozen_params / (world if w.zero_stage == 3 else 1)
-    # the tower's weights (whole under ZeRO 0-2), and with full fine-tuning its gradients and optimizer state; its
-    # activations (a share of the units per SP rank, one layer's at a time with checkpointing) are not modelled
-    tower = w.vision_params if w.trainable_params is None else 0
+    # the tower's weights (whole under ZeRO 0-2), and when it trains its gradients and optimizer state (its
+    # activations: estimate())
+    tower = w.vision_params if w.vision_trains else 0
     weights += 2.0 * w.vision_params / (world if w.zero_stage == 3 else 1)
     grads += 2.0 * tower / (world if w.zero_stage >= 2 else 1)
     optimizer += OPTIMIZER_BYTES.get(w.optimizer.lower(), 12) * tower / (world if w.zero_stage >= 1 else 1)
@@ -241,12 +263,20 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors (its
     # attention backward workspace unless tiled, its MLP intermediates unless tiled); without checkpointing those are
     # the saved activations counted above
+    # The attention's and the MLP's backward run one after the other, so the larger of their untiled extras sets the
+    # peak (not their sum); the attention's counts only where some layer recomputes it (not under save_attention).
     work = c["working_set_h"] * h
     if ckpt:
-        work += 0.0 if tiled_attn else c["untiled_attention_h"] * h
-        work += 0.0 if tiled_mlp else c["untiled_mlp_i"] * inter + (0.0 if swiglu else c["swiglu_saves_i"] * inter)
-    # the peak is inside one layer's backward, or (without the tiled loss) in the loss over every token's logits
-    parts["working_set"] = max(work * s, 0.0 if tiled_loss else c["logits_v"] * w.vocab * s)
+        recomputes_attention = kept_attention < layers
+        attention = c["untiled_attention_h"] * h if recomputes_attention and not tiled_attn else 0.0
+        mlp = 0.0 if tiled_mlp else c["untiled_mlp_i"] * inter + (0.0 if swiglu else c["swiglu_saves_i"] * inter)
+        work += max(attention, mlp)
+    vision, vision_work = vision_bytes(w, ckpt, c)
+    if vision:
+        parts["vision"] = vision
+    # the peak is inside one layer's backward (a tower block's, when it recomputes, comes after the decoder's), or
+    # (without the tiled loss) in the loss over every token's logits
+    parts["working_set"] = max(work * s, vision_work, 0.0 if tiled_loss else c["logits_v"] * w.vocab * s)
     parts["overhead"] = c["gpu_overhead_gib"] * GiB
     gpu = sum(parts.values()) / GiB
 
@@ -262,9 +292,38 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     flops = model_flops(dims, tokens, sq)
     if ckpt:
         flops += recompute_flops(dims, tokens, sq, attention=1.0 - kept_attention / layers)
+    if w.vision is not None:  # the tower's matmuls (+ a recomputed forward when it trains under checkpointing)
+        patches = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len) * w.vision.patches_per_token)
+        forward = 2.0 * w.vision.n_params * patches
+        flops += forward * (3.0 + (1.0 if ckpt else 0.0) if w.vision_trains else 1.0)
     time = flops * (c["tiled_mlp_time"] if tiled_mlp else 1.0) * (c["offload_time"] if offload else 1.0)
     fits = hw is not None and gpu <= margin * hw.gpu_memory_gib and host <= margin * hw.host_memory_gib
     return Estimate(name, dict(flags), gpu, host, time, fits, gpu_parts={k: v / GiB for k, v in parts.items()})
+
+
+def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFICIENTS) -> tuple[float, float]:
+    """A vision-language model's tower on one rank: what stays alive through the step (the batch's pixels, which
+    every SP rank holds whole; the gathered features and their gradient; when the tower trains its blocks' inputs
+    under checkpointing, else every block's activations), and the working set of one tower block on one tile (its
+    forward, or its recompute + backward). Each rank encodes ``1/sp`` of the units (``split_units``), a tile of
+    whole units at a time (``tiles_of``). Bytes; 0 for text models.
+
+    The block terms are assumed from the Qwen2.5-VL block's saved tensors (fp32 RMSNorm and rotary inputs, q/k/v,
+    the attention output, the MLP's three ``[P, I]`` intermediates), not measured."""
+    v = w.vision
+    if v is None:
+        return 0.0, 0.0
+    tokens = w.rows * min(w.vision_tokens or w.seq_len, w.seq_len)  # the batch's vision tokens
+    local = math.ceil(tokens / w.sp) * v.patches_per_token  # patches this rank encodes
+    from lightning_ulysses.models.multimodal import TOWER_TILE_PATCHES
+
+    # one block's activations for one tile (the tower encodes a rank's units TOWER_TILE_PATCHES at a time)
+    block = (c["vision_block_e"] * v.hidden + c["vision_block_i"] * v.intermediate) * min(local, TOWER_TILE_PATCHES)
+    alive = tokens * v.patches_per_token * v.patch_bytes + (4.0 if w.vision_trains else 2.0) * w.hidden * tokens
+    if not w.vision_trains:  # a forward without autograd frees each block's tensors as it goes
+        return alive, c["vision_forward_share"] * block
+    alive += (2.0 * v.hidden * local if checkpointing else block) * v.layers
+    return alive, block
 
 
 def candidates(w: Workload, user_flags: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
@@ -380,12 +439,14 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                      world_size: int = 1, ranks_per_node: int = 1, zero_stage: int = 3, optimizer: str = "adamw",
                      offload_optimizer: bool = False, offload_parameters: bool = False, peft: Any = None,
                      context_parallel_mode: str = "auto", ulysses_size: Optional[int] = None,
-                     ring_size: Optional[int] = None, frozen: Sequence[Any] = (), packed: bool = False) -> Workload:
+                     ring_size: Optional[int] = None, frozen: Sequence[Any] = (), packed: bool = False,
+                     freeze_vision_tower: bool = False, vision_tokens: Optional[int] = None) -> Workload:
     """The :class:`Workload` of a run as the strategy sees it before the model is built: the layout resolved from
     the config's head counts as :meth:`ParallelLayout.resolve <lightning_ulysses.parallel.layout.ParallelLayout.resolve>`
     does (a model that cannot be sequence-sharded is resolved at setup; here it counts as asked). ``frozen``: the
     configs of frozen companion models (a DPO reference, a distillation teacher), counted as weights only; ``packed``:
-    rows hold several samples."""
+    rows hold several samples; ``freeze_vision_tower``: a vision-language model's tower does not train;
+    ``vision_tokens``: the most vision tokens in a row (None: every token may be one)."""
     from lightning_ulysses.parallel.layout import ParallelLayout
 
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -398,7 +459,7 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                              ranks_per_node=ranks_per_node, zero_stage=zero_stage, optimizer=optimizer,
                              offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
                              frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen), packed=packed,
-                             vision_params=vision_tower_params(config))
+                             vision=vision_dims(config, trains=not freeze_vision_tower), vision_tokens=vision_tokens)
     return replace(w, trainable_params=lora_params(w, peft)) if peft is not None else w
 
 
@@ -418,6 +479,13 @@ def vision_tower_params(config: Any) -> int:
     return sum(p.numel() for p in family.tower(model).parameters())
 
 
+def vision_dims(config: Any, trains: bool = True) -> Optional[VisionDims]:
+    """The tower's :class:`~lightning_ulysses.models.flops.VisionDims` of a supported vision-language config (its
+    parameters counted on the meta device); ``None`` for a text model."""
+    params = vision_tower_params(config)
+    return VisionDims.from_config(config, params, trains) if params else None
+
+
 def host_available_gib() -> float:
     """``MemAvailable`` of this node (Linux); the total RAM elsewhere."""
     try:
@@ -434,4 +502,4 @@ def host_available_gib() -> float:
 
 __all__ = ["COEFFICIENTS", "DEFAULT_MARGIN", "Estimate", "Hardware", "NothingFits", "Workload", "candidates", "choose",
            "estimate", "host_available_gib", "longest_sequence", "lora_params", "merge_user_flags", "optimizer_name",
-           "static_bytes", "vision_tower_params", "workload_for_run"]
+           "static_bytes", "vision_bytes", "vision_dims", "vision_tower_params", "workload_for_run"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_ulysses.compat.transformers import checkpointed_layers
+from lightning_ulysses.memory.activation_checkpoint import decoder_layers
 from lightning_ulysses.memory.activation_checkpoint import (
     disable_gradient_checkpointing, enable_gradient_checkpointing, is_checkpointing,
 )
@@ -319,8 +319,7 @@ class _PrefetchPoint(torch.autograd.Function):
 
 def _query_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Each decoder layer's ``self_attn.q_proj``, or [] if some layer has none (then: early prefetch)."""
-    layers = checkpointed_layers(model)
-    projs = [getattr(getattr(layer, "self_attn", None), "q_proj", None) for layer in layers]
+    projs = [getattr(getattr(layer, "self_attn", None), "q_proj", None) for layer in decoder_layers(model)]
     return projs if projs and all(isinstance(p, torch.nn.Module) for p in projs) else []
 
 
@@ -332,7 +331,7 @@ def enable_activation_offload(model: torch.nn.Module, min_bytes: int = 0, keep_l
 
     ``keep_layers``: this many layer inputs (the first layers') stay on the GPU, for when host RAM ends the
     sequence before GPU memory does."""
-    layers = len(checkpointed_layers(model))
+    layers = len(decoder_layers(model))
     if keep_layers and keep_layers >= layers:
         raise ValueError(
             f"activation_checkpoint_cpu_offload_keep_layers={keep_layers} keeps every one of {type(model).__name__}'s "

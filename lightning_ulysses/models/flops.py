@@ -21,7 +21,7 @@ Under sequence parallelism each rank holds ``1/sp`` of every sequence: the full 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -49,12 +49,16 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class VisionDims:
-    """A vision-language model's tower (encoder + projector): parameters, depth, width, and whether it trains."""
+    """A vision-language model's tower (encoder + projector): parameters, depth, width, and whether it trains; for
+    memory planning also its MLP width, the patches behind one language-model token and one patch's input bytes."""
 
     n_params: int
     layers: int
     hidden: int
     trains: bool
+    intermediate: int = 0
+    patches_per_token: int = 1  # Qwen-VL merges spatial_merge_size^2 patches into one token; LLaVA: one each
+    patch_bytes: int = 0  # one patch's pixels as the batch carries them (fp32)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Optional["VisionDims"]:
@@ -64,11 +68,20 @@ class VisionDims:
         if family is None:
             return None
         params = list(family.tower(model).parameters())
-        vc = model.config.vision_config
-        layers = getattr(vc, "depth", None) or vc.num_hidden_layers
+        return cls.from_config(model.config, sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                               any(p.requires_grad for p in params))
+
+    @classmethod
+    def from_config(cls, config: Any, n_params: int, trains: bool = True) -> "VisionDims":
+        """From a vision-language ``config`` (its ``vision_config``: Qwen-VL's ``depth`` / ``embed_dim`` /
+        ``mlp_ratio`` or ``hidden_size`` / ``intermediate_size``, CLIP/SigLIP's ``num_hidden_layers``)."""
+        vc = config.vision_config
         hidden = getattr(vc, "embed_dim", None) or vc.hidden_size
-        return cls(sum(getattr(p, "ds_numel", p.numel()) for p in params), layers, hidden,
-                   any(p.requires_grad for p in params))
+        intermediate = getattr(vc, "intermediate_size", None) or int(hidden * getattr(vc, "mlp_ratio", 4))
+        channels = getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3
+        patch = 4 * channels * (getattr(vc, "temporal_patch_size", None) or 1) * vc.patch_size**2
+        return cls(n_params, getattr(vc, "depth", None) or vc.num_hidden_layers, hidden, trains, intermediate,
+                   (getattr(vc, "spatial_merge_size", None) or 1) ** 2, patch)
 
 
 def vision_flops(dims: VisionDims, patches: float, sum_sq_patches: float) -> float:

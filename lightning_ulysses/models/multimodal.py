@@ -24,13 +24,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_ulysses.parallel.vision import Unit, gather_features, split_units, units_of
+from lightning_ulysses.parallel.vision import Unit, gather_features, split_units, tiles_of, units_of
 
 # batch keys a vision-language model takes besides the text (whole on every rank: not [b, S])
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # keys prepare_multimodal adds ([b, S, ...]: sharded with the tokens)
 PREPARED = ("vision_slots", "mm_position_ids")
 _PLAIN_FORWARD = "_lightning_ulysses_plain_forward"
+# the tower encodes a rank's units in calls of at most this many patches (whole units): 16 frame groups of a 448 x 448
+# video, ~1.3 GiB of one Qwen2.5-VL-7B block's activations
+TOWER_TILE_PATCHES = 16384
 
 
 class VisionLanguageFamily:
@@ -317,11 +320,31 @@ def _sharded_features(family: VisionLanguageFamily, inner: torch.nn.Module, inpu
     lo, hi = shares[rank]
     trains = any(p.requires_grad for p in family.tower(inner).parameters())
     with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-        local = family.encode(inner, units[lo:hi], inputs, device)
+        # whole units per call, at most TOWER_TILE_PATCHES patches: every block's working set (and its recompute
+        # under checkpointing) is one tile's; units are encoded independently, so the features are the same
+        tiles = tiles_of(units[lo:hi], TOWER_TILE_PATCHES) or [[]]
+        dummies = _tiles_short_of_the_most(len(tiles), family.tower(inner), device)
+        local = torch.cat([family.encode(inner, tile, inputs, device) for tile in tiles]
+                          + [family.encode(inner, [], inputs, device)[:0] for _ in range(dummies)])
     if hi == lo:
         local = local[:0]  # the dummy's features are not used; its graph keeps ZeRO-3's backward hooks in step
     counts = [sum(u.tokens for u in units[a:b]) for a, b in shares]
     return gather_features(local, counts, rank, group)
+
+
+def _tiles_short_of_the_most(tiles: int, tower: torch.nn.Module, device: torch.device) -> int:
+    """How many dummy tower calls this rank adds so that every rank calls the tower equally often: under ZeRO-3 each
+    call gathers the tower's parameters with collectives over every rank (other data-parallel groups have other
+    batches, so other tile counts). 0 when the tower is not partitioned."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0
+    if not any(hasattr(p, "ds_id") for p in tower.parameters()):
+        return 0
+    most = torch.tensor([tiles], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - tiles
 
 
 # --------------------------------------------------------------------------------------------- apply / remove

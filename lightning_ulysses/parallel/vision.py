@@ -4,7 +4,9 @@ A batch's images and videos are cut into *units* the tower encodes independently
 group of a video (Qwen-VL towers attend within a frame group: ``cu_seqlens`` repeat ``h * w`` per ``t``). Units are
 dealt to the SP ranks in order, contiguous, balanced by patch count (:func:`split_units`); each rank encodes its own,
 and :func:`gather_features` concatenates every rank's features in unit order on every rank. So the tower's compute
-and activation memory divide by ``sp``, and the features come out in the order the model's placeholders expect.
+and activation memory divide by ``sp``, and the features come out in the order the model's placeholders expect. A
+rank encodes its share in tiles of whole units (:func:`tiles_of`): each tower block runs, and under checkpointing is
+recomputed, one tile at a time, so its working set is a tile's however long the video.
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def split_units(units: list[Unit], sp: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(sp)]
 
 
+def tiles_of(units: list[Unit], most_patches: int) -> list[list[Unit]]:
+    """``units`` in consecutive groups of at most ``most_patches`` patches each (whole units; a larger unit alone).
+    The tower encodes one group per call: its activation working set is one tile's, not the rank's share."""
+    tiles: list[list[Unit]] = []
+    size = 0
+    for unit in units:
+        if not tiles or size + unit.rows > most_patches:
+            tiles.append([])
+            size = 0
+        tiles[-1].append(unit)
+        size += unit.rows
+    return tiles
+
+
 class _GatherFeatures(torch.autograd.Function):
     """``[n_r, H]`` per rank -> ``[sum n, H]`` on every rank (rank order). Backward: every rank's loss used some of
     every rank's features, so the gradient is summed over the group (all-reduce) and each rank keeps its own rows."""
@@ -90,4 +106,4 @@ def gather_features(local: Tensor, counts: list[int], rank: int, group: Optional
     return _GatherFeatures.apply(local, counts, rank, group)
 
 
-__all__ = ["Unit", "gather_features", "split_units", "units_of"]
+__all__ = ["Unit", "gather_features", "split_units", "tiles_of", "units_of"]

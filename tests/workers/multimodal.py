@@ -142,6 +142,10 @@ class Recorded(CausalLMModule):
 
 
 def run(case: dict, out: Path) -> None:
+    import lightning_ulysses.models.multimodal as mm
+
+    # small tiles: a rank's units go through the tower in several calls (ranks differ in how many: dummy calls)
+    mm.TOWER_TILE_PATCHES = case.get("tile_patches", 16384)
     rec = Record()
     module = Recorded(MODELS[case.get("model", "qwen2_vl")], attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                       freeze_vision_tower=case.get("freeze_tower", False))

@@ -1,0 +1,216 @@
+"""A vision-language model on one long video, one GPU: tokens/s, peak memory, and the vision tower's share of a step.
+
+Qwen2.5-VL-7B shape (vision tower whole: 32 blocks of width 1280, window attention, patch merger to 3584; language
+model of hidden 3584, MLP 18944, 28 q / 4 kv heads, vocab 152064) with the language model cut to ``--layers``, random
+init, bf16, ZeRO-3, fused AdamW, ``memory="auto"`` (or ``--plan NAME``, one of the candidates). Each row is one video
+of ``--frame`` x ``--frame`` pixels (``(frame/28)^2`` tokens per 2-frame group) between a short text prompt and a
+text answer, ``--seq-len`` tokens in all; the labels are the text after the video (the prompt and the video tokens
+are masked, as ``MultimodalSFTDataModule`` masks a user turn).
+
+Modes: ``trained`` (the tower trains, with gradient checkpointing like the decoder) and ``frozen``
+(``freeze_vision_tower=True``: its forward runs without autograd). The tower's forward is timed inside the step
+(CUDA-synchronised hooks on the tower); its backward share is the trained step minus the frozen one at the same
+length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encodes 1/N of the frame groups
+(:func:`lightning_ulysses.parallel.vision.split_units`), which this script cannot measure.
+
+    python benchmarks/vlm_throughput.py --layers 4 --seq-lens 65536 131072 --modes trained frozen
+    python benchmarks/vlm_throughput.py --tiny --seq-lens 2048   # CPU smoke run
+    python benchmarks/vlm_throughput.py --report                  # the table of every run so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+GiB = 2**30
+IMG, VID, VS, VE = 151655, 151656, 151652, 151653
+QWEN2_5_VL_7B = {
+    "model_type": "qwen2_5_vl", "image_token_id": IMG, "video_token_id": VID, "vision_start_token_id": VS,
+    "vision_end_token_id": VE, "tie_word_embeddings": False,
+    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 1 << 20,
+                    "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3,
+                      "hidden_act": "silu"},
+}
+TINY = {  # the same structure at toy width (CPU smoke run)
+    **QWEN2_5_VL_7B, "image_token_id": 120, "video_token_id": 121, "vision_start_token_id": 122,
+    "vision_end_token_id": 123,
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "vocab_size": 128, "max_position_embeddings": 1 << 16,
+                    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "bos_token_id": 1, "eos_token_id": 2},
+    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [1], "in_channels": 3},
+}
+
+
+def video_row(spec: dict, seq: int, frame: int, prompt: int = 256) -> dict:
+    """One row: ``prompt`` text tokens, <vision_start>, the video's tokens, <vision_end>, answer text to ``seq``."""
+    vc = spec["vision_config"]
+    side = frame // vc["patch_size"]  # patches per side
+    per_group = side * side // vc["spatial_merge_size"] ** 2  # tokens per temporal group of 2 frames
+    groups = (seq - prompt - 2 - 64) // per_group  # at least 64 answer tokens
+    vocab = spec["text_config"]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    answer = seq - prompt - 2 - groups * per_group
+    top = min([vocab] + [spec[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                           "vision_end_token_id")])  # text ids below every special one
+    text = lambda n: torch.randint(3, top, (n,), generator=g)  # noqa: E731
+    ids = torch.cat([text(prompt), torch.tensor([spec["vision_start_token_id"]]),
+                     torch.full((groups * per_group,), spec["video_token_id"]),
+                     torch.tensor([spec["vision_end_token_id"]]), text(answer)]).unsqueeze(0)
+    labels = ids.clone()
+    labels[:, : prompt + 2 + groups * per_group] = -100
+    patch = vc["in_channels"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2
+    return {"input_ids": ids, "labels": labels,
+            "pixel_values_videos": torch.randn(groups * side * side, patch, generator=g),
+            "video_grid_thw": torch.tensor([[groups, side, side]]), "groups": groups, "patches": groups * side * side,
+            "video_tokens": groups * per_group}
+
+
+class TowerTimer:
+    """Wall time of the tower's forward inside the step (synchronised before and after: ~no overlap to lose, the
+    tower's output is needed before the decoder runs)."""
+
+    def __init__(self, tower: torch.nn.Module, cuda: bool) -> None:
+        self.cuda, self.times, self._t0 = cuda, [], 0.0
+        self.handles = [tower.register_forward_pre_hook(self._start), tower.register_forward_hook(self._stop)]
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _start(self, *_) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._t0)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def fit(mode: str, seq: int, args) -> dict:
+    import lightning.pytorch as pl
+
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses.lightning.callbacks import SequenceThroughput
+    from lightning_ulysses.memory.candidates import CANDIDATES
+    from lightning_ulysses.models.multimodal import vlm_family
+
+    spec = TINY if args.tiny else QWEN2_5_VL_7B
+    spec = {**spec, "text_config": {**spec["text_config"], "num_hidden_layers": args.layers}}
+    cuda = torch.cuda.is_available()
+    row = video_row(spec, seq, args.frame)
+    facts = {k: row.pop(k) for k in ("groups", "patches", "video_tokens")}
+    optimizer = lambda params: torch.optim.AdamW(params, lr=1e-6, fused=cuda)  # noqa: E731
+    module = CausalLMModule(spec, attn_implementation="sdpa", optimizer=optimizer,
+                            freeze_vision_tower=mode == "frozen")
+    plan = {"memory": "auto", "max_seq_len": seq} if args.plan == "auto" else CANDIDATES[args.plan]
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=3, pad_to_multiple_of=64, **plan)
+    throughput = SequenceThroughput(warmup_steps=1)
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                         strategy=strategy, max_steps=args.steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[throughput])
+    loader = torch.utils.data.DataLoader([row] * args.steps, batch_size=None)
+    timer = None
+
+    class _Attach(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            nonlocal timer
+            inner = pl_module.model
+            timer = TowerTimer(vlm_family(inner).tower(inner), cuda)
+
+    trainer.callbacks.append(_Attach())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, loader)
+    steady = throughput.history[1:] or throughput.history
+    step_s = sorted(m["throughput/step_s"] for m in steady)[len(steady) // 2]
+    tower_fwd = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
+    timer.remove()
+    estimate = getattr(strategy, "memory_estimate", None)
+    result = {"mode": mode, "seq": seq, "layers": args.layers, **facts, "step_s": step_s, "tokens_per_s": seq / step_s,
+              "tower_forward_s": tower_fwd,
+              "vision_tflops": sorted(m["throughput/vision_tflops_per_gpu"] for m in steady)[len(steady) // 2],
+              "model_tflops": sorted(m["throughput/model_tflops_per_gpu"] for m in steady)[len(steady) // 2],
+              "peak_gib": max(m.get("memory/peak_allocated_gib", 0.0) for m in steady),
+              "plan": estimate.name if estimate is not None else args.plan,
+              "predicted_gib": estimate.gpu_peak_gib if estimate is not None else None}
+    del trainer, module
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def report(runs: list[dict], device: str, args) -> None:
+    frozen = {r["seq"]: r for r in runs if r["mode"] == "frozen" and "step_s" in r}
+    print(f"\n{device}, Qwen2.5-VL-7B shape, {args.layers} LM layers, full tower, ZeRO-3 bf16, one "
+          f"{args.frame}x{args.frame} video per row")
+    print("| tower | tokens | video tokens (frames) | plan | tokens/s | step s | tower fwd s | tower share | "
+          "vision TFLOPS | LM TFLOPS | peak GiB | predicted GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if "step_s" not in r:
+            print(f"| {r['mode']} | {r['seq']:,} | | {r.get('plan', '')} | {r['error']} | | | | | | | |")
+            continue
+        share = r["tower_forward_s"]
+        if r["mode"] == "trained" and r["seq"] in frozen:  # + its backward (and recompute): trained - frozen step
+            share += r["step_s"] - frozen[r["seq"]]["step_s"]
+        pred = f"{r['predicted_gib']:.2f}" if r["predicted_gib"] is not None else ""
+        print(f"| {r['mode']} | {r['seq']:,} | {r['video_tokens']:,} ({2 * r['groups']}) | {r['plan']} "
+              f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tower_forward_s']:.2f} | {share / r['step_s']:.0%} "
+              f"| {r['vision_tflops']:.0f} | {r['model_tflops']:.0f} | {r['peak_gib']:.2f} | {pred} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4, help="language model layers (the tower stays whole)")
+    p.add_argument("--seq-lens", type=int, nargs="*", default=[65536, 131072])
+    p.add_argument("--modes", nargs="+", default=["trained", "frozen"], choices=["trained", "frozen"])
+    p.add_argument("--frame", type=int, default=448, help="frame side in pixels (a multiple of 28)")
+    p.add_argument("--plan", default="auto", help="auto, or a candidate of lightning_ulysses.memory.candidates")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke run)")
+    p.add_argument("--out", default="vlm_throughput.jsonl", help="one JSON line per run is appended")
+    p.add_argument("--report", action="store_true", help="print the table of every run in --out and exit")
+    args = p.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if not args.report:
+        from lightning_ulysses.memory.auto import NothingFits
+
+        for seq in args.seq_lens:
+            for mode in args.modes:
+                try:
+                    run = fit(mode, seq, args)
+                except (torch.OutOfMemoryError, NothingFits) as e:
+                    run = {"mode": mode, "seq": seq, "layers": args.layers, "plan": args.plan,
+                           "error": "OOM" if isinstance(e, torch.OutOfMemoryError) else "nothing fits: " + str(e).splitlines()[0]}
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                run["device"] = device
+                print(json.dumps(run), flush=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(run) + "\n")
+    with open(args.out) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    report(runs, runs[0]["device"] if runs else device, args)
+
+
+if __name__ == "__main__":
+    main()
