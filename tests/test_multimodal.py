@@ -322,3 +322,40 @@ def test_save_attention_counts_decoder_layers_and_the_tower_recomputes_fully() -
     enable_gradient_checkpointing(model, "save_attention", save_attention_layers=1)
     assert [keeps(d) for d in decoder] == [True, False] and not any(keeps(b) for b in tower)
     assert saved_attention_fraction(model) == 0.5
+
+
+def test_lora_on_a_vision_language_model(tmp_path) -> None:
+    """LoRA adapters on the language model's attention (PEFT), one process: the first loss is transformers' own (the
+    adapters start as the identity), only adapter weights train, the tower and the base weights stay as they were,
+    and the user gets the PEFT model back unpatched."""
+    pytest.importorskip("peft")
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+
+    saved = _model()
+    saved.save_pretrained(tmp_path / "vlm")
+    b = batch("mixed", 0)
+    expected = _loss_sum(saved, b)
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    module = CausalLMModule(str(tmp_path / "vlm"), attn_implementation="sdpa", peft=lora,
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    losses = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
+                        devices=1, max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Keep()])
+    trainer.fit(module, DataLoader([b, b], batch_size=None))
+    assert losses[0] == pytest.approx(float(expected[0] / expected[1]), rel=1e-4) and losses[1] != losses[0]
+    model = module.model
+    assert type(model).__name__ == "PeftModelForCausalLM" or "Peft" in type(model).__name__
+    before = dict(saved.named_parameters())
+    moved = {n for n, p in model.named_parameters() if "lora_" not in n
+             and not torch.equal(p, before[n.replace("base_model.model.", "").replace(".base_layer", "")])}
+    assert moved == set() and any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert not any(k.startswith("_lightning_ulysses") for m in model.modules() for k in vars(m))

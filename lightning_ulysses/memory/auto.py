@@ -260,11 +260,9 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
         per_layer -= (c["rmsnorm_saves_h"] * h if rms else 0.0) + (c["swiglu_saves_i"] * inter if swiglu else 0.0)
         per_layer += c["packed_attention_h"] * h if w.packed else 0.0
         parts["layer_activations"] = per_layer * s * layers
-    # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors (its
-    # attention backward workspace unless tiled, its MLP intermediates unless tiled); without checkpointing those are
-    # the saved activations counted above
-    # The attention's and the MLP's backward run one after the other, so the larger of their untiled extras sets the
-    # peak (not their sum); the attention's counts only where some layer recomputes it (not under save_attention).
+    # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors plus the
+    # larger of its untiled attention workspace (only where attention is recomputed) and its untiled MLP intermediates
+    # (the two backwards run one after the other); without checkpointing those are the saved activations above
     work = c["working_set_h"] * h
     if ckpt:
         recomputes_attention = kept_attention < layers
@@ -285,20 +283,27 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
         host_rank += 2.0 * h * s * (layers - keep)
     host = host_rank * w.ranks_per_node / GiB
 
-    from lightning_ulysses.models.flops import ModelDims, model_flops, recompute_flops
-
-    dims = ModelDims(w.params - w.embedding_params, layers, w.heads * w.head_dim)
-    tokens, sq = float(w.rows * w.seq_len), float(w.rows * w.seq_len) * w.seq_len
-    flops = model_flops(dims, tokens, sq)
-    if ckpt:
-        flops += recompute_flops(dims, tokens, sq, attention=1.0 - kept_attention / layers)
-    if w.vision is not None:  # the tower's matmuls (+ a recomputed forward when it trains under checkpointing)
-        patches = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len) * w.vision.patches_per_token)
-        forward = 2.0 * w.vision.n_params * patches
-        flops += forward * (3.0 + (1.0 if ckpt else 0.0) if w.vision_trains else 1.0)
+    flops = step_flops(w, ckpt, kept_attention)
     time = flops * (c["tiled_mlp_time"] if tiled_mlp else 1.0) * (c["offload_time"] if offload else 1.0)
     fits = hw is not None and gpu <= margin * hw.gpu_memory_gib and host <= margin * hw.host_memory_gib
     return Estimate(name, dict(flags), gpu, host, time, fits, gpu_parts={k: v / GiB for k, v in parts.items()})
+
+
+def step_flops(w: Workload, checkpointing: bool, kept_attention: int) -> float:
+    """FLOPs of one step: the language model's, what checkpointing recomputes (attention only in the layers that do
+    not keep it), and a vision tower's matmuls (x3 when it trains, + a recomputed forward under checkpointing)."""
+    from lightning_ulysses.models.flops import ModelDims, model_flops, recompute_flops
+
+    dims = ModelDims(w.params - w.embedding_params, w.layers, w.heads * w.head_dim)
+    tokens, sq = float(w.rows * w.seq_len), float(w.rows * w.seq_len) * w.seq_len
+    flops = model_flops(dims, tokens, sq)
+    if checkpointing:
+        flops += recompute_flops(dims, tokens, sq, attention=1.0 - kept_attention / w.layers)
+    if w.vision is not None:
+        patches = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len) * w.vision.patches_per_token)
+        passes = (3.0 + (1.0 if checkpointing else 0.0)) if w.vision_trains else 1.0
+        flops += passes * 2.0 * w.vision.n_params * patches
+    return flops
 
 
 def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFICIENTS) -> tuple[float, float]:
@@ -502,4 +507,4 @@ def host_available_gib() -> float:
 
 __all__ = ["COEFFICIENTS", "DEFAULT_MARGIN", "Estimate", "Hardware", "NothingFits", "Workload", "candidates", "choose",
            "estimate", "host_available_gib", "longest_sequence", "lora_params", "merge_user_flags", "optimizer_name",
-           "static_bytes", "vision_bytes", "vision_dims", "vision_tower_params", "workload_for_run"]
+           "static_bytes", "step_flops", "vision_bytes", "vision_dims", "vision_tower_params", "workload_for_run"]
