@@ -72,3 +72,17 @@ def test_memory_profile_finds_the_peak_and_what_is_live_there() -> None:
     assert [(r["site"].split(":")[0], r["bytes"]) for r in s["rows"]] == [
         ("main/lightning_ulysses/loss.py", 300), ("transformers/models/llama/modeling_llama.py", 100),
         ("deepspeed/runtime/zero/stage3.py", 50)]
+
+
+def test_vlm_throughput_runs_a_trained_and_a_frozen_tower(tmp_path) -> None:
+    """``benchmarks/vlm_throughput.py --tiny`` (the Qwen2.5-VL structure at toy width, one video per row): both modes
+    in one process, one JSON line each, and the report table."""
+    out = tmp_path / "vlm.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vlm_throughput.py"), "--tiny", "--seq-lens", "1024",
+           "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in runs] == ["trained", "frozen"]
+    assert all(r["tokens_per_s"] > 0 and r["tower_forward_s"] > 0 and r["video_tokens"] > 0 for r in runs)
+    assert "| trained | 1,024 |" in proc.stdout and "| frozen | 1,024 |" in proc.stdout

@@ -359,3 +359,73 @@ def test_lora_on_a_vision_language_model(tmp_path) -> None:
              and not torch.equal(p, before[n.replace("base_model.model.", "").replace(".base_layer", "")])}
     assert moved == set() and any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     assert not any(k.startswith("_lightning_ulysses") for m in model.modules() for k in vars(m))
+
+
+def _llava_processor(path) -> str:
+    """A LLaVA processor over the shipped tokenizer: ``<image>`` added, a CLIP image processor at 8 x 8 pixels (4
+    patches of 4, the CLS token dropped: 4 tokens per image), the shipped chat template with ``<image>`` as the image
+    item. Saved to ``path``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from lightning_ulysses.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(PROCESSOR)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = (ROOT / "data" / "vlm" / "processor" / "chat_template.jinja").read_text()
+    template = template.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
+                          tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+def test_multimodal_data_module_renders_a_llava_processor_and_trains_llava(tmp_path) -> None:
+    """The second family through the data module: a LLaVA processor (saved directory) expands each ``<image>`` to its
+    4 feature tokens (never labelled) with ``pixel_values [n, 3, 8, 8]``; one process trains a LLaVA model on those
+    rows with transformers' own loss on each row (plain SGD at lr 0: the losses are the rows' losses); a video in a
+    LLaVA sample is a clear error."""
+    import warnings
+
+    import lightning as L
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses.data import MultimodalSFTDataModule
+
+    processor = _llava_processor(tmp_path / "llava")
+    dm = MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "conversations.jsonl"), processor, seq_len=512,
+                                 packing="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CLIP's image processor falls back to PIL without torchvision
+        dm.setup("fit")
+    image = dm.renderer.placeholders["image"][1]
+    rows = dm._rows["train"]
+    for row in rows:
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        assert int((ids == image).sum()) == 4 * row["pixel_values"].shape[0]
+        assert row["pixel_values"].shape[1:] == (3, 8, 8) and bool((labels[ids == image] == -100).all())
+    spec = dict(MODELS["llava"], image_token_id=image,
+                text_config=dict(MODELS["llava"]["text_config"], vocab_size=len(dm.renderer.tokenizer)))
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec),
+                                                    attn_implementation="sdpa")
+    expected = []
+    with torch.no_grad():
+        for row in rows:
+            out = model(input_ids=torch.tensor([row["input_ids"]]), pixel_values=row["pixel_values"],
+                        labels=torch.tensor([row["labels"]]))
+            expected.append(float(out.loss))
+    losses = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    module = CausalLMModule(model, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
+                        devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Keep()])
+    trainer.fit(module, datamodule=dm)
+    assert sorted(losses) == pytest.approx(sorted(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="does not render"):
+        MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "videos.jsonl"), processor, seq_len=512).setup("fit")

@@ -19,6 +19,7 @@ them in row order, the order of the placeholders.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,61 +37,100 @@ from lightning_ulysses.errors import errors_reported_once
 
 MULTIMODAL_PACKINGS = ("best_fit", "none")
 MULTIMODAL_TOO_LONG = ("error", "drop")
-# per source: the placeholder token of the chat template, the processor's pixel and grid outputs
+# Qwen-VL, per source: the placeholder token of the chat template, the processor's pixel and grid outputs
 SOURCES = {"image": ("<|image_pad|>", "pixel_values", "image_grid_thw"),
            "video": ("<|video_pad|>", "pixel_values_videos", "video_grid_thw")}
 
 
 class Renderer:
-    """A Qwen-VL processor's parts: its tokenizer (with the chat template), image processor and, where transformers
-    can build one, its video processor (transformers' video processors need torchvision). Loaded from a processor
-    directory or hub name; the parts are used instead of the processor object because that object cannot be built at
-    all without torchvision, while images need only the image processor."""
+    """A vision-language processor's parts, in one of two kinds:
+
+    * Qwen-VL (an image processor with ``merge_size``): its tokenizer (with the chat template), image processor and,
+      where transformers can build one, its video processor (transformers' video processors need torchvision). The
+      parts are used instead of the processor object because that object cannot be built at all without torchvision,
+      while images need only the image processor. Each image / video gives ``t * h * w / merge^2`` tokens.
+    * a processor that expands its image token itself (LLaVA's: ``image_token``, a fixed token count per image from
+      ``patch_size`` and the feature strategy): images only; the count per image is read off the processor's own
+      expansion of one placeholder per image.
+
+    :attr:`placeholders` maps each source the processor renders to its placeholder token and id;
+    :meth:`encode` gives a sample's vision tensors and each item's token count."""
 
     def __init__(self, processor: Any) -> None:
-        from transformers import AutoImageProcessor
-
+        self.processor: Any = None  # the expanding kind's processor object
         if isinstance(processor, (str, Path)):
-            self.tokenizer = load_tokenizer(str(processor))  # with a pad token, and an EOS token checked
-            try:
-                self.image_processor = AutoImageProcessor.from_pretrained(str(processor))
-            except OSError as exc:
-                raise ValueError(f"{processor} has no image processor (preprocessor_config.json): give the "
-                                 "vision-language model's processor (its hub name or directory).") from exc
-            self.video_processor = _video_processor(str(processor))
-            template = Path(processor) / "chat_template.jinja"
-            if getattr(self.tokenizer, "chat_template", None) is None and template.is_file():
-                self.tokenizer.chat_template = template.read_text()
+            self._load(str(processor))
         else:  # a processor object
             self.tokenizer, self.image_processor = load_tokenizer(processor.tokenizer), processor.image_processor
             self.video_processor = getattr(processor, "video_processor", None)
             if getattr(self.tokenizer, "chat_template", None) is None:
                 self.tokenizer.chat_template = processor.chat_template
-        merge = getattr(self.image_processor, "merge_size", None)
-        if merge is None:
+            if getattr(self.image_processor, "merge_size", None) is None:
+                self.processor = processor
+        self.merge = int(getattr(self.image_processor, "merge_size", None) or 1)
+        if self.processor is None:
+            tokens = {source: token for source, (token, _, _) in SOURCES.items()}
+        elif isinstance(getattr(self.processor, "image_token", None), str):
+            tokens = {"image": self.processor.image_token}
+        else:
             raise ValueError(
-                f"MultimodalSFTDataModule renders Qwen-VL processors (a grid-based image processor with merge_size); "
-                f"{type(self.image_processor).__name__} is not one. For other families build batches with the "
-                "model's own processor (input_ids, labels with -100 on image tokens, pixel_values)."
+                f"MultimodalSFTDataModule renders Qwen-VL processors (a grid-based image processor with merge_size) and "
+                f"processors that expand an `image_token` themselves (LLaVA's); {type(self.processor).__name__} is "
+                "neither. For other families build batches with the model's own processor (input_ids, labels with "
+                "-100 on image tokens, pixel_values)."
             )
-        self.merge = int(merge)
-        self.token_ids = {}
-        for source, (token, _, _) in SOURCES.items():
+        self.placeholders: dict[str, tuple[str, int]] = {}
+        for source, token in tokens.items():
             token_id = self.tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == self.tokenizer.unk_token_id:
-                raise ValueError(f"The processor's tokenizer has no {token!r} token: not a Qwen-VL processor.")
-            self.token_ids[source] = token_id
+                raise ValueError(f"The processor's tokenizer has no {token!r} token: not a processor of a supported "
+                                 "vision-language model (Qwen2-VL, Qwen2.5-VL, LLaVA).")
+            self.placeholders[source] = (token, token_id)
 
-    def encode(self, source: str, items: list) -> dict[str, torch.Tensor]:
-        """Pixels and grids of a sample's images (``source="image"``) or videos."""
+    def _load(self, path: str) -> None:
+        from transformers import AutoImageProcessor
+
+        self.tokenizer = load_tokenizer(path)  # with a pad token, and an EOS token checked
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(path)
+        except OSError as exc:
+            raise ValueError(f"{path} has no image processor (preprocessor_config.json): give the "
+                             "vision-language model's processor (its hub name or directory).") from exc
+        self.video_processor = _video_processor(path)
+        template = Path(path) / "chat_template.jinja"
+        if getattr(self.tokenizer, "chat_template", None) is None and template.is_file():
+            self.tokenizer.chat_template = template.read_text()
+        if getattr(self.image_processor, "merge_size", None) is None:  # an expanding processor: built whole
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.processor.tokenizer = self.tokenizer
+
+    def encode(self, source: str, items: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """A sample's images (``source="image"``) or videos: their tensors, and each one's token count."""
+        if self.processor is not None:  # the processor's own expansion of one placeholder per image (newline apart)
+            token, token_id = self.placeholders[source]
+            out = self.processor(text="\n".join([token] * len(items)), images=items, return_tensors="pt")
+            ids = out["input_ids"][0].tolist()
+            counts = [len(list(run)) for t, run in itertools.groupby(ids) if t == token_id]
+            if len(counts) != len(items):
+                raise ValueError(f"{type(self.processor).__name__} expanded {len(items)} image placeholders into "
+                                 f"{len(counts)} runs: not a processor that expands each image in place.")
+            return {"pixel_values": out["pixel_values"]}, counts
+        _, pixel_key, grid_key = SOURCES[source]
         if source == "image":
-            return dict(self.image_processor(images=items, return_tensors="pt"))
-        if self.video_processor is None:
+            out = dict(self.image_processor(images=items, return_tensors="pt"))
+        elif self.video_processor is None:
             raise ValueError(
                 "Videos need transformers' video processor, which needs torchvision: install the torchvision build "
                 "matching your torch (pip install torchvision==<the release paired with your torch>)."
             )
-        return dict(self.video_processor(videos=items, return_tensors="pt", do_sample_frames=False))
+        else:
+            out = dict(self.video_processor(videos=items, return_tensors="pt", do_sample_frames=False))
+        vision = {pixel_key: out[pixel_key], grid_key: out[grid_key]}
+        if "second_per_grid_ts" in out:
+            vision["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
+        return vision, (out[grid_key].prod(-1) // (self.merge * self.merge)).tolist()
 
 
 def _video_processor(path: str) -> Any:
@@ -107,7 +147,8 @@ class MultimodalSFTDataModule(LightningDataModule):
 
     Args:
         data: a ``.json`` / ``.jsonl`` / ``.parquet`` file (or several), a saved dataset directory or a hub name.
-        processor: the model's processor: a directory or hub name (Qwen2-VL / Qwen2.5-VL), or a processor object.
+        processor: the model's processor: a directory or hub name (Qwen2-VL / Qwen2.5-VL: images and videos;
+            LLaVA: images), or a processor object.
         seq_len: tokens per row; a sample (its vision tokens included) must fit.
         packing: ``"best_fit"`` (several whole samples per row) or ``"none"`` (one sample per row).
         too_long: a sample longer than ``seq_len``: ``"error"`` (default) or ``"drop"`` (counted and logged).
@@ -165,9 +206,13 @@ class MultimodalSFTDataModule(LightningDataModule):
         ids, mask = tokenize_sample({"messages": messages}, r.tokenizer, "messages", self.assistant_only_loss)
         vision: dict[str, torch.Tensor] = {}
         counts: dict[str, list[int]] = {}
-        for source, (token, pixel_key, grid_key) in SOURCES.items():
+        for kind in ("image", "video"):
+            if kind not in r.placeholders and media[kind]:
+                raise ValueError(f"Sample {index} has {kind}s, which {type(r.processor).__name__} does not render "
+                                 f"(it expands images only): leave them out, or use a Qwen-VL model.")
+        for source, (token, token_id) in r.placeholders.items():
             files = media[source]
-            placeholders = sum(1 for t in ids if t == r.token_ids[source])
+            placeholders = sum(1 for t in ids if t == token_id)
             if placeholders != len(files):
                 raise ValueError(
                     f"Sample {index}: {placeholders} {source} placeholder(s) ({{'type': '{source}'}} items rendered as "
@@ -175,14 +220,12 @@ class MultimodalSFTDataModule(LightningDataModule):
                 )
             if not files:
                 continue
-            out = r.encode(source, [_load(source, root / f if not Path(f).is_absolute() else Path(f), index) for f in files])
-            vision[pixel_key], vision[grid_key] = out[pixel_key], out[grid_key]
-            if "second_per_grid_ts" in out:
-                vision["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
-            counts[source] = (out[grid_key].prod(-1) // (r.merge * r.merge)).tolist()
-        expanded, expanded_mask, seen = [], [], {s: 0 for s in SOURCES}
+            out, counts[source] = r.encode(source, [_load(source, root / f if not Path(f).is_absolute() else Path(f),
+                                                          index) for f in files])
+            vision.update(out)
+        expanded, expanded_mask, seen = [], [], {s: 0 for s in r.placeholders}
         for t, m in zip(ids, mask):
-            source = next((s for s in SOURCES if t == r.token_ids[s]), None)
+            source = next((s for s, (_, token_id) in r.placeholders.items() if t == token_id), None)
             if source is None:
                 expanded.append(t)
                 expanded_mask.append(m)
