@@ -16,6 +16,7 @@ length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encode
     python benchmarks/vlm_throughput.py --layers 4 --seq-lens 65536 131072 --modes trained frozen
     python benchmarks/vlm_throughput.py --tiny --seq-lens 2048   # CPU smoke run
     python benchmarks/vlm_throughput.py --report                  # the table of every run so far
+    python benchmarks/vlm_throughput.py --seq-lens 131072 --predict-sp 1 2 4 8   # split vs replicated, predicted
 """
 
 from __future__ import annotations
@@ -177,6 +178,35 @@ def report(runs: list[dict], device: str, args) -> None:
               f"| {r['vision_tflops']:.0f} | {r['model_tflops']:.0f} | {r['peak_gib']:.2f} | {pred} |")
 
 
+def predict(args) -> None:
+    """The tower per rank at ``sp`` ranks per sequence, its units split (what the strategy does) vs replicated (every
+    rank encoding every frame, as a plain VLM under SP would): patches, activation memory and forward+backward FLOPs,
+    from :func:`lightning_ulysses.memory.auto.vision_bytes` and the tower's parameter count. No GPU needed."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from lightning_ulysses.memory.auto import vision_bytes, workload_for_run
+
+    spec = dict(TINY if args.tiny else QWEN2_5_VL_7B)
+    spec["text_config"] = {**spec["text_config"], "num_hidden_layers": args.layers}
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    print("| tokens | sp | tower | patches per rank | tower activations per rank GiB | tower TFLOP per rank |")
+    print("|---|---|---|---|---|---|")
+    for seq in args.seq_lens:
+        w = workload_for_run(config, seq, world_size=max(args.predict_sp), sequence_parallel_size=1)
+        video = video_row(spec, seq, args.frame)["video_tokens"]
+        for sp in args.predict_sp:
+            for how, ranks in (("split", sp), ("replicated", 1)):
+                if sp == 1 and how == "replicated":
+                    continue
+                v = replace(w, sp=ranks, vision_tokens=video)
+                kept, block = vision_bytes(v, checkpointing=True)
+                patches = -(-video // ranks) * v.vision.patches_per_token
+                flops = 4 * 2.0 * v.vision.n_params * patches  # forward, recompute, backward (2x)
+                print(f"| {seq:,} | {sp} | {how} | {patches:,} | {(kept + block) / 2**30:.2f} | {flops / 1e12:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4, help="language model layers (the tower stays whole)")
@@ -188,7 +218,12 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke run)")
     p.add_argument("--out", default="vlm_throughput.jsonl", help="one JSON line per run is appended")
     p.add_argument("--report", action="store_true", help="print the table of every run in --out and exit")
+    p.add_argument("--predict-sp", type=int, nargs="+", help="print the tower's per-rank prediction at these sp "
+                   "degrees (split vs replicated) and exit; no GPU needed")
     args = p.parse_args()
+    if args.predict_sp:
+        predict(args)
+        return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if not args.report:
         from lightning_ulysses.memory.auto import NothingFits

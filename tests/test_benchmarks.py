@@ -86,3 +86,7 @@ def test_vlm_throughput_runs_a_trained_and_a_frozen_tower(tmp_path) -> None:
     assert [r["mode"] for r in runs] == ["trained", "frozen"]
     assert all(r["tokens_per_s"] > 0 and r["tower_forward_s"] > 0 and r["video_tokens"] > 0 for r in runs)
     assert "| trained | 1,024 |" in proc.stdout and "| frozen | 1,024 |" in proc.stdout
+    # the tower split over sp ranks vs replicated on each, predicted (no GPU, no model built)
+    pred = subprocess.run([*cmd[:5], "--predict-sp", "1", "2"], env=worker_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert pred.returncode == 0 and "| 1,024 | 2 | split |" in pred.stdout and "| 1,024 | 2 | replicated |" in pred.stdout
