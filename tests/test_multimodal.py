@@ -152,7 +152,7 @@ def _check_against_single_process(result: dict, case: dict) -> None:
 
 
 def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
-    from lightning_ulysses.parallel.vision import split_units, tiles_of, units_of
+    from lightning_ulysses.parallel.vision import Unit, split_units, tiles_of, units_of
 
     units = units_of(torch.tensor([[1, 4, 4], [1, 8, 8]]), "image", 2) + units_of(torch.tensor([[3, 4, 4]]), "video", 2)
     assert [(u.source, u.start, u.rows, u.tokens) for u in units] == [
@@ -167,6 +167,9 @@ def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
     sizes = lambda tiles: [[u.rows for u in tile] for tile in tiles]  # noqa: E731
     assert sizes(tiles_of(units, 32)) == [[16], [64], [16, 16], [16]]
     assert sizes(tiles_of(units, 1 << 20)) == [[16, 64, 16, 16, 16]] and tiles_of([], 32) == []
+    # LLaVA: one pixel row per image, 577 patches each: tiles count patches, not rows
+    images = [Unit("image", i, 1, (1, 1, 1), 576, 577) for i in range(5)]
+    assert [len(t) for t in tiles_of(images, 1200)] == [2, 2, 1]
 
 
 def test_bad_vision_inputs_are_clear_errors() -> None:

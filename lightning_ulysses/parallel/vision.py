@@ -68,11 +68,11 @@ def tiles_of(units: list[Unit], most_patches: int) -> list[list[Unit]]:
     tiles: list[list[Unit]] = []
     size = 0
     for unit in units:
-        if not tiles or size + unit.rows > most_patches:
+        if not tiles or size + unit.patches > most_patches:
             tiles.append([])
             size = 0
         tiles[-1].append(unit)
-        size += unit.rows
+        size += unit.patches
     return tiles
 
 
