@@ -15,7 +15,11 @@ What a rank holds at its memory peak (bytes; ``S_l`` = tokens this rank holds = 
 * per token, the working set of the one layer whose backward runs (:data:`COEFFICIENTS`): gradients in flight,
   the recomputed layer, and the larger of the attention backward's workspace (where attention is recomputed; smaller
   with ``tiled_attention_backward``) and the MLP's intermediates (``[S_l, I]`` tensors, gone with ``tiled_mlp``):
-  the two backwards run one after the other.
+  the two backwards run one after the other;
+* a vision-language model's tower (:func:`vision_bytes`): the batch's pixels and gathered features, a trained
+  tower's checkpointed block inputs (all its activations without checkpointing), one block's working set on one tile
+  of units, for this rank's share of the units (every token of a row counted as a vision token unless
+  ``vision_tokens`` says fewer).
 
 Host memory, per node: each rank's process (``host_base_gib``), its offloaded layer inputs (pinned) and, with
 ``offload_optimizer``, its optimizer partition and fp32 gradients; ``ranks_per_node`` ranks share it.
