@@ -105,6 +105,11 @@ def test_the_users_flags_stay_in_every_plan() -> None:
     assert merged["gradient_checkpointing"] is True  # the user's switch, not the plan's False
     best, estimates = choose(_workload(65536), Hardware(141.0, 1000.0), user)
     assert all(e.flags["tiled_mlp"] is True for e in estimates) and best.flags["gradient_checkpointing"] is True
+    # plans the user's options make identical are one, under the name of the plan they became
+    names = list(candidates(_workload(65536), {"gradient_checkpointing": True}))
+    assert "no_checkpointing" not in names and "full" in names
+    every = dict(CANDIDATES["full+offload+tiled"])  # a config that sets every trick itself (the shipped one)
+    assert list(candidates(_workload(65536), every)) == ["full+offload+tiled"]
 
 
 def test_nothing_fits_names_the_shortfall_and_the_ways_out() -> None:

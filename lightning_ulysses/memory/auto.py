@@ -338,14 +338,24 @@ def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFIC
 def candidates(w: Workload, user_flags: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
     """The plans to compare, each as flat options: :data:`CANDIDATES`, the ``save_attention`` dial (the first N layers
     keep their attention outputs), and ``keep_layers`` variants of the offload plans. The user's own options win:
-    a trick the user switched or tuned keeps the user's settings in every plan."""
+    a trick the user switched or tuned keeps the user's settings in every plan. Plans the user's options make
+    identical are one plan, named after the one whose own options they are (else the first): with
+    ``gradient_checkpointing=True`` set, ``no_checkpointing`` is no longer a choice, and is not shown as one."""
     plans = dict(CANDIDATES)
     for n in sorted({max(1, w.layers * k // 8) for k in range(1, 8)} - {w.layers}):
         plans[f"save_attention[{n}]+offload"] = {**CANDIDATES["save_attention+offload"], "save_attention_layers": n}
     for base in ("save_attention+offload", "full+offload", "full+offload+tiled"):
         for keep in sorted({max(1, w.layers * k // 4) for k in range(1, 4)} - {w.layers}):
             plans[f"{base}, keep {keep}"] = {**CANDIDATES[base], "activation_checkpoint_cpu_offload_keep_layers": keep}
-    return {name: merge_user_flags(flags, user_flags or {}) for name, flags in plans.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, flags in plans.items():
+        merged = merge_user_flags(flags, user_flags or {})
+        same = next((n for n, f in out.items() if f == merged), None)
+        if same is None:
+            out[name] = merged
+        elif flags == merged and plans[same] != merged:  # this plan is what they all became: its name
+            out = {(name if n == same else n): f for n, f in out.items()}
+    return out
 
 
 def merge_user_flags(plan: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
