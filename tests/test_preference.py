@@ -394,3 +394,32 @@ def test_preference_module_from_a_pretrained_directory_uses_its_weights_for_both
     for (name, p), r, s in zip(module.model.named_parameters(), module.ref_model.parameters(), saved.parameters()):
         assert torch.equal(p, s) and torch.equal(r, s), name
         assert p.requires_grad and not r.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["preference", "distillation"])
+def test_losses_on_hidden_states_build_no_dense_mask_for_packed_rows(kind, monkeypatch) -> None:
+    """Preference and distillation losses call the decoder directly (hidden states, not logits): transformers must
+    not build its dense ``[S, S]`` block-diagonal mask for their packed rows there either (S^2 bytes, 16 GiB at 128K
+    tokens, held until backward by checkpointed layers), for the policy, the reference and the teacher alike."""
+    import lightning as L
+    import transformers.models.llama.modeling_llama as modeling
+    from torch.utils.data import DataLoader
+
+    from lightning_ulysses import DistillationModule, PreferenceModule, UlyssesDeepSpeedStrategy
+
+    masks = []
+    build = modeling.create_causal_mask
+    monkeypatch.setattr(modeling, "create_causal_mask", lambda *a, **kw: masks.append(build(*a, **kw)) or masks[-1])
+    s = 256
+    ids = torch.randint(3, 500, (1, s), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :16] = labels[:, s // 2 : s // 2 + 16] = -100  # each pair member's prompt
+    row = {"input_ids": ids, "labels": labels, "position_ids": torch.cat([torch.arange(s // 2)] * 2)[None]}
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    module = (PreferenceModule(LLAMA, optimizer=sgd) if kind == "preference"
+              else DistillationModule(LLAMA, teacher=LLAMA, optimizer=sgd))
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
+                        devices=1, max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(module, DataLoader([row], batch_size=None))
+    assert len(masks) == 2 and all(m is None for m in masks), [None if m is None else tuple(m.shape) for m in masks]

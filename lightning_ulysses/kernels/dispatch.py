@@ -111,9 +111,17 @@ def _exit(module: torch.nn.Module, args: Any, output: Any) -> None:
 
 def own_masks(model: torch.nn.Module) -> list:
     """transformers builds no attention mask inside ``model``'s forwards (its SP handler builds what it needs);
-    returns the hook handles that undo it."""
+    returns the hook handles that undo it. The decoder (``get_decoder()``, where transformers builds the mask) is
+    hooked too: losses that take hidden states call it directly (preference, distillation, RL log-probs), and a dense
+    ``[S, S]`` mask for their packed rows would be built (and held until backward by checkpointed layers, whose
+    inputs it is) for nothing."""
     _install_mask_skip(attn_implementation(model))
-    return [model.register_forward_pre_hook(_enter), model.register_forward_hook(_exit, always_call=True)]
+    targets = [model]
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        targets.append(decoder)
+    return [h for m in targets
+            for h in (m.register_forward_pre_hook(_enter), m.register_forward_hook(_exit, always_call=True))]
 
 
 def _set(model: torch.nn.Module, attr: str, value: Optional[Callable]) -> None:
