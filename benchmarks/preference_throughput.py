@@ -11,6 +11,8 @@ backward at each ``--distill-tokens`` length, in ``--tile``-token tiles and whol
 exist at once, as a plain implementation has them), and records the peak memory above the inputs.
 
     python benchmarks/preference_throughput.py --layers 4 --seq-lens 65536 131072 --distill-tokens 16384 32768
+    python benchmarks/preference_throughput.py --seq-lens 65536 --modes sft_one_document sft --distill-tokens \
+        --memory-profile      # what is live at the peak, by allocation site (needs the repository root on PYTHONPATH)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import gc
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -61,10 +64,11 @@ def fit(mode: str, seq: int, args) -> dict:
     throughput = SequenceThroughput(warmup_steps=1)
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=3, memory="auto", max_seq_len=seq,
                                         pad_to_multiple_of=1024)
+    profile = peak_profile(args.steps - 1) if args.memory_profile else None
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", strategy=strategy,
                          max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[throughput])
+                         callbacks=[throughput] + ([profile] if profile else []))
     rows = RowsDataset(rows)
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, DataLoader(rows, batch_size=1))
@@ -74,10 +78,37 @@ def fit(mode: str, seq: int, args) -> dict:
     result = {"mode": mode, "seq": seq, "layers": args.layers, "step_s": step_s, "tokens_per_s": seq / step_s,
               "peak_gib": max(m["memory/peak_allocated_gib"] for m in steady), "plan": plan.name,
               "predicted_gib": plan.gpu_peak_gib}
+    if profile is not None:
+        result["profile"] = profile.summary
     del trainer, module
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def peak_profile(step: int) -> Any:
+    """A callback recording the CUDA allocator's trace over training step ``step`` and keeping what was live at its
+    peak, by allocation site (``benchmarks/memory_peak.py``'s summary) in ``.summary``."""
+    import lightning.pytorch as pl
+
+    from benchmarks.memory_peak import peak_summary
+
+    class _PeakProfile(pl.Callback):
+        summary: dict = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == step:
+                torch.cuda.synchronize()
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == step:
+                torch.cuda.synchronize()
+                snap = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                self.summary = peak_summary(snap["device_traces"][0], top=15)
+
+    return _PeakProfile()
 
 
 def distill(tokens: int, tile: int) -> dict:
@@ -119,6 +150,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--distill-tokens", type=int, nargs="*", default=[16384, 32768])
     p.add_argument("--tile", type=int, default=2048)
+    p.add_argument("--memory-profile", action="store_true",
+                   help="record the allocator over the last step of each fit and print what is live at its peak")
     p.add_argument("--out", default="preference_throughput.json")
     args = p.parse_args()
     runs, distills = [], []
@@ -144,6 +177,13 @@ def main() -> None:
         else:
             print(f"| {r['mode']} | {r['seq']:,} | {r['plan']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} "
                   f"| {r['peak_gib']:.2f} | {r['predicted_gib']:.2f} |")
+    for r in runs:
+        if r.get("profile"):
+            print(f"\n{r['mode']} at {r['seq']:,} tokens: live at the last step's peak "
+                  f"({r['profile']['peak_in_step'] / 2**30:.2f} GiB allocated during the step)")
+            print("| allocation site | GiB | tensors |\n|---|---|---|")
+            for row in r["profile"]["rows"]:
+                print(f"| {row['site']} | {row['bytes'] / 2**30:.3f} | {row['count']} |")
     print("\n| distillation tokens | tile | fwd+bwd s | peak above inputs GiB |")
     print("|---|---|---|---|")
     for r in distills:
