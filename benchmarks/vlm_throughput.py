@@ -17,6 +17,7 @@ length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encode
     python benchmarks/vlm_throughput.py --tiny --seq-lens 2048   # CPU smoke run
     python benchmarks/vlm_throughput.py --report                  # the table of every run so far
     python benchmarks/vlm_throughput.py --seq-lens 131072 --predict-sp 1 2 4 8   # split vs replicated, predicted
+    python benchmarks/vlm_throughput.py --block-saved-bytes        # one tower block's saved bytes per patch (CPU)
 """
 
 from __future__ import annotations
@@ -207,6 +208,42 @@ def predict(args) -> None:
                 print(f"| {seq:,} | {sp} | {how} | {patches:,} | {(kept + block) / 2**30:.2f} | {flops / 1e12:.0f} |")
 
 
+def block_saved_bytes(args) -> None:
+    """Bytes autograd saves per patch in one tower block (bf16; distinct storages), a windowed and a full-attention
+    block of the Qwen2.5-VL-7B tower on two 448 x 448 frame groups: what ``memory="auto"``'s ``vision_block_e`` /
+    ``vision_block_i`` model. Runs on CPU (the saved tensors are the same set on GPU; the kernel's own are q, k, v,
+    output and log-sum-exp on both)."""
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    spec = dict(QWEN2_5_VL_7B)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec).vision_config
+    config.depth, config.fullatt_block_indexes, config._attn_implementation = 2, [1], "sdpa"
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch.bfloat16).train()
+    side = args.frame // config.patch_size
+    grid = torch.tensor([[2, side, side]])
+    patches = 2 * side * side
+    pixels = torch.randn(patches, 3 * 2 * config.patch_size**2, dtype=torch.bfloat16)
+    for index, kind in ((0, "windowed"), (1, "full attention")):
+        seen: dict = {}
+        handle = tower.blocks[index].register_forward_pre_hook(lambda m, a, kw: seen.update(a=a, kw=kw), with_kwargs=True)
+        with torch.no_grad():
+            tower(pixels, grid_thw=grid)
+        handle.remove()
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = seen["a"][0].detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tower.blocks[index](x, *seen["a"][1:], **seen["kw"])
+        per_patch = sum(storages.values()) / patches
+        print(f"{kind} block, {patches:,} patches: {per_patch:,.0f} bytes saved per patch "
+              f"= {(per_patch - 8 * config.intermediate_size) / config.hidden_size:.1f} x width + 8 x MLP width")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4, help="language model layers (the tower stays whole)")
@@ -220,7 +257,12 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print the table of every run in --out and exit")
     p.add_argument("--predict-sp", type=int, nargs="+", help="print the tower's per-rank prediction at these sp "
                    "degrees (split vs replicated) and exit; no GPU needed")
+    p.add_argument("--block-saved-bytes", action="store_true", help="print the bytes one tower block saves per patch "
+                   "for backward (CPU is enough) and exit")
     args = p.parse_args()
+    if args.block_saved_bytes:
+        block_saved_bytes(args)
+        return
     if args.predict_sp:
         predict(args)
         return

@@ -82,9 +82,11 @@ COEFFICIENTS: dict[str, float] = {
     "offload_time": 1.01,
     # CUDA context, allocator slack and DeepSpeed buffers above the tensors' sum at the peak (fits the CLI runs above)
     "gpu_overhead_gib": 0.5,
-    # a vision tower block's activations per patch: units of its width E and its MLP width I (bytes), assumed from
-    # the Qwen2.5-VL block's saved tensors, not measured
-    "vision_block_e": 44.0,
+    # a vision tower block's activations per patch: units of its width E and its MLP width I (bytes): what autograd
+    # saves in one Qwen2.5-VL-7B block, 85,700 bytes per patch in bf16 (distinct storages; windowed and full-attention
+    # blocks alike), counted on CPU by `benchmarks/vlm_throughput.py --block-saved-bytes` (2026-12-05); the GPU's
+    # attention kernel saves the same set (q, k, v, output, log-sum-exp). Not yet checked against a GPU peak
+    "vision_block_e": 45.6,
     "vision_block_i": 8.0,
     # of which a frozen tower's forward (no autograd) holds at once: assumed
     "vision_forward_share": 0.5,
@@ -317,8 +319,8 @@ def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFIC
     forward, or its recompute + backward). Each rank encodes ``1/sp`` of the units (``split_units``), a tile of
     whole units at a time (``tiles_of``). Bytes; 0 for text models.
 
-    The block terms are assumed from the Qwen2.5-VL block's saved tensors (fp32 RMSNorm and rotary inputs, q/k/v,
-    the attention output, the MLP's three ``[P, I]`` intermediates), not measured."""
+    The block terms are what autograd saves in a Qwen2.5-VL block (counted on CPU; :data:`COEFFICIENTS`), not yet
+    checked against a GPU peak."""
     v = w.vision
     if v is None:
         return 0.0, 0.0
