@@ -210,7 +210,8 @@ def predict(args) -> None:
 
 def block_saved_bytes(args) -> None:
     """Bytes autograd saves per patch in one tower block (bf16; distinct storages), a windowed and a full-attention
-    block of the Qwen2.5-VL-7B tower on two 448 x 448 frame groups: what ``memory="auto"``'s ``vision_block_e`` /
+    block of the Qwen2.5-VL-7B tower on one tile of ``--frame`` x ``--frame`` frame groups (``TOWER_TILE_PATCHES``
+    patches, 16 groups at 448): what ``memory="auto"``'s ``vision_block_e`` /
     ``vision_block_i`` model. Runs on CPU (the saved tensors are the same set on GPU; the kernel's own are q, k, v,
     output and log-sum-exp on both)."""
     from transformers import AutoConfig
@@ -220,9 +221,13 @@ def block_saved_bytes(args) -> None:
     config = AutoConfig.for_model(spec.pop("model_type"), **spec).vision_config
     config.depth, config.fullatt_block_indexes, config._attn_implementation = 2, [1], "sdpa"
     tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch.bfloat16).train()
+    from lightning_ulysses.models.multimodal import TOWER_TILE_PATCHES
+
     side = args.frame // config.patch_size
-    grid = torch.tensor([[2, side, side]])
-    patches = 2 * side * side
+    tile = args.block_patches or TOWER_TILE_PATCHES
+    groups = max(1, tile // (side * side))  # one tile of frame groups, as the tower encodes them
+    grid = torch.tensor([[groups, side, side]])
+    patches = groups * side * side
     pixels = torch.randn(patches, 3 * 2 * config.patch_size**2, dtype=torch.bfloat16)
     for index, kind in ((0, "windowed"), (1, "full attention")):
         seen: dict = {}
@@ -259,6 +264,7 @@ def main() -> None:
                    "degrees (split vs replicated) and exit; no GPU needed")
     p.add_argument("--block-saved-bytes", action="store_true", help="print the bytes one tower block saves per patch "
                    "for backward (CPU is enough) and exit")
+    p.add_argument("--block-patches", type=int, help="patches for --block-saved-bytes (default: one tile, 16,384)")
     args = p.parse_args()
     if args.block_saved_bytes:
         block_saved_bytes(args)

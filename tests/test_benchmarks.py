@@ -90,3 +90,8 @@ def test_vlm_throughput_runs_a_trained_and_a_frozen_tower(tmp_path) -> None:
     pred = subprocess.run([*cmd[:5], "--predict-sp", "1", "2"], env=worker_env(), cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert pred.returncode == 0 and "| 1,024 | 2 | split |" in pred.stdout and "| 1,024 | 2 | replicated |" in pred.stdout
+    # where memory="auto"'s tower coefficients come from: one real-width block's saved bytes per patch (a small frame)
+    saved = subprocess.run([sys.executable, cmd[1], "--block-saved-bytes", "--frame", "112", "--block-patches", "256"],
+                           env=worker_env(),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert saved.returncode == 0 and "bytes saved per patch" in saved.stdout, saved.stderr[-3000:]

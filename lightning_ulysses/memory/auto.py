@@ -83,10 +83,11 @@ COEFFICIENTS: dict[str, float] = {
     # CUDA context, allocator slack and DeepSpeed buffers above the tensors' sum at the peak (fits the CLI runs above)
     "gpu_overhead_gib": 0.5,
     # a vision tower block's activations per patch: units of its width E and its MLP width I (bytes): what autograd
-    # saves in one Qwen2.5-VL-7B block, 85,700 bytes per patch in bf16 (distinct storages; windowed and full-attention
-    # blocks alike), counted on CPU by `benchmarks/vlm_throughput.py --block-saved-bytes` (2026-12-05); the GPU's
-    # attention kernel saves the same set (q, k, v, output, log-sum-exp). Not yet checked against a GPU peak
-    "vision_block_e": 45.6,
+    # saves in one Qwen2.5-VL-7B block on one tile (16,384 patches), 68,875 bytes per patch in bf16 (distinct storages;
+    # windowed and full-attention blocks alike; ~39 MB more per call whatever its size), counted on CPU by
+    # `benchmarks/vlm_throughput.py --block-saved-bytes` (2026-12-05); the GPU's attention kernel saves the same set
+    # (q, k, v, output, log-sum-exp). Not yet checked against a GPU peak
+    "vision_block_e": 32.4,
     "vision_block_i": 8.0,
     # of which a frozen tower's forward (no autograd) holds at once: assumed
     "vision_forward_share": 0.5,

@@ -32,7 +32,7 @@ VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video
 PREPARED = ("vision_slots", "mm_position_ids")
 _PLAIN_FORWARD = "_lightning_ulysses_plain_forward"
 # the tower encodes a rank's units in calls of at most this many patches (whole units): 16 frame groups of a 448 x 448
-# video, ~1.3 GiB of one Qwen2.5-VL-7B block's activations
+# video, ~1.05 GiB of one Qwen2.5-VL-7B block's activations
 TOWER_TILE_PATCHES = 16384
 
 
