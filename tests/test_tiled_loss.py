@@ -88,3 +88,27 @@ def test_models_that_transform_logits_are_refused() -> None:
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="set tiled_loss=False"):
         enable_tiled_loss(model)
+
+
+def test_tokens_without_a_label_skip_the_lm_head(monkeypatch) -> None:
+    """A long prompt (or a user turn) is ignored by the loss, so its tokens never go through the lm_head: with 3 of 4
+    tokens ignored, the head's matmuls see a quarter of the rows, and the loss and every gradient are unchanged."""
+    import lightning_ulysses.memory.tiled_loss as tl
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (64,))
+    y[:48] = -100  # the prompt
+    rows = []
+    linear = F.linear
+    monkeypatch.setattr(tl.F, "linear", lambda x, *a: rows.append(x.shape[0]) or linear(x, *a))
+    out = tl.linear_cross_entropy_sum(h, w, None, y, tile_tokens=8, impl="torch")
+    grads = torch.autograd.grad(out, [h, w])
+    assert sum(rows) == 2 * 16  # forward + backward tiles, over the 16 labelled tokens only
+    monkeypatch.setattr(tl.F, "linear", linear)
+    ref = plain(h, w, None, y)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(ref, [h, w])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert bool((grads[0][:48] == 0).all())

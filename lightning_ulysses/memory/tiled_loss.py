@@ -113,6 +113,12 @@ def linear_cross_entropy_sum(
     """Sum of CE over valid tokens of ``hidden [..., H]`` / ``labels [...]``, tiled (or Liger-fused)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
+    # tokens without a label (prompts, user turns, padding, image tokens) skip the lm_head: their logits would only be
+    # masked out. All of this runs inside one lm_head call, so under ZeRO-3 ranks with fewer labels still gather its
+    # weight exactly once; a rank without any keeps the whole shard (its backward still gives the head a gradient)
+    keep = torch.nonzero(y != IGNORE_INDEX).squeeze(1)
+    if 0 < keep.numel() < y.numel():
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
     if use_liger(impl, h, "tiled loss"):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
