@@ -432,3 +432,14 @@ def test_multimodal_data_module_renders_a_llava_processor_and_trains_llava(tmp_p
     assert sorted(losses) == pytest.approx(sorted(expected), rel=1e-4)
     with pytest.raises(ValueError, match="does not render"):
         MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "videos.jsonl"), processor, seq_len=512).setup("fit")
+
+
+def test_tiled_mlp_keeps_to_the_language_models_layers() -> None:
+    """The tiled MLP tiles the decoder layers' MLPs only: the tower's merger (``merger.mlp``, 4 x width -> the
+    language model's width) is no ``[..., h] -> [..., h]`` MLP and its blocks run on patches (found on an H100:
+    ``memory: auto`` picked the fully tiled plan for a Qwen2.5-VL at 64K tokens and the swap refused the merger)."""
+    from lightning_ulysses.memory.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
+
+    model = _model("qwen2_5_vl")
+    assert enable_tiled_mlp(model) == 2  # the text config's two layers
+    disable_tiled_mlp(model)

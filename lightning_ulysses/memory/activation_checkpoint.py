@@ -126,14 +126,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
 
 def decoder_layers(model: torch.nn.Module) -> list:
     """The checkpointed decoder layers, in order: a vision-language model's tower blocks left out."""
-    from lightning_ulysses.models.multimodal import vlm_family
+    from lightning_ulysses.models.multimodal import tower_module_ids
 
-    layers = checkpointed_layers(model)
-    family = vlm_family(model)
-    if family is None:
-        return layers
-    tower = {id(m) for m in family.tower(model).modules()}
-    return [layer for layer in layers if id(layer) not in tower]
+    tower = tower_module_ids(model)
+    return [layer for layer in checkpointed_layers(model) if id(layer) not in tower]
 
 
 def check_save_attention_layers(policy: str, save_attention_layers: Optional[int]) -> None:

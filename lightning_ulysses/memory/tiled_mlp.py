@@ -138,7 +138,13 @@ def is_expert_mlp(mlp: torch.nn.Module) -> bool:
 
 
 def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    found = [m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+    """The decoder layers' ``.mlp`` modules (a vision-language model's tower keeps its own: its merger's ``mlp``
+    maps another width, and its blocks run on patches, not on the sequence)."""
+    from lightning_ulysses.models.multimodal import tower_module_ids
+
+    tower = tower_module_ids(model)
+    found = [m.mlp for m in model.modules()
+             if id(m) not in tower and isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     if not found:
         raise ValueError(f"tiled_mlp found no `.mlp` submodule in the layers of {type(model).__name__}.")
     return found

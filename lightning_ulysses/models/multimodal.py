@@ -183,6 +183,14 @@ def vlm_family(model: Optional[torch.nn.Module]) -> Optional[VisionLanguageFamil
 
 
 # --------------------------------------------------------------------------------------------- the whole batch
+def tower_module_ids(model: Optional[torch.nn.Module]) -> set[int]:
+    """``id()`` of every module of a supported vision-language model's tower (encoder + projector); empty for any
+    other model (no error: the memory tricks use it to keep to the language model's layers)."""
+    cfg = getattr(model, "config", None)
+    family = SUPPORTED_VLMS.get(getattr(cfg, "model_type", "")) if cfg is not None else None
+    return {id(m) for m in family.tower(model).modules()} if family is not None else set()
+
+
 def prepare_multimodal(full: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """Add ``vision_slots`` (and ``mm_position_ids``) to the prepared whole batch ``full`` (``input_ids``,
     ``position_ids [b, S]`` restarting per packed sample, the vision inputs); checks that placeholders and
@@ -416,6 +424,6 @@ def freeze_vision(model: torch.nn.Module, tower: bool, projector: bool) -> None:
         proj.requires_grad_(False)
 
 
-__all__ = ["PREPARED", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal",
+__all__ = ["PREPARED", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal", "tower_module_ids",
            "checked_vision_inputs", "freeze_vision", "prepare_multimodal", "remove_multimodal", "sp_target", "sp_vision_language_forward",
            "vision_inputs", "vlm_family"]
