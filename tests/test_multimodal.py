@@ -65,6 +65,25 @@ def _model(name: str = "qwen2_vl"):
                                                    attn_implementation="sdpa")
 
 
+def _fit_one_process(module, loader=None, *, datamodule=None, max_steps: int = -1) -> list[float]:
+    """``module`` fitted in this process (devices=1, sp=1, ZeRO-2; one epoch or ``max_steps``): the step losses."""
+    import lightning as L
+
+    from lightning_ulysses import UlyssesDeepSpeedStrategy
+
+    losses: list[float] = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
+                        devices=1, max_epochs=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[Keep()])
+    trainer.fit(module, loader, datamodule=datamodule)
+    return losses
+
+
 def _loss_sum(model, b: dict) -> tuple[torch.Tensor, int]:
     """transformers' own forward on one sample (its own 3-D positions), summed CE and label count."""
     ids = b["input_ids"]
@@ -276,10 +295,9 @@ def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) ->
     """The ways in a user has besides a config dict: a saved checkpoint directory (``save_pretrained``) or the model
     instance itself; one process, devices=1 (sp=1): the loss equals transformers' own, and the user's model is handed
     back unpatched."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses import CausalLMModule
 
     saved = _model()
     saved.save_pretrained(tmp_path / "vlm")
@@ -287,16 +305,7 @@ def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) ->
     expected = _loss_sum(saved, b)
     spec = str(tmp_path / "vlm") if way == "directory" else saved
     module = CausalLMModule(spec, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    losses = []
-
-    class Keep(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
-                        devices=1, max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[Keep()])
-    trainer.fit(module, DataLoader([b], batch_size=None))
+    losses = _fit_one_process(module, DataLoader([b], batch_size=None), max_steps=1)
     assert losses[0] == pytest.approx(float(expected[0] / expected[1]), rel=1e-4)
     model = module.model
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and (model is saved) is (way == "instance")
@@ -332,10 +341,9 @@ def test_lora_on_a_vision_language_model(tmp_path) -> None:
     adapters start as the identity), only adapter weights train, the tower and the base weights stay as they were,
     and the user gets the PEFT model back unpatched."""
     pytest.importorskip("peft")
-    import lightning as L
     from torch.utils.data import DataLoader
 
-    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses import CausalLMModule
 
     saved = _model()
     saved.save_pretrained(tmp_path / "vlm")
@@ -344,16 +352,7 @@ def test_lora_on_a_vision_language_model(tmp_path) -> None:
     lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     module = CausalLMModule(str(tmp_path / "vlm"), attn_implementation="sdpa", peft=lora,
                             optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-    losses = []
-
-    class Keep(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
-                        devices=1, max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[Keep()])
-    trainer.fit(module, DataLoader([b, b], batch_size=None))
+    losses = _fit_one_process(module, DataLoader([b, b], batch_size=None), max_steps=2)
     assert losses[0] == pytest.approx(float(expected[0] / expected[1]), rel=1e-4) and losses[1] != losses[0]
     model = module.model
     assert type(model).__name__ == "PeftModelForCausalLM" or "Peft" in type(model).__name__
@@ -390,10 +389,9 @@ def test_multimodal_data_module_renders_a_llava_processor_and_trains_llava(tmp_p
     LLaVA sample is a clear error."""
     import warnings
 
-    import lightning as L
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+    from lightning_ulysses import CausalLMModule
     from lightning_ulysses.data import MultimodalSFTDataModule
 
     processor = _llava_processor(tmp_path / "llava")
@@ -418,17 +416,8 @@ def test_multimodal_data_module_renders_a_llava_processor_and_trains_llava(tmp_p
             out = model(input_ids=torch.tensor([row["input_ids"]]), pixel_values=row["pixel_values"],
                         labels=torch.tensor([row["labels"]]))
             expected.append(float(out.loss))
-    losses = []
-
-    class Keep(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
-
     module = CausalLMModule(model, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=2), accelerator="cpu",
-                        devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[Keep()])
-    trainer.fit(module, datamodule=dm)
+    losses = _fit_one_process(module, datamodule=dm)
     assert sorted(losses) == pytest.approx(sorted(expected), rel=1e-4)
     with pytest.raises(ValueError, match="does not render"):
         MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "videos.jsonl"), processor, seq_len=512).setup("fit")
