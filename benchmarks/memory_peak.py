@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from typing import Any
 
 import torch
 
@@ -67,6 +68,39 @@ def peak_summary(trace: list[dict], top: int = 20) -> dict:
     at_peak = [frame_text(f) for f in trace[peak_at].get("frames", [])[:12]] if trace else []
     return {"peak_in_step": peak, "rows": rows[:top], "at_peak": at_peak,
             "unattributed_sizes": dict(unattributed.most_common(top))}
+
+
+def peak_profile(step: int) -> Any:
+    """A callback recording the CUDA allocator's trace over training step ``step`` and keeping what was live at its
+    peak, by allocation site (:func:`peak_summary`) in ``.summary``; the Lightning step count starts at 0."""
+    import lightning.pytorch as pl
+
+    class _PeakProfile(pl.Callback):
+        summary: dict = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == step:
+                torch.cuda.synchronize()
+                self.base = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == step:
+                torch.cuda.synchronize()
+                snap = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                self.summary = {**peak_summary(snap["device_traces"][0], top=15), "live_at_start": self.base}
+
+    return _PeakProfile()
+
+
+def print_profile(title: str, summary: dict) -> None:
+    """One :func:`peak_summary` as a markdown table."""
+    print(f"\n{title}: live at the step's peak ({summary['peak_in_step'] / GiB:.2f} GiB allocated during the step, "
+          f"{summary.get('live_at_start', 0) / GiB:.2f} GiB live when it began)")
+    print("| allocation site | GiB | tensors |\n|---|---|---|")
+    for row in summary["rows"]:
+        print(f"| {row['site']} | {row['bytes'] / GiB:.3f} | {row['count']} |")
 
 
 def main() -> None:

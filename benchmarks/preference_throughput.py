@@ -21,9 +21,10 @@ import argparse
 import gc
 import json
 import time
-from typing import Any
 
 import torch
+
+from benchmarks.memory_peak import peak_profile, print_profile
 
 GiB = 2**30
 WIDTH = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -84,31 +85,6 @@ def fit(mode: str, seq: int, args) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return result
-
-
-def peak_profile(step: int) -> Any:
-    """A callback recording the CUDA allocator's trace over training step ``step`` and keeping what was live at its
-    peak, by allocation site (``benchmarks/memory_peak.py``'s summary) in ``.summary``."""
-    import lightning.pytorch as pl
-
-    from benchmarks.memory_peak import peak_summary
-
-    class _PeakProfile(pl.Callback):
-        summary: dict = {}
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == step:
-                torch.cuda.synchronize()
-                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx == step:
-                torch.cuda.synchronize()
-                snap = torch.cuda.memory._snapshot()
-                torch.cuda.memory._record_memory_history(enabled=None)
-                self.summary = peak_summary(snap["device_traces"][0], top=15)
-
-    return _PeakProfile()
 
 
 def distill(tokens: int, tile: int) -> dict:
@@ -179,11 +155,7 @@ def main() -> None:
                   f"| {r['peak_gib']:.2f} | {r['predicted_gib']:.2f} |")
     for r in runs:
         if r.get("profile"):
-            print(f"\n{r['mode']} at {r['seq']:,} tokens: live at the last step's peak "
-                  f"({r['profile']['peak_in_step'] / 2**30:.2f} GiB allocated during the step)")
-            print("| allocation site | GiB | tensors |\n|---|---|---|")
-            for row in r["profile"]["rows"]:
-                print(f"| {row['site']} | {row['bytes'] / 2**30:.3f} | {row['count']} |")
+            print_profile(f"{r['mode']} at {r['seq']:,} tokens", r["profile"])
     print("\n| distillation tokens | tile | fwd+bwd s | peak above inputs GiB |")
     print("|---|---|---|---|")
     for r in distills:

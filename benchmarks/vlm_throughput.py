@@ -18,6 +18,7 @@ length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encode
     python benchmarks/vlm_throughput.py --report                  # the table of every run so far
     python benchmarks/vlm_throughput.py --seq-lens 131072 --predict-sp 1 2 4 8   # split vs replicated, predicted
     python benchmarks/vlm_throughput.py --block-saved-bytes        # one tower block's saved bytes per patch (CPU)
+    python benchmarks/vlm_throughput.py --seq-lens 65536 --modes frozen --memory-profile   # what is live at the peak
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def fit(mode: str, seq: int, args) -> dict:
             timer = TowerTimer(vlm_family(inner).tower(inner), cuda)
 
     trainer.callbacks.append(_Attach())
+    profile = None
+    if args.memory_profile and cuda:  # what is live at the last step's peak, by allocation site
+        from benchmarks.memory_peak import peak_profile
+
+        profile = peak_profile(args.steps - 1)
+        trainer.callbacks.append(profile)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, loader)
@@ -152,6 +159,12 @@ def fit(mode: str, seq: int, args) -> dict:
               "peak_gib": max(m.get("memory/peak_allocated_gib", 0.0) for m in steady),
               "plan": estimate.name if estimate is not None else args.plan,
               "predicted_gib": estimate.gpu_peak_gib if estimate is not None else None}
+    if cuda:  # a retry (cache flushed, then cudaMalloc again) means the step ran at the memory limit: slow, near OOM
+        stats = torch.cuda.memory_stats()
+        result.update(alloc_retries=stats.get("num_alloc_retries", 0),
+                      reserved_gib=torch.cuda.max_memory_reserved() / GiB)
+    if profile is not None:
+        result["profile"] = profile.summary
     del trainer, module
     gc.collect()
     if cuda:
@@ -164,11 +177,11 @@ def report(runs: list[dict], device: str, args) -> None:
     print(f"\n{device}, Qwen2.5-VL-7B shape, {args.layers} LM layers, full tower, ZeRO-3 bf16, one "
           f"{args.frame}x{args.frame} video per row")
     print("| tower | tokens | video tokens (frames) | plan | tokens/s | step s | tower fwd s | tower share | "
-          "vision TFLOPS | LM TFLOPS | peak GiB | predicted GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "vision TFLOPS | LM TFLOPS | peak GiB | predicted GiB | allocator retries |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         if "step_s" not in r:
-            print(f"| {r['mode']} | {r['seq']:,} | | {r.get('plan', '')} | {r['error']} | | | | | | | |")
+            print(f"| {r['mode']} | {r['seq']:,} | | {r.get('plan', '')} | {r['error']} | | | | | | | | |")
             continue
         share = r["tower_forward_s"]
         if r["mode"] == "trained" and r["seq"] in frozen:  # + its backward (and recompute): trained - frozen step
@@ -176,7 +189,8 @@ def report(runs: list[dict], device: str, args) -> None:
         pred = f"{r['predicted_gib']:.2f}" if r["predicted_gib"] is not None else ""
         print(f"| {r['mode']} | {r['seq']:,} | {r['video_tokens']:,} ({2 * r['groups']}) | {r['plan']} "
               f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tower_forward_s']:.2f} | {share / r['step_s']:.0%} "
-              f"| {r['vision_tflops']:.0f} | {r['model_tflops']:.0f} | {r['peak_gib']:.2f} | {pred} |")
+              f"| {r['vision_tflops']:.0f} | {r['model_tflops']:.0f} | {r['peak_gib']:.2f} | {pred} "
+              f"| {r.get('alloc_retries', '')} |")
 
 
 def predict(args) -> None:
@@ -265,6 +279,8 @@ def main() -> None:
     p.add_argument("--block-saved-bytes", action="store_true", help="print the bytes one tower block saves per patch "
                    "for backward (CPU is enough) and exit")
     p.add_argument("--block-patches", type=int, help="patches for --block-saved-bytes (default: one tile, 16,384)")
+    p.add_argument("--memory-profile", action="store_true", help="record the allocator over the last step (GPU) and "
+                   "print what is live at its peak, by allocation site (needs the repository root on PYTHONPATH)")
     args = p.parse_args()
     if args.block_saved_bytes:
         block_saved_bytes(args)
@@ -293,6 +309,11 @@ def main() -> None:
     with open(args.out) as f:
         runs = [json.loads(line) for line in f if line.strip()]
     report(runs, runs[0]["device"] if runs else device, args)
+    for r in runs:
+        if r.get("profile"):
+            from benchmarks.memory_peak import print_profile
+
+            print_profile(f"{r['mode']} at {r['seq']:,} tokens", r["profile"])
 
 
 if __name__ == "__main__":
