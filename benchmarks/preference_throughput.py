@@ -24,8 +24,6 @@ import time
 
 import torch
 
-from benchmarks.memory_peak import peak_profile, print_profile
-
 GiB = 2**30
 WIDTH = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 20)
@@ -63,9 +61,15 @@ def fit(mode: str, seq: int, args) -> dict:
     if mode == "sft_one_document":  # the same tokens as one sequence (positions never restart): packing's share
         rows = [dict(r, position_ids=list(range(len(r["input_ids"])))) for r in rows]
     throughput = SequenceThroughput(warmup_steps=1)
-    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=3, memory="auto", max_seq_len=seq,
-                                        pad_to_multiple_of=1024)
-    profile = peak_profile(args.steps - 1) if args.memory_profile else None
+    from lightning_ulysses.memory.candidates import CANDIDATES
+
+    plan = {"memory": "auto", "max_seq_len": seq} if args.plan == "auto" else CANDIDATES[args.plan]
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=3, pad_to_multiple_of=1024, **plan)
+    profile = None
+    if args.memory_profile:  # needs the repository root on PYTHONPATH
+        from benchmarks.memory_peak import peak_profile
+
+        profile = peak_profile(args.steps - 1)
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", strategy=strategy,
                          max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -75,10 +79,11 @@ def fit(mode: str, seq: int, args) -> dict:
     trainer.fit(module, DataLoader(rows, batch_size=1))
     steady = throughput.history[1:] or throughput.history
     step_s = sorted(m["throughput/step_s"] for m in steady)[len(steady) // 2]
-    plan = strategy.memory_estimate  # the estimate memory="auto" chose
+    chosen = strategy.memory_estimate  # the estimate memory="auto" chose (None for a pinned plan)
     result = {"mode": mode, "seq": seq, "layers": args.layers, "step_s": step_s, "tokens_per_s": seq / step_s,
-              "peak_gib": max(m["memory/peak_allocated_gib"] for m in steady), "plan": plan.name,
-              "predicted_gib": plan.gpu_peak_gib}
+              "peak_gib": max(m["memory/peak_allocated_gib"] for m in steady),
+              "plan": chosen.name if chosen is not None else args.plan,
+              "predicted_gib": chosen.gpu_peak_gib if chosen is not None else None}
     if profile is not None:
         result["profile"] = profile.summary
     del trainer, module
@@ -126,6 +131,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--distill-tokens", type=int, nargs="*", default=[16384, 32768])
     p.add_argument("--tile", type=int, default=2048)
+    p.add_argument("--plan", default="auto", help="auto, or a candidate of lightning_ulysses.memory.candidates")
     p.add_argument("--memory-profile", action="store_true",
                    help="record the allocator over the last step of each fit and print what is live at its peak")
     p.add_argument("--out", default="preference_throughput.json")
@@ -151,10 +157,13 @@ def main() -> None:
         if r.get("oom"):
             print(f"| {r['mode']} | {r['seq']:,} | | OOM | | | |")
         else:
+            pred = f"{r['predicted_gib']:.2f}" if r["predicted_gib"] is not None else ""
             print(f"| {r['mode']} | {r['seq']:,} | {r['plan']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} "
-                  f"| {r['peak_gib']:.2f} | {r['predicted_gib']:.2f} |")
+                  f"| {r['peak_gib']:.2f} | {pred} |")
     for r in runs:
         if r.get("profile"):
+            from benchmarks.memory_peak import print_profile
+
             print_profile(f"{r['mode']} at {r['seq']:,} tokens", r["profile"])
     print("\n| distillation tokens | tile | fwd+bwd s | peak above inputs GiB |")
     print("|---|---|---|---|")
