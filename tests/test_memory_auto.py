@@ -289,18 +289,49 @@ def test_a_vision_language_models_tower_is_planned_as_weights_gradients_and_opti
     long = replace(workload_for_run(config, 4096, zero_stage=3), sp=1)
     v = long.vision
     assert (v.layers, v.hidden, v.patches_per_token, v.patch_bytes) == (1, 16, 4, 4 * 3 * 2 * 2 * 2)
-    pixels_and_features = 4096 * 4 * v.patch_bytes + 4.0 * long.hidden * 4096
+    # the projector (Qwen-VL's merger: 8 bytes per patch and unit of the tower's width) is never checkpointed
+    projector = max(8.0 * 4 * v.hidden, 2.0 * 4 * v.hidden + 4.0 * long.hidden) * 4096
+    pixels_and_features = 4096 * 4 * v.patch_bytes + 4.0 * long.hidden * 4096 + projector
     kept, work = vision_bytes(long, checkpointing=True)
     assert kept == pixels_and_features + 2.0 * v.hidden * 4096 * 4 * v.layers and work > 0
     assert vision_bytes(long, checkpointing=False)[0] == pixels_and_features + work * v.layers
     assert vision_bytes(replace(long, sp=2), checkpointing=True)[0] < kept  # the units are split over the ranks
+    # a frozen encoder: its forward keeps nothing; the projector still trains (freeze_projector freezes it too)
     frozen = workload_for_run(config, 4096, freeze_vision_tower=True)
-    assert vision_bytes(frozen, checkpointing=True)[0] == 4096 * 4 * v.patch_bytes + 2.0 * long.hidden * 4096
-    assert static_bytes(frozen)["gpu_optimizer"] < static_bytes(long)["gpu_optimizer"]  # no optimizer state for it
+    assert vision_bytes(frozen, checkpointing=True)[0] == pixels_and_features
+    both = workload_for_run(config, 4096, freeze_vision_tower=True, freeze_projector=True)
+    assert vision_bytes(both, checkpointing=True)[0] == 4096 * 4 * v.patch_bytes + 2.0 * long.hidden * 4096
+    opt = {k: static_bytes(x)["gpu_optimizer"] for k, x in (("long", long), ("frozen", frozen), ("both", both))}
+    assert opt["long"] - opt["frozen"] == 12.0 * (v.n_params - v.projector_params)  # the encoder's state goes
+    assert opt["frozen"] - opt["both"] == 12.0 * v.projector_params > 0  # then the projector's
     few = replace(long, vision_tokens=256)  # rows known to hold at most 256 vision tokens
     assert vision_bytes(few, checkpointing=True)[0] < kept
     e = estimate("full", CANDIDATES["full"], long)
     assert e.gpu_parts["vision"] * 2**30 == kept
+
+
+def test_the_projector_coefficient_is_what_autograd_saves_in_qwen_vls_merger() -> None:
+    """``vision_projector_e``: the bytes a trained Qwen2.5-VL merger saves for backward per language-model token,
+    counted with autograd's saved-tensor hooks at the 7B tower's width (bf16; the merger's weights excluded)."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    from lightning_ulysses.memory.auto import COEFFICIENTS
+
+    width, merge = 1280, 2
+    merger = Qwen2_5_VLPatchMerger(dim=3584, context_dim=width, spatial_merge_size=merge).to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in merger.parameters()}
+    tokens = 64
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        merger(torch.randn(tokens * merge**2, width, dtype=torch.bfloat16))  # a frozen encoder's output
+    assert sum(saved.values()) / tokens == COEFFICIENTS["vision_projector_e"] * merge**2 * width
 
 
 def test_plan_command_reads_freeze_vision_tower(tmp_path, capsys) -> None:
@@ -317,3 +348,23 @@ def test_plan_command_reads_freeze_vision_tower(tmp_path, capsys) -> None:
         return float(next(line for line in out.splitlines() if line.startswith("full ")).split()[1])
 
     assert predicted("--config", str(frozen)) < predicted()
+
+
+def test_vision_flops_count_a_frozen_encoder_once_and_its_trained_projector_three_times() -> None:
+    """``SequenceThroughput``'s tower FLOPs (``VisionDims.of`` a built model): ``freeze_vision_tower`` leaves the
+    projector training, so the encoder runs forward only and the projector forward + backward, on merged tokens."""
+    from lightning_ulysses.models.flops import VisionDims, vision_flops
+    from lightning_ulysses.models.multimodal import freeze_vision
+    from tests.test_multimodal import _model
+
+    model = _model()
+    trained = VisionDims.of(model)
+    freeze_vision(model, tower=True, projector=False)
+    frozen = VisionDims.of(model)
+    assert (trained.trains, trained.projector_trains, frozen.trains, frozen.projector_trains) == (True, True, False, True)
+    assert trained.projector_params == sum(p.numel() for p in model.model.visual.merger.parameters()) > 0
+    patches, ppt = 64.0, trained.patches_per_token
+    encoder = 2.0 * (trained.n_params - trained.projector_params) * patches
+    projector = 2.0 * trained.projector_params * patches / ppt
+    assert vision_flops(frozen, patches, 0.0) == encoder + 3 * projector
+    assert vision_flops(trained, patches, 0.0) == 3 * encoder + 3 * projector

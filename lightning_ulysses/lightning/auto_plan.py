@@ -39,6 +39,7 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
         ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size, frozen=frozen,
         packed=packs_rows(getattr(trainer, "datamodule", None)),
         freeze_vision_tower=bool(getattr(module, "freeze_vision_tower", False)),
+        freeze_projector=bool(getattr(module, "freeze_projector", False)),
     )
     if strategy.root_device.type == "cuda":
         hardware = Hardware(torch.cuda.mem_get_info(strategy.root_device)[1] / 2**30, host_available_gib())

@@ -16,9 +16,9 @@ What a rank holds at its memory peak (bytes; ``S_l`` = tokens this rank holds = 
   the recomputed layer, and the larger of the attention backward's workspace (where attention is recomputed; smaller
   with ``tiled_attention_backward``) and the MLP's intermediates (``[S_l, I]`` tensors, gone with ``tiled_mlp``):
   the two backwards run one after the other;
-* a vision-language model's tower (:func:`vision_bytes`): the batch's pixels and gathered features, a trained
-  tower's checkpointed block inputs (all its activations without checkpointing), one block's working set on one tile
-  of units, for this rank's share of the units (every token of a row counted as a vision token unless
+* a vision-language model's tower (:func:`vision_bytes`): the batch's pixels and gathered features, what a trained
+  projector saves, a trained encoder's checkpointed block inputs (all its activations without checkpointing), one
+  block's working set on one tile of units, for this rank's share of the units (every token of a row counted as a vision token unless
   ``vision_tokens`` says fewer).
 
 Host memory, per node: each rank's process (``host_base_gib``), its offloaded layer inputs (pinned) and, with
@@ -91,6 +91,12 @@ COEFFICIENTS: dict[str, float] = {
     "vision_block_i": 8.0,
     # of which a frozen tower's forward (no autograd) holds at once: assumed
     "vision_forward_share": 0.5,
+    # what a trained projector saves for backward per language-model token: Qwen2.5-VL's merger 8 bytes per patch and
+    # unit of the tower's width E (its RMSNorm input and three [T, 4E] bf16 tensors: 40,960 bytes per token at
+    # E=1280, counted on CPU with autograd's saved-tensor hooks, 2026-12-06); LLaVA's Linear-GELU-Linear its input
+    # (2E) and two [T, H] bf16 tensors (4 H bytes, by its structure, not measured). Whichever is larger counts
+    "vision_projector_e": 8.0,
+    "vision_projector_h": 4.0,
     # a rank's process in host memory (torch, CUDA, transformers, DeepSpeed), pinned staging excluded
     "host_base_gib": 6.0,
 }
@@ -129,8 +135,8 @@ class Workload:
     experts_per_token: int = 1  # MoE: each token's MLP work and activations scale with the experts it visits
     frozen_params: int = 0  # frozen companions (a DPO reference, a distillation teacher): weights only, no gradients
     packed: bool = False  # rows hold several samples (positions restarting): preference pairs, packed SFT data
-    # a vision-language model's tower (its trains: full fine-tuning without freeze_vision_tower) and the most vision
-    # tokens a row holds (None: any token may be one, the worst case)
+    # a vision-language model's tower (its encoder / projector train: full fine-tuning without freeze_vision_tower /
+    # freeze_projector) and the most vision tokens a row holds (None: any token may be one, the worst case)
     vision: Optional[VisionDims] = None
     vision_tokens: Optional[int] = None
 
@@ -145,6 +151,10 @@ class Workload:
     @property
     def vision_trains(self) -> bool:
         return self.vision is not None and self.vision.trains and self.trainable_params is None
+
+    @property
+    def projector_trains(self) -> bool:
+        return self.vision is not None and self.vision.projector_trains and self.trainable_params is None
 
     @property
     def trainable(self) -> int:
@@ -223,9 +233,11 @@ def static_bytes(w: Workload) -> dict[str, float]:
     optimizer = opt / (world if w.zero_stage >= 1 else 1)
     # a frozen companion is a submodule of the LightningModule: DeepSpeed casts it to bf16 and ZeRO-3 partitions it
     frozen = 2.0 * w.frozen_params / (world if w.zero_stage == 3 else 1)
-    # the tower's weights (whole under ZeRO 0-2), and when it trains its gradients and optimizer state (its
-    # activations: estimate())
-    tower = w.vision_params if w.vision_trains else 0
+    # the tower's weights (whole under ZeRO 0-2), and the gradients and optimizer state of what trains of it (the
+    # encoder, the projector; their activations: estimate())
+    v = w.vision
+    tower = ((v.n_params - v.projector_params if w.vision_trains else 0)
+             + (v.projector_params if w.projector_trains else 0)) if v is not None else 0
     weights += 2.0 * w.vision_params / (world if w.zero_stage == 3 else 1)
     grads += 2.0 * tower / (world if w.zero_stage >= 2 else 1)
     optimizer += OPTIMIZER_BYTES.get(w.optimizer.lower(), 12) * tower / (world if w.zero_stage >= 1 else 1)
@@ -298,7 +310,8 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
 
 def step_flops(w: Workload, checkpointing: bool, kept_attention: int) -> float:
     """FLOPs of one step: the language model's, what checkpointing recomputes (attention only in the layers that do
-    not keep it), and a vision tower's matmuls (x3 when it trains, + a recomputed forward under checkpointing)."""
+    not keep it), and a vision tower's matmuls (x3 when its encoder trains, + a recomputed forward under
+    checkpointing; the projector x3 when it trains, never recomputed)."""
     from lightning_ulysses.models.flops import ModelDims, model_flops, recompute_flops
 
     dims = ModelDims(w.params - w.embedding_params, w.layers, w.heads * w.head_dim)
@@ -306,18 +319,21 @@ def step_flops(w: Workload, checkpointing: bool, kept_attention: int) -> float:
     flops = model_flops(dims, tokens, sq)
     if checkpointing:
         flops += recompute_flops(dims, tokens, sq, attention=1.0 - kept_attention / w.layers)
-    if w.vision is not None:
-        patches = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len) * w.vision.patches_per_token)
-        passes = (3.0 + (1.0 if checkpointing else 0.0)) if w.vision_trains else 1.0
-        flops += passes * 2.0 * w.vision.n_params * patches
+    v = w.vision
+    if v is not None:
+        tokens = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len))
+        encoder = (3.0 + (1.0 if checkpointing else 0.0)) if w.vision_trains else 1.0
+        flops += encoder * 2.0 * (v.n_params - v.projector_params) * tokens * v.patches_per_token
+        flops += (3.0 if w.projector_trains else 1.0) * 2.0 * v.projector_params * tokens  # on merged tokens
     return flops
 
 
 def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFICIENTS) -> tuple[float, float]:
     """A vision-language model's tower on one rank: what stays alive through the step (the batch's pixels, which
-    every SP rank holds whole; the gathered features and their gradient; when the tower trains its blocks' inputs
-    under checkpointing, else every block's activations), and the working set of one tower block on one tile (its
-    forward, or its recompute + backward). Each rank encodes ``1/sp`` of the units (``split_units``), a tile of
+    every SP rank holds whole; the gathered features and their gradient; what the projector saves for backward when
+    it or the encoder trains, on this rank's tokens; when the encoder trains its blocks' inputs under checkpointing,
+    else every block's activations), and the working set of one tower block on one tile (its forward, or its
+    recompute + backward). Each rank encodes ``1/sp`` of the units (``split_units``), a tile of
     whole units at a time (``tiles_of``). Bytes; 0 for text models.
 
     The block terms are what autograd saves in a Qwen2.5-VL block (counted on CPU; :data:`COEFFICIENTS`), not yet
@@ -331,7 +347,12 @@ def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFIC
 
     # one block's activations for one tile (the tower encodes a rank's units TOWER_TILE_PATCHES at a time)
     block = (c["vision_block_e"] * v.hidden + c["vision_block_i"] * v.intermediate) * min(local, TOWER_TILE_PATCHES)
-    alive = tokens * v.patches_per_token * v.patch_bytes + (4.0 if w.vision_trains else 2.0) * w.hidden * tokens
+    grads = w.vision_trains or w.projector_trains  # the features carry a gradient back into the tower
+    alive = tokens * v.patches_per_token * v.patch_bytes + (4.0 if grads else 2.0) * w.hidden * tokens
+    if grads:  # the projector (never checkpointed): Qwen-VL's merger, or LLaVA's two [T, H] tensors and its input
+        per_token = max(c["vision_projector_e"] * v.patches_per_token * v.hidden,
+                        2.0 * v.patches_per_token * v.hidden + c["vision_projector_h"] * w.hidden)
+        alive += per_token * math.ceil(tokens / w.sp)
     if not w.vision_trains:  # a forward without autograd frees each block's tensors as it goes
         return alive, c["vision_forward_share"] * block
     alive += (2.0 * v.hidden * local if checkpointing else block) * v.layers
@@ -462,12 +483,14 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                      offload_optimizer: bool = False, offload_parameters: bool = False, peft: Any = None,
                      context_parallel_mode: str = "auto", ulysses_size: Optional[int] = None,
                      ring_size: Optional[int] = None, frozen: Sequence[Any] = (), packed: bool = False,
-                     freeze_vision_tower: bool = False, vision_tokens: Optional[int] = None) -> Workload:
+                     freeze_vision_tower: bool = False, freeze_projector: bool = False,
+                     vision_tokens: Optional[int] = None) -> Workload:
     """The :class:`Workload` of a run as the strategy sees it before the model is built: the layout resolved from
     the config's head counts as :meth:`ParallelLayout.resolve <lightning_ulysses.parallel.layout.ParallelLayout.resolve>`
     does (a model that cannot be sequence-sharded is resolved at setup; here it counts as asked). ``frozen``: the
     configs of frozen companion models (a DPO reference, a distillation teacher), counted as weights only; ``packed``:
-    rows hold several samples; ``freeze_vision_tower``: a vision-language model's tower does not train;
+    rows hold several samples; ``freeze_vision_tower`` / ``freeze_projector``: a vision-language model's encoder /
+    projector does not train;
     ``vision_tokens``: the most vision tokens in a row (None: every token may be one)."""
     from lightning_ulysses.parallel.layout import ParallelLayout
 
@@ -481,31 +504,40 @@ def workload_for_run(config: Any, seq_len: int, *, rows: int = 1, sequence_paral
                              ranks_per_node=ranks_per_node, zero_stage=zero_stage, optimizer=optimizer,
                              offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
                              frozen_params=sum(Workload.from_config(c, seq_len).params for c in frozen), packed=packed,
-                             vision=vision_dims(config, trains=not freeze_vision_tower), vision_tokens=vision_tokens)
+                             vision=vision_dims(config, trains=not freeze_vision_tower,
+                                                projector_trains=not freeze_projector),
+                             vision_tokens=vision_tokens)
     return replace(w, trainable_params=lora_params(w, peft)) if peft is not None else w
 
 
 def vision_tower_params(config: Any) -> int:
     """Parameters of a supported vision-language model's tower (encoder + projector), counted on a model built on
     the meta device (no memory, no weights read); 0 for a text model."""
+    return _tower_counts(config)[0]
+
+
+def _tower_counts(config: Any) -> tuple[int, int]:
+    """(tower parameters with the projector, the projector's) of a supported vision-language config; (0, 0) else."""
     from lightning_ulysses.models.multimodal import SUPPORTED_VLMS
 
     family = SUPPORTED_VLMS.get(getattr(config, "model_type", ""))
     if family is None:
-        return 0
+        return 0, 0
     import torch
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    return sum(p.numel() for p in family.tower(model).parameters())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(family.tower(model)), count(family.projector(model))
 
 
-def vision_dims(config: Any, trains: bool = True) -> Optional[VisionDims]:
+def vision_dims(config: Any, trains: bool = True, projector_trains: bool = True) -> Optional[VisionDims]:
     """The tower's :class:`~lightning_ulysses.models.flops.VisionDims` of a supported vision-language config (its
-    parameters counted on the meta device); ``None`` for a text model."""
-    params = vision_tower_params(config)
-    return VisionDims.from_config(config, params, trains) if params else None
+    parameters counted on the meta device); ``None`` for a text model. ``trains``: the encoder trains (not
+    ``freeze_vision_tower``); ``projector_trains``: the projector trains (not ``freeze_projector``)."""
+    params, projector = _tower_counts(config)
+    return VisionDims.from_config(config, params, trains, projector, projector_trains) if params else None
 
 
 def host_available_gib() -> float:

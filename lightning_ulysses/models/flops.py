@@ -49,8 +49,9 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class VisionDims:
-    """A vision-language model's tower (encoder + projector): parameters, depth, width, and whether it trains; for
-    memory planning also its MLP width, the patches behind one language-model token and one patch's input bytes."""
+    """A vision-language model's tower (encoder + projector): parameters, depth, width, and whether its encoder
+    trains; for memory planning also its MLP width, the patches behind one language-model token, one patch's input
+    bytes, and the projector's parameters and whether it trains (it does unless ``freeze_projector``)."""
 
     n_params: int
     layers: int
@@ -59,6 +60,8 @@ class VisionDims:
     intermediate: int = 0
     patches_per_token: int = 1  # Qwen-VL merges spatial_merge_size^2 patches into one token; LLaVA: one each
     patch_bytes: int = 0  # one patch's pixels as the batch carries them (fp32)
+    projector_params: int = 0
+    projector_trains: bool = False
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Optional["VisionDims"]:
@@ -67,12 +70,17 @@ class VisionDims:
         family = vlm_family(model)
         if family is None:
             return None
-        params = list(family.tower(model).parameters())
-        return cls.from_config(model.config, sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                               any(p.requires_grad for p in params))
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions report 0)
+        projector = list(family.projector(model).parameters())
+        ids = {id(p) for p in projector}
+        encoder = [p for p in family.tower(model).parameters() if id(p) not in ids]
+        return cls.from_config(model.config, sum(map(numel, encoder)) + sum(map(numel, projector)),
+                               any(p.requires_grad for p in encoder), sum(map(numel, projector)),
+                               any(p.requires_grad for p in projector))
 
     @classmethod
-    def from_config(cls, config: Any, n_params: int, trains: bool = True) -> "VisionDims":
+    def from_config(cls, config: Any, n_params: int, trains: bool = True, projector_params: int = 0,
+                    projector_trains: bool = True) -> "VisionDims":
         """From a vision-language ``config`` (its ``vision_config``: Qwen-VL's ``depth`` / ``embed_dim`` /
         ``mlp_ratio`` or ``hidden_size`` / ``intermediate_size``, CLIP/SigLIP's ``num_hidden_layers``)."""
         vc = config.vision_config
@@ -81,15 +89,16 @@ class VisionDims:
         channels = getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3
         patch = 4 * channels * (getattr(vc, "temporal_patch_size", None) or 1) * vc.patch_size**2
         return cls(n_params, getattr(vc, "depth", None) or vc.num_hidden_layers, hidden, trains, intermediate,
-                   (getattr(vc, "spatial_merge_size", None) or 1) ** 2, patch)
+                   (getattr(vc, "spatial_merge_size", None) or 1) ** 2, patch, projector_params, projector_trains)
 
 
 def vision_flops(dims: VisionDims, patches: float, sum_sq_patches: float) -> float:
     """Tower FLOPs of one step: ``patches`` encoded, ``sum_sq_patches`` the sum over units (what one attention spans:
-    an image, a video's frame group) of their patch count squared; bidirectional attention. A trained tower costs
-    forward + backward (3x the forward), a frozen one its forward."""
-    passes = 3.0 if dims.trains else 1.0
-    return passes * (2.0 * dims.n_params * patches + 4.0 * dims.layers * dims.hidden * sum_sq_patches)
+    an image, a video's frame group) of their patch count squared; bidirectional attention. A trained encoder costs
+    forward + backward (3x the forward), a frozen one its forward; the projector likewise on its own."""
+    encoder = 2.0 * (dims.n_params - dims.projector_params) * patches + 4.0 * dims.layers * dims.hidden * sum_sq_patches
+    projector = 2.0 * dims.projector_params * patches / dims.patches_per_token  # it runs on the merged tokens
+    return (3.0 if dims.trains else 1.0) * encoder + (3.0 if dims.projector_trains else 1.0) * projector
 
 
 def sum_sq_len(rows: int, length: int, segment_bounds: Optional[list] = None) -> float:

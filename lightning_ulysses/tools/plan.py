@@ -72,7 +72,7 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
     return dict(
         model=model.get("model", model.get("student")), frozen=frozen, peft=model.get("peft"),
         packed=_data_packs(cfg.get("data")), trust_remote_code=bool(model.get("trust_remote_code")),
-        freeze_vision_tower=bool(model.get("freeze_vision_tower")),
+        freeze_vision_tower=bool(model.get("freeze_vision_tower")), freeze_projector=bool(model.get("freeze_projector")),
         seq_len=int(length), rows=int(data.get("batch_size", 1)), world_size=per_node * nodes, ranks_per_node=per_node,
         sequence_parallel_size=strategy_args.get("sequence_parallel_size", strategy_args.get("context_parallel_size", "auto")),
         zero_stage=stage, optimizer=opt_name.rsplit(".", 1)[-1].lower(),
