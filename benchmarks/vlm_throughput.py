@@ -131,11 +131,37 @@ def fit(mode: str, seq: int, args) -> dict:
     loader = torch.utils.data.DataLoader([row] * args.steps, batch_size=None)
     timer = None
 
+    phases: list[dict[str, float]] = []
+
     class _Attach(pl.Callback):
+        """The tower's timer, and each step's phases (synchronised): forward (loss included), backward, the rest
+        (optimizer step, ZeRO-3's gradient partitioning)."""
+
         def on_train_start(self, trainer, pl_module) -> None:
             nonlocal timer
             inner = pl_module.model
             timer = TowerTimer(vlm_family(inner).tower(inner), cuda)
+
+        def _mark(self, name: str) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            self.t[name] = time.perf_counter()
+
+        def on_train_batch_start(self, *_) -> None:
+            self.t: dict[str, float] = {}
+            self._mark("start")
+
+        def on_before_backward(self, *_) -> None:
+            self._mark("backward")
+
+        def on_after_backward(self, *_) -> None:
+            self._mark("rest")
+
+        def on_train_batch_end(self, *_) -> None:
+            self._mark("end")
+            t = self.t
+            phases.append({"forward_s": t["backward"] - t["start"], "backward_s": t["rest"] - t["backward"],
+                           "rest_s": t["end"] - t["rest"]})
 
     trainer.callbacks.append(_Attach())
     profile = None
@@ -153,7 +179,7 @@ def fit(mode: str, seq: int, args) -> dict:
     timer.remove()
     estimate = getattr(strategy, "memory_estimate", None)
     result = {"mode": mode, "seq": seq, "layers": args.layers, **facts, "step_s": step_s, "tokens_per_s": seq / step_s,
-              "tower_forward_s": tower_fwd,
+              "tower_forward_s": tower_fwd, **(phases[-1] if phases else {}),
               "vision_tflops": sorted(m["throughput/vision_tflops_per_gpu"] for m in steady)[len(steady) // 2],
               "model_tflops": sorted(m["throughput/model_tflops_per_gpu"] for m in steady)[len(steady) // 2],
               "peak_gib": max(m.get("memory/peak_allocated_gib", 0.0) for m in steady),
