@@ -96,6 +96,11 @@ def test_packed_rows_leave_no_checkpointing_where_it_no_longer_fits() -> None:
     assert packs_rows(PreferenceDataModule("x.jsonl", tok, packing="none"))  # chosen + rejected in one row
     assert packs_rows(SFTDataModule("x.jsonl", tok)) and not packs_rows(SFTDataModule("x.jsonl", tok, packing="none"))
     assert not packs_rows(None)
+    from lightning_ulysses import CausalLMModule, PreferenceModule
+
+    tiny = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2}
+    assert packs_rows(None, PreferenceModule(tiny)) and not packs_rows(None, CausalLMModule(tiny))  # a plain loader
 
 
 def test_the_users_flags_stay_in_every_plan() -> None:

@@ -37,7 +37,7 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
         offload_optimizer=_offloaded(zero, "offload_optimizer"), offload_parameters=_offloaded(zero, "offload_param"),
         peft=getattr(module, "peft", None), context_parallel_mode=strategy.context_parallel_mode,
         ulysses_size=strategy.ulysses_size, ring_size=strategy.ring_size, frozen=frozen,
-        packed=packs_rows(getattr(trainer, "datamodule", None)),
+        packed=packs_rows(getattr(trainer, "datamodule", None), module),
         freeze_vision_tower=bool(getattr(module, "freeze_vision_tower", False)),
         freeze_projector=bool(getattr(module, "freeze_projector", False)),
     )
@@ -85,12 +85,14 @@ def _sequence_length(strategy: Any, trainer: Any) -> tuple[int, str]:
     )
 
 
-def packs_rows(datamodule: Any) -> bool:
-    """Whether a data module's rows hold several samples: preference pairs always do (chosen + rejected), the others
-    unless their ``packing`` is ``"none"``. Unknown data (a plain DataLoader) counts as one sample per row."""
+def packs_rows(datamodule: Any, module: Any = None) -> bool:
+    """Whether a run's rows hold several samples: preference pairs always do (chosen + rejected in one row, however
+    they are loaded: a ``PreferenceDataModule`` or a ``PreferenceModule``'s batches), the other data modules unless
+    their ``packing`` is ``"none"``. Other data (a plain DataLoader) counts as one sample per row."""
     from lightning_ulysses.data.preference import PreferenceDataModule
+    from lightning_ulysses.lightning.preference import PreferenceModule
 
-    if isinstance(datamodule, PreferenceDataModule):
+    if isinstance(datamodule, PreferenceDataModule) or isinstance(module, PreferenceModule):
         return True
     packing = getattr(datamodule, "packing", None)
     return packing is not None and packing != "none"

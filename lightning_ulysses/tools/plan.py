@@ -71,7 +71,7 @@ def run_facts(cfg: dict[str, Any], devices: Optional[int], seq_len: Optional[int
     defaults = flat_options()
     return dict(
         model=model.get("model", model.get("student")), frozen=frozen, peft=model.get("peft"),
-        packed=_data_packs(cfg.get("data")), trust_remote_code=bool(model.get("trust_remote_code")),
+        packed=_data_packs(cfg.get("data")) or _is_preference(module_class), trust_remote_code=bool(model.get("trust_remote_code")),
         freeze_vision_tower=bool(model.get("freeze_vision_tower")), freeze_projector=bool(model.get("freeze_projector")),
         seq_len=int(length), rows=int(data.get("batch_size", 1)), world_size=per_node * nodes, ranks_per_node=per_node,
         sequence_parallel_size=strategy_args.get("sequence_parallel_size", strategy_args.get("context_parallel_size", "auto")),
@@ -95,6 +95,12 @@ def _data_packs(section: Any) -> bool:
     if packing is None and str(section.get("class_path", "")).endswith(("SFTDataModule", "PretrainDataModule")):
         packing = "best_fit"  # their default
     return packing is not None and packing != "none"
+
+
+def _is_preference(module_class: Any) -> bool:
+    from lightning_ulysses.lightning.preference import PreferenceModule
+
+    return isinstance(module_class, type) and issubclass(module_class, PreferenceModule)
 
 
 def _module_class(section: Any) -> Any:
