@@ -101,6 +101,15 @@ def test_packed_rows_leave_no_checkpointing_where_it_no_longer_fits() -> None:
     tiny = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2}
     assert packs_rows(None, PreferenceModule(tiny)) and not packs_rows(None, CausalLMModule(tiny))  # a plain loader
+    # a plain DataLoader of packed rows under a plan chosen for one document: the strategy warns at the first packed
+    # batch, naming the predicted peak, when the plan would not fit them (it still fits one document)
+    from lightning_ulysses.lightning.auto_plan import packed_rows_warning
+
+    hw = Hardware(139.8, 1000.0)
+    message = packed_rows_warning(one, _workload(131072), hw)
+    assert "no_checkpointing" in message and "SFTDataModule" in message and "gradient_checkpointing=True" in message
+    assert packed_rows_warning(packed, replace(_workload(131072), packed=True), hw) is None  # planned as packed
+    assert packed_rows_warning(*choose(_workload(65536), hw)[:1], _workload(65536), hw) is None  # fits packed too
 
 
 def test_the_users_flags_stay_in_every_plan() -> None:

@@ -16,8 +16,9 @@ from typing import Any, Optional
 from lightning_ulysses.memory.auto import Estimate, Hardware, choose, host_available_gib, optimizer_name, workload_for_run
 
 
-def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estimate], str]:
-    """The chosen plan, every estimate, and a line that says where the sequence length came from."""
+def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estimate], str, Optional[str]]:
+    """The chosen plan, every estimate, a line that says where the sequence length came from, and the warning to give
+    if the rows turn out packed though the plan assumed one sample per row (:func:`packed_rows_warning`)."""
     import torch
 
     from lightning_ulysses.models.build import config_of
@@ -47,7 +48,26 @@ def plan_for_trainer(strategy: Any, trainer: Any) -> tuple[Estimate, list[Estima
         host = host_available_gib()
         hardware = Hardware(host / ranks_per_node, host)
     chosen, estimates = choose(workload, hardware, strategy.memory_user_flags)
-    return chosen, estimates, source
+    return chosen, estimates, source, packed_rows_warning(chosen, workload, hardware)
+
+
+def packed_rows_warning(chosen: Estimate, workload: Any, hardware: Hardware) -> Optional[str]:
+    """What to tell the user when a batch packs several samples per row but the plan was chosen for one sample per row
+    (a plain DataLoader: nothing said it packs) and, counted as packed, the chosen plan would not fit; else None."""
+    from dataclasses import replace
+
+    from lightning_ulysses.memory.auto import DEFAULT_MARGIN, estimate
+
+    if workload.packed:
+        return None
+    packed = estimate(chosen.name, chosen.flags, replace(workload, packed=True), hardware)
+    if packed.fits:
+        return None
+    return (f"memory='auto' chose {chosen.name} for one sample per row (nothing said the rows are packed), but this "
+            f"batch packs several samples per row (position ids restart): counted as packed rows the plan's predicted "
+            f"GPU peak is {packed.gpu_peak_gib:.1f} GiB, over {DEFAULT_MARGIN:.0%} of {hardware.gpu_memory_gib:.1f} "
+            f"GiB, so the step may run out of memory. Load packed data with SFTDataModule / PretrainDataModule / "
+            f"PreferenceDataModule (the plan then counts packing), or set gradient_checkpointing=True.")
 
 
 def _model_config(module: Any) -> Any:
@@ -113,4 +133,4 @@ def _offloaded(zero: dict, key: str) -> bool:
     return isinstance(section, dict) and section.get("device") in ("cpu", "nvme")
 
 
-__all__ = ["known_sequence_length", "packs_rows", "plan_for_trainer"]
+__all__ = ["known_sequence_length", "packed_rows_warning", "packs_rows", "plan_for_trainer"]

@@ -231,6 +231,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.memory_auto = memory == "auto"
         self.max_seq_len = max_seq_len
         self.memory_estimate: Optional[Estimate] = None  # memory="auto": the chosen plan's prediction
+        self._packed_rows_warning: Optional[str] = None  # memory="auto": given at the first packed batch, if any
         self.memory_user_flags = {k: v for k, v in flags.items() if v != _FLAT_OPTIONS[k]}  # what memory="auto" keeps
         self.memory_plan = tricks_from_flags(None if self.memory_auto else memory, **flags)
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
@@ -284,7 +285,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
 
     @errors_reported_once  # every rank makes the same choice: one report of "nothing fits"
     def _choose_memory_plan(self) -> None:
-        chosen, estimates, source = plan_for_trainer(self, self.lightning_module.trainer)
+        chosen, estimates, source, self._packed_rows_warning = plan_for_trainer(self, self.lightning_module.trainer)
         self.memory_plan = tricks_from_flags(**chosen.flags)
         self.memory_estimate = chosen
         runner_up = next((e for e in estimates if e.fits and e is not chosen), None)
@@ -441,6 +442,9 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         )
         if training and ctx.num_valid_tokens == 0:
             self._note_empty_batch()
+        if self._packed_rows_warning is not None and ctx.segments is not None:
+            rank_zero_warn(self._packed_rows_warning)
+            self._packed_rows_warning = None  # once
         set_step_context(ctx)
         return local
 
