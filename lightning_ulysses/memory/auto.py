@@ -312,19 +312,17 @@ def step_flops(w: Workload, checkpointing: bool, kept_attention: int) -> float:
     """FLOPs of one step: the language model's, what checkpointing recomputes (attention only in the layers that do
     not keep it), and a vision tower's matmuls (x3 when its encoder trains, + a recomputed forward under
     checkpointing; the projector x3 when it trains, never recomputed)."""
-    from lightning_ulysses.models.flops import ModelDims, model_flops, recompute_flops
+    from lightning_ulysses.models.flops import ModelDims, model_flops, recompute_flops, vision_flops
 
     dims = ModelDims(w.params - w.embedding_params, w.layers, w.heads * w.head_dim)
     tokens, sq = float(w.rows * w.seq_len), float(w.rows * w.seq_len) * w.seq_len
     flops = model_flops(dims, tokens, sq)
     if checkpointing:
         flops += recompute_flops(dims, tokens, sq, attention=1.0 - kept_attention / w.layers)
-    v = w.vision
-    if v is not None:
-        tokens = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len))
-        encoder = (3.0 + (1.0 if checkpointing else 0.0)) if w.vision_trains else 1.0
-        flops += encoder * 2.0 * (v.n_params - v.projector_params) * tokens * v.patches_per_token
-        flops += (3.0 if w.projector_trains else 1.0) * 2.0 * v.projector_params * tokens  # on merged tokens
+    if w.vision is not None:  # its matmuls (attention inside a unit is small next to the decoder's)
+        patches = float(w.rows * min(w.vision_tokens or w.seq_len, w.seq_len) * w.vision.patches_per_token)
+        dims = replace(w.vision, trains=w.vision_trains, projector_trains=w.projector_trains)  # LoRA: neither trains
+        flops += vision_flops(dims, patches, 0.0, recompute=checkpointing)
     return flops
 
 

@@ -92,13 +92,15 @@ class VisionDims:
                    (getattr(vc, "spatial_merge_size", None) or 1) ** 2, patch, projector_params, projector_trains)
 
 
-def vision_flops(dims: VisionDims, patches: float, sum_sq_patches: float) -> float:
+def vision_flops(dims: VisionDims, patches: float, sum_sq_patches: float, recompute: bool = False) -> float:
     """Tower FLOPs of one step: ``patches`` encoded, ``sum_sq_patches`` the sum over units (what one attention spans:
     an image, a video's frame group) of their patch count squared; bidirectional attention. A trained encoder costs
-    forward + backward (3x the forward), a frozen one its forward; the projector likewise on its own."""
+    forward + backward (3x the forward; + a recomputed forward with ``recompute``, its blocks checkpointed), a frozen
+    one its forward; the projector likewise on its own (never recomputed), once per merged token."""
     encoder = 2.0 * (dims.n_params - dims.projector_params) * patches + 4.0 * dims.layers * dims.hidden * sum_sq_patches
     projector = 2.0 * dims.projector_params * patches / dims.patches_per_token  # it runs on the merged tokens
-    return (3.0 if dims.trains else 1.0) * encoder + (3.0 if dims.projector_trains else 1.0) * projector
+    passes = (4.0 if recompute else 3.0) if dims.trains else 1.0
+    return passes * encoder + (3.0 if dims.projector_trains else 1.0) * projector
 
 
 def sum_sq_len(rows: int, length: int, segment_bounds: Optional[list] = None) -> float:
