@@ -101,6 +101,8 @@ def print_profile(title: str, summary: dict) -> None:
     print("| allocation site | GiB | tensors |\n|---|---|---|")
     for row in summary["rows"]:
         print(f"| {row['site']} | {row['bytes'] / GiB:.3f} | {row['count']} |")
+    if summary.get("at_peak"):
+        print("allocation that made the peak: " + " <- ".join(summary["at_peak"][:6]))
 
 
 def main() -> None:
