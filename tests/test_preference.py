@@ -34,6 +34,14 @@ CASES = [
 RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed pairs split over the ring; sp x dp
     {"name": "dpo_ring4_zero2", "loss": "sigmoid", "sp": 4, "stage": 2, "mode": "ring_only", "devices": 4},
     {"name": "dpo_sp2_dp2_zero3", "loss": "sigmoid", "sp": 2, "stage": 3, "devices": 4},
+    # pairs unpacked, so the DP groups' rows differ in length, and lm_head tiles of 2 tokens: the ranks hold different
+    # tile counts, and each tile's call of the ZeRO-3 head all-gathers its weight (a rank running fewer hung the job)
+    {"name": "dpo_sp2_dp2_zero3_unequal_rows", "loss": "sigmoid", "sp": 2, "stage": 3, "devices": 4,
+     "packing": "none", "tile": 2},
+]
+RING_DISTILL_CASES = [
+    {"name": "forward_kl_sp2_dp2_zero3_unequal_rows", "loss": "forward_kl", "sp": 2, "stage": 3, "devices": 4,
+     "packing": "none", "tile": 2},
 ]
 DISTILL_CASES = [
     {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3},
@@ -113,10 +121,10 @@ def _trl_loss(kind: str, beta: float, pc, pr, rc, rr, nc, nr) -> torch.Tensor:
 def ring_job(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("preference_ring")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(WORKERS / "preference.py"), json.dumps(RING_CASES), str(out)]
+           str(WORKERS / "preference.py"), json.dumps(RING_CASES + RING_DISTILL_CASES), str(out)]
     proc = subprocess.run(cmd, env=worker_env(), cwd=out, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in RING_CASES}
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in RING_CASES + RING_DISTILL_CASES}
 
 
 @pytest.mark.parametrize("case", RING_CASES, ids=lambda c: c["name"])
@@ -193,12 +201,22 @@ def _check_against_single_process(result: dict, case: dict) -> None:
 def test_distillation_at_sp2_matches_single_process(job, case) -> None:
     """The student's loss every step and its final weights equal a plain single-process computation of TRL GKD's
     generalized JSD (written out here) on full logits."""
+    _check_distillation(job[case["name"]], case)
+
+
+@pytest.mark.parametrize("case", RING_DISTILL_CASES, ids=lambda c: c["name"])
+def test_distillation_on_4_ranks_matches_single_process(ring_job, case) -> None:
+    """sp=2 x dp=2 at ZeRO-3 with rows of unequal length (the step's gradient is the mean of both DP groups')."""
+    assert "sp 2 x dp 2" in ring_job[case["name"]]["layout"]
+    _check_distillation(ring_job[case["name"]], case)
+
+
+def _check_distillation(result: dict, case: dict) -> None:
     import sys
 
     sys.path.insert(0, str(WORKERS))
     from preference import teacher  # the worker's teacher, rebuilt the same way
 
-    result = job[case["name"]]
     student = _model()
     student.load_state_dict({k: torch.tensor(v) for k, v in result["initial"].items()})
     teach = teacher().requires_grad_(False)
@@ -206,7 +224,7 @@ def test_distillation_at_sp2_matches_single_process(job, case) -> None:
     temp, w, beta = case.get("temperature", 1.0), case.get("ce_weight", 0.0), 0.5
     from lightning_ulysses.parallel.sharding import prepare_batch
 
-    for step, batch in enumerate(result["batches"]):
+    def loss_of(batch: dict) -> torch.Tensor:
         full = prepare_batch({k: torch.tensor(v) for k, v in batch.items()}, 1)
         ids, pos, labels = full["input_ids"], full["position_ids"], full["shift_labels"]
         s_logits = student(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
@@ -221,10 +239,15 @@ def test_distillation_at_sp2_matches_single_process(job, case) -> None:
         valid = labels != -100
         ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                              reduction="sum")
-        loss = ((1 - w) * (div * valid).sum() + w * ce) / valid.sum()
-        assert result["losses"][step] == pytest.approx(float(loss), rel=1e-4, abs=1e-5), step
+        return ((1 - w) * (div * valid).sum() + w * ce) / valid.sum()
+
+    dp_batches = result["dp_batches"]  # per DP group (the first is rank 0's); the step's gradient is their mean
+    assert dp_batches[0] == result["batches"] and len(dp_batches) == case.get("devices", 2) // case["sp"]
+    for step in range(len(result["batches"])):
+        losses = [loss_of(batches[step]) for batches in dp_batches]
+        assert result["losses"][step] == pytest.approx(float(losses[0]), rel=1e-4, abs=1e-5), step
         opt.zero_grad()
-        loss.backward()
+        torch.stack(losses).mean().backward()
         opt.step()
     for name, p in student.named_parameters():
         torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lightning_ulysses.parallel.logprobs import head_tiles
 from lightning_ulysses.parallel.sharding import IGNORE_INDEX
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -67,10 +68,12 @@ def tiled_distillation_sums(student_hidden: Tensor, teacher_hidden: Tensor, labe
     flat = labels.reshape(n).to(s_h.device)
     div = torch.zeros((), device=s_h.device)
     ce = torch.zeros((), device=s_h.device)
-    for start in range(0, n, tile_tokens):
-        args = (student_head, teacher_head, s_h[start : start + tile_tokens], t_h[start : start + tile_tokens],
-                flat[start : start + tile_tokens], divergence, beta, temperature)
-        d, c = checkpoint(_tile, *args, use_reentrant=False) if n > tile_tokens and s_h.requires_grad else _tile(*args)
+    tiles = head_tiles(n, tile_tokens, student_head, teacher_head, device=s_h.device)  # as many on every rank
+    recompute = len(tiles) > 1 and torch.is_grad_enabled() and s_h.requires_grad
+    for start, end in tiles:
+        args = (student_head, teacher_head, s_h[start:end], t_h[start:end], flat[start:end], divergence, beta,
+                temperature)
+        d, c = checkpoint(_tile, *args, use_reentrant=False) if recompute else _tile(*args)
         div, ce = div + d, ce + c
     return div, ce
 

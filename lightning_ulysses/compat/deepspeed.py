@@ -17,6 +17,23 @@ def is_zero3_params(params: Iterable[Tensor]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
+def zero3_calls(count: int, params: Iterable[Tensor], device: Any = None) -> int:
+    """How many times this rank calls a module holding ``params`` when it needs ``count`` calls: under ZeRO-3 each
+    call (and its backward) all-gathers the partitioned parameters over their group (``ds_process_group``), a
+    collective every rank of it must join as often as the others, while ranks need different counts (other
+    data-parallel groups have other batches) -- so the group's largest count (one all-reduce of one number; the
+    extra calls run on empty inputs). ``count`` itself when no parameter is partitioned."""
+    import torch
+    import torch.distributed as dist
+
+    group = next((getattr(p, "ds_process_group", None) for p in params if hasattr(p, "ds_id")), False)
+    if group is False or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return count
+    most = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    return int(most.item())
+
+
 def set_zero3_grads_ready(params: Iterable[Tensor], ready: bool) -> None:
     """ZeRO-3 reduces a parameter's gradient in the backward hook only when ``ds_grad_is_ready`` is True: a module
     run several times in one backward (tiles) marks all but its last run not ready."""

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_ulysses.compat.deepspeed import zero3_calls
 from lightning_ulysses.parallel.vision import Unit, gather_features, split_units, tiles_of, units_of
 
 # batch keys a vision-language model takes besides the text (whole on every rank: not [b, S])
@@ -341,18 +342,9 @@ def _sharded_features(family: VisionLanguageFamily, inner: torch.nn.Module, inpu
 
 
 def _tiles_short_of_the_most(tiles: int, tower: torch.nn.Module, device: torch.device) -> int:
-    """How many dummy tower calls this rank adds so that every rank calls the tower equally often: under ZeRO-3 each
-    call gathers the tower's parameters with collectives over every rank (other data-parallel groups have other
-    batches, so other tile counts). 0 when the tower is not partitioned."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return 0
-    if not any(hasattr(p, "ds_id") for p in tower.parameters()):
-        return 0
-    most = torch.tensor([tiles], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most.item()) - tiles
+    """How many dummy tower calls this rank adds so that every rank calls the tower equally often (under ZeRO-3 each
+    call gathers the tower's parameters: :func:`~lightning_ulysses.compat.deepspeed.zero3_calls`)."""
+    return zero3_calls(tiles, tower.parameters(), device) - tiles
 
 
 # --------------------------------------------------------------------------------------------- apply / remove

@@ -25,11 +25,24 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lightning_ulysses.compat.deepspeed import zero3_calls
 from lightning_ulysses.parallel.sharding import IGNORE_INDEX
 
 DEFAULT_TILE_TOKENS = 2048
 
 Head = Union[torch.nn.Module, Callable[[Tensor], Tensor]]
+
+
+def head_tiles(tokens: int, tile_tokens: int, *heads: Optional[Head], device: Optional[torch.device] = None
+               ) -> list[tuple[int, int]]:
+    """``(start, end)`` of the lm_head tiles over this rank's ``tokens``: ``ceil(tokens / tile_tokens)`` of them, or,
+    where a head is ZeRO-3 partitioned, as many as the partition group's rank with the most
+    (:func:`~lightning_ulysses.compat.deepspeed.zero3_calls`: each call all-gathers the head's weight; a rank with
+    fewer tokens runs its last tiles empty)."""
+    n = max(1, -(-tokens // tile_tokens))
+    params = [p for h in heads if isinstance(h, torch.nn.Module) for p in h.parameters()]
+    n = zero3_calls(n, params, device)
+    return [(min(i * tile_tokens, tokens), min((i + 1) * tile_tokens, tokens)) for i in range(n)]
 
 
 def _tile(head: Optional[Head], x: Tensor, labels: Tensor, temperature: float, entropy: bool) -> tuple[Tensor, Tensor]:
@@ -65,9 +78,11 @@ def token_logprobs(
     x = hidden_or_logits.reshape(b * s, -1)  # [b*s, H or V]
     flat = labels.reshape(b * s).to(x.device)
     parts, ents = [], []
-    for start in range(0, b * s, tile_tokens):
-        args = (lm_head, x[start : start + tile_tokens], flat[start : start + tile_tokens], temperature, entropy)
-        if torch.is_grad_enabled() and x.requires_grad and b * s > tile_tokens:
+    tiles = head_tiles(b * s, tile_tokens, lm_head, device=x.device)
+    recompute = len(tiles) > 1 and torch.is_grad_enabled() and x.requires_grad  # alike on every rank (ZeRO-3 gathers)
+    for start, end in tiles:
+        args = (lm_head, x[start:end], flat[start:end], temperature, entropy)
+        if recompute:
             logp, ent = checkpoint(_tile, *args, use_reentrant=False)  # keeps the tile's input, not its logits
         else:
             logp, ent = _tile(*args)
@@ -114,4 +129,4 @@ def sp_sum(local: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     return local + (total - local.detach())
 
 
-__all__ = ["DEFAULT_TILE_TOKENS", "sequence_logprobs", "sp_sum", "token_logprobs"]
+__all__ = ["DEFAULT_TILE_TOKENS", "head_tiles", "sequence_logprobs", "sp_sum", "token_logprobs"]

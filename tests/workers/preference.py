@@ -83,17 +83,18 @@ def run(case: dict, out: Path) -> None:
     if case["loss"] in ("forward_kl", "reverse_kl", "jsd"):
         module = RecordedDistillation(LLAMA, teacher(), divergence=case["loss"], ce_weight=case.get("ce_weight", 0.0),
                                       temperature=case.get("temperature", 1.0), attn_implementation="sdpa",
-                                      optimizer=sgd, logprob_tile_tokens=16)
+                                      optimizer=sgd, logprob_tile_tokens=case.get("tile", 16))
     else:
         module = Recorded(LLAMA, loss_type=case["loss"], beta=case.get("beta", 0.1), attn_implementation="sdpa",
-                          optimizer=sgd, peft=case.get("peft"), precomputed_ref_logps=bool(case.get("precomputed")))
+                          optimizer=sgd, peft=case.get("peft"), precomputed_ref_logps=bool(case.get("precomputed")),
+                          **({"logprob_tile_tokens": case["tile"]} if "tile" in case else {}))
     module.recorder = rec
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
                                         loss_normalization=case.get("normalization", "batch_mean"),
                                         gradient_checkpointing=case.get("checkpointing"),
                                         context_parallel_mode=case.get("mode", "auto"))
     data = PreferenceDataModule(case.get("data", str(ROOT / "data" / "preferences.jsonl")), str(ROOT / "data" / "tokenizer"), seq_len=128,
-                                batch_size=1, val_size=0)
+                                packing=case.get("packing", "best_fit"), batch_size=1, val_size=0)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=case.get("devices", 2), max_steps=3, logger=False,
                         accumulate_grad_batches=case.get("accumulate", 1),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
