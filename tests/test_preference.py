@@ -273,6 +273,12 @@ def test_sequence_logprobs_match_log_softmax_and_are_tiled() -> None:
     (g,) = torch.autograd.grad(logps.sum(), hidden)
     (g_ref,) = torch.autograd.grad(expected.sum(), hidden)
     torch.testing.assert_close(g, g_ref)
+    seen = []
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        sequence_logprobs(hidden, labels, head, segment_ids=seg, num_segments=2, tile_tokens=5)
+    hook.remove()
+    assert sum(seen) == int((labels != -100).sum())  # tokens without a label skip the head
     _, entropy = token_logprobs(hidden, labels, head, entropy=True, tile_tokens=7)
     p = torch.softmax(head(hidden).float(), -1)
     torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))

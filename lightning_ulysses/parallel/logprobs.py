@@ -70,15 +70,21 @@ def token_logprobs(
     tile_tokens: int = DEFAULT_TILE_TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """Per-token ``log p(label)`` of this rank's shard, and the per-token entropy when ``entropy`` (else zeros):
-    ``[b, s]`` fp32 each, 0 where the label is -100. With ``lm_head`` the input is hidden states and only one
-    ``[tile_tokens, V]`` tile of logits exists at a time (recomputed in backward)."""
+    ``[b, s]`` fp32 each; the log-prob is 0 where the label is -100, the entropy is computed for every token. With
+    ``lm_head`` the input is hidden states and only one ``[tile_tokens, V]`` tile of logits exists at a time
+    (recomputed in backward); without ``entropy`` only tokens with a label go through the head."""
     if tile_tokens < 1:
         raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}.")
     b, s = labels.shape
     x = hidden_or_logits.reshape(b * s, -1)  # [b*s, H or V]
     flat = labels.reshape(b * s).to(x.device)
+    keep = None
+    if not entropy:  # prompts and padding skip the head: their log-prob is 0 whatever their logits
+        labelled = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
+        if labelled.numel() < flat.numel():
+            keep, x, flat = labelled, x.index_select(0, labelled), flat.index_select(0, labelled)  # [k, H or V]
     parts, ents = [], []
-    tiles = head_tiles(b * s, tile_tokens, lm_head, device=x.device)
+    tiles = head_tiles(flat.numel(), tile_tokens, lm_head, device=x.device)
     recompute = len(tiles) > 1 and torch.is_grad_enabled() and x.requires_grad  # alike on every rank (ZeRO-3 gathers)
     for start, end in tiles:
         args = (lm_head, x[start:end], flat[start:end], temperature, entropy)
@@ -88,7 +94,11 @@ def token_logprobs(
             logp, ent = _tile(*args)
         parts.append(logp)
         ents.append(ent)
-    return torch.cat(parts).reshape(b, s), torch.cat(ents).reshape(b, s)
+    logp = torch.cat(parts)
+    if keep is not None:
+        logp = logp.new_zeros(b * s).index_copy(0, keep, logp)
+    ent = torch.cat(ents) if entropy else torch.zeros(b * s, device=logp.device)
+    return logp.reshape(b, s), ent.reshape(b, s)
 
 
 def sequence_logprobs(
