@@ -59,13 +59,17 @@ def tiled_distillation_sums(student_hidden: Tensor, teacher_hidden: Tensor, labe
                             teacher_head: Callable, *, divergence: str = "forward_kl", beta: float = 0.5,
                             temperature: float = 1.0, tile_tokens: int = 2048) -> tuple[Tensor, Tensor]:
     """Sums over this rank's labelled tokens of the divergence and of the student's cross-entropy: two fp32 scalars.
-    ``*_hidden [b, s, H]`` (the teacher's detached), ``labels [b, s]`` (shifted). Each tile's logits are recomputed in
-    backward, so at most one ``[tile_tokens, V]`` pair of them exists."""
+    ``*_hidden [b, s, H]`` (the teacher's detached), ``labels [b, s]`` (shifted). Only labelled tokens go through the
+    heads; each tile's logits are recomputed in backward, so at most one ``[tile_tokens, V]`` pair of them exists."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}.")
     n = labels.numel()
     s_h, t_h = student_hidden.reshape(n, -1), teacher_hidden.detach().reshape(n, -1)
     flat = labels.reshape(n).to(s_h.device)
+    labelled = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
+    if labelled.numel() < n:  # tokens without a label add nothing to either sum: they skip both heads
+        s_h, t_h, flat = s_h.index_select(0, labelled), t_h.index_select(0, labelled), flat.index_select(0, labelled)
+        n = labelled.numel()
     div = torch.zeros((), device=s_h.device)
     ce = torch.zeros((), device=s_h.device)
     tiles = head_tiles(n, tile_tokens, student_head, teacher_head, device=s_h.device)  # as many on every rank
