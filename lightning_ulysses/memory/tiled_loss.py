@@ -43,28 +43,38 @@ def tile_size(num_tokens: int, vocab: int, tile_tokens: Optional[int] = None) ->
 
 
 class TiledLinearCrossEntropy(torch.autograd.Function):
-    """``sum_t CE(hidden_t @ W^T + b, label_t)`` over valid tokens, computed in token tiles.
+    """``sum_t CE(scale * (hidden_t @ W^T + b), label_t)`` over valid tokens, computed in token tiles; with
+    ``per_token`` the ``[N]`` CE of each token instead of the sum (0 for ignored tokens: the negated log-probs of
+    :func:`lightning_ulysses.parallel.logprobs.token_logprobs`; ``scale`` is its ``1 / temperature``).
 
-    Shapes: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``labels [N]`` -> scalar (fp32).
+    Shapes: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``labels [N]`` -> scalar (or ``[N]``), fp32.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, tile: int, fp32_weight_grad: bool = False
+        ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, tile: int,
+        fp32_weight_grad: bool = False, per_token: bool = False, scale: float = 1.0,
     ) -> Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], tile):
+        n = hidden.shape[0]
+        out = torch.zeros(n if per_token else (), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, tile):
             logits = F.linear(hidden[s : s + tile], weight, bias).float()  # [t, V] fp32, one tile only
-            total += F.cross_entropy(logits, labels[s : s + tile], ignore_index=IGNORE_INDEX, reduction="sum")
+            if scale != 1.0:
+                logits.mul_(scale)
+            ce = F.cross_entropy(logits, labels[s : s + tile], ignore_index=IGNORE_INDEX,
+                                 reduction="none" if per_token else "sum")
+            if per_token:
+                out[s : s + tile] = ce
+            else:
+                out += ce
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.tile = tile
-        ctx.fp32_weight_grad = fp32_weight_grad
-        return total
+        ctx.tile, ctx.fp32_weight_grad, ctx.per_token, ctx.scale = tile, fp32_weight_grad, per_token, scale
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         hidden, weight, bias, labels = ctx.saved_tensors
-        tile = ctx.tile
+        tile, scale = ctx.tile, ctx.scale
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # the weight gradient is accumulated over tiles in the weight's dtype by default, as DeepSpeed and Liger
@@ -76,16 +86,20 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], tile):
             h = hidden[s : s + tile]
             y = labels[s : s + tile]
-            # d CE_sum / d logits = softmax - onehot on valid rows, 0 on ignored rows; times upstream grad.
-            # The softmax runs in place on the fp32 tile: torch.softmax would hold a second [t, V] fp32 tile
-            # (1 GiB at the default tile) at the start of backward, where every checkpoint is still live
+            # d CE / d logits = softmax - onehot on valid rows, 0 on ignored rows; times the upstream gradient (one
+            # number, or one per token) and the scale. The softmax runs in place on the fp32 tile: torch.softmax
+            # would hold a second [t, V] fp32 tile (1 GiB at the default tile) at the start of backward, where
+            # every checkpoint is still live
             g = F.linear(h, weight, bias).float()  # [t, V]
+            if scale != 1.0:
+                g.mul_(scale)
             g.sub_(g.amax(dim=-1, keepdim=True)).exp_()
             g.div_(g.sum(dim=-1, keepdim=True))
             valid = y != IGNORE_INDEX
             rows = torch.nonzero(valid, as_tuple=True)[0]
             g[rows, y[rows]] -= 1.0
-            g.mul_(valid.unsqueeze(1).to(g.dtype) * grad_out)
+            upstream = grad_out[s : s + tile].unsqueeze(1) if ctx.per_token else grad_out
+            g.mul_(valid.unsqueeze(1).to(g.dtype) * upstream * scale)
             g = g.to(weight.dtype)  # the unfused path runs these matmuls in the weight dtype too
             if need_h:
                 grad_h[s : s + tile] = g @ weight  # [t, V] @ [V, H]
@@ -100,6 +114,8 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
             None,
             None,
             None,

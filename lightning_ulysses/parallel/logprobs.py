@@ -45,6 +45,35 @@ def head_tiles(tokens: int, tile_tokens: int, *heads: Optional[Head], device: Op
     return [(min(i * tile_tokens, tokens), min((i + 1) * tile_tokens, tokens)) for i in range(n)]
 
 
+def _plain_linear(head: Optional[Head]) -> bool:
+    """An ``nn.Linear`` lm_head with floating-point weights (not a PEFT or quantized wrapper): one that
+    :func:`_through_head_once` can run as ``F.linear``."""
+    return isinstance(head, torch.nn.Linear) and head.weight.dtype.is_floating_point
+
+
+def _through_head_once(head: torch.nn.Linear, x: Tensor, labels: Tensor, tile_tokens: int, scale: float) -> Tensor:
+    """``-log p(label)`` of every row of ``x [k, H]`` (``[k]`` fp32) in token tiles inside *one* call of ``head``.
+
+    Under ZeRO-3 a module's weight is gathered only while it runs (and again for its backward): running every tile
+    inside one call gathers the head's weight once per pass, on every rank alike, whatever its number of tokens (as the
+    tiled loss does). The tiles are :class:`~lightning_ulysses.memory.tiled_loss.TiledLinearCrossEntropy`'s: forward
+    keeps only ``x``, backward recomputes one ``[tile, V]`` tile at a time."""
+    from lightning_ulysses.memory.tiled_loss import TiledLinearCrossEntropy
+
+    def forward(hidden: Tensor) -> Tensor:
+        return TiledLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, tile_tokens, False, True, scale)
+
+    own = head.__dict__.get("forward")  # an instance-level forward of someone else's, put back after
+    head.forward = forward
+    try:
+        return head(x)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def _tile(head: Optional[Head], x: Tensor, labels: Tensor, temperature: float, entropy: bool) -> tuple[Tensor, Tensor]:
     """One tile: ``x [t, H]`` (hidden, through ``head``) or ``[t, V]`` (logits) -> log p of the labels and the entropy
     of the distribution, ``[t]`` each, fp32."""
@@ -83,6 +112,11 @@ def token_logprobs(
         labelled = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
         if labelled.numel() < flat.numel():
             keep, x, flat = labelled, x.index_select(0, labelled), flat.index_select(0, labelled)  # [k, H or V]
+    if not entropy and _plain_linear(lm_head):
+        logp = -_through_head_once(lm_head, x, flat, tile_tokens, 1.0 / temperature)
+        if keep is not None:
+            logp = logp.new_zeros(b * s).index_copy(0, keep, logp)
+        return logp.reshape(b, s), torch.zeros(b, s, device=logp.device)
     parts, ents = [], []
     tiles = head_tiles(flat.numel(), tile_tokens, lm_head, device=x.device)
     recompute = len(tiles) > 1 and torch.is_grad_enabled() and x.requires_grad  # alike on every rank (ZeRO-3 gathers)
