@@ -57,11 +57,12 @@ COEFFICIENTS: dict[str, float] = {
     # (save_attention+offload 53.83 vs shipped 39.84 GiB) agree within 5%
     "untiled_mlp_i": 5.7,
     # packed rows (positions restarting; attention one kernel call per sample): bytes per token per layer above one
-    # document, in units of H: 31 GiB at 65,536 tokens x 4 layers of 8B width without checkpointing (97.16 GiB for
-    # one DPO-style pair per row vs 66.13 for the same tokens as one document; one H200, 2026-12-05). Without
-    # checkpointing only: with it, packed rows peaked as one document does (39.84 GiB both, shipped config at 128K,
-    # 2026-12-01). A DPO step on such rows measured 82.24 GiB, 20% below this model's 103.1 (safe side).
-    "packed_attention_h": 31.0,
+    # document, in units of H, without checkpointing (with it, packed rows peak as one document does: 39.84 GiB both,
+    # shipped config at 128K, 2026-12-01). Each sample's q/k/v slices are copied for its kernel call and the outputs
+    # concatenated: 49.32 GiB for one DPO-style pair per row vs 48.32 for the same tokens as one document, 32,768 tokens
+    # x 4 layers of 8B width, each in a fresh process (one H100, 2026-12-06): 2.0 H. (The 31 H measured on 2026-12-05
+    # was the first fit's engine and optimizer state still alive in the second fit of the same process.)
+    "packed_attention_h": 2.0,
     # a layer's saved activations without checkpointing: 17.66 H + 8 I bytes per token, less 8 H with the
     # memory-efficient norm and 2 I with the SwiGLU: 122.6 KiB at 8B width with both (one H100, 4 layers, 65,536 tokens,
     # no checkpointing: 66.13 GiB peak, 2026-12-05; DeepSpeed's ALST path without our norm/SwiGLU measured 210 KiB
