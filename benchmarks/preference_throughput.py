@@ -10,6 +10,11 @@ The distillation part times ``tiled_distillation_sums`` (student and teacher lm_
 backward at each ``--distill-tokens`` length, in ``--tile``-token tiles and whole (one tile: both ``[S, V]`` logits
 exist at once, as a plain implementation has them), and records the peak memory above the inputs.
 
+Each fit runs in its own process (this script, once per mode and length): a finished fit's DeepSpeed engine and
+optimizer state stay in GPU memory for the rest of the process (~30 GiB at 4 layers of this width), so a second fit in
+one process would measure on top of the first (the 2026-12-05 "packed rows" figures did). Likewise each distillation
+length runs alone with ``--seq-lens`` empty.
+
     python benchmarks/preference_throughput.py --layers 4 --seq-lens 65536 131072 --distill-tokens 16384 32768
     python benchmarks/preference_throughput.py --seq-lens 65536 --modes sft_one_document sft --distill-tokens \
         --memory-profile      # what is live at the peak, by allocation site (needs the repository root on PYTHONPATH)
@@ -122,6 +127,25 @@ def distill(tokens: int, tile: int) -> dict:
     return row
 
 
+def _fit_in_own_process(mode: str, seq: int, args) -> dict:
+    """:func:`fit` in a fresh interpreter (this script with one mode and length): its result, or OOM."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/run.json"
+        cmd = [sys.executable, __file__, "--layers", str(args.layers), "--seq-lens", str(seq), "--modes", mode,
+               "--prompt", str(args.prompt), "--steps", str(args.steps), "--plan", args.plan, "--distill-tokens",
+               "--out", out] + (["--memory-profile"] if args.memory_profile else [])
+        proc = subprocess.run(cmd)
+        try:
+            with open(out) as f:
+                return json.load(f)["runs"][0]
+        except (OSError, ValueError, IndexError):
+            return {"mode": mode, "seq": seq, "layers": args.layers, "failed": proc.returncode}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
@@ -137,13 +161,16 @@ def main() -> None:
     p.add_argument("--out", default="preference_throughput.json")
     args = p.parse_args()
     runs, distills = [], []
-    for seq in args.seq_lens:
-        for mode in args.modes:
+    fits = [(seq, mode) for seq in args.seq_lens for mode in args.modes]
+    for seq, mode in fits:
+        if len(fits) > 1 or args.distill_tokens:  # one process per fit (module docstring)
+            runs.append(_fit_in_own_process(mode, seq, args))
+        else:
             try:
                 runs.append(fit(mode, seq, args))
             except torch.OutOfMemoryError:
                 runs.append({"mode": mode, "seq": seq, "layers": args.layers, "oom": True})
-            print(json.dumps(runs[-1]), flush=True)
+        print(json.dumps(runs[-1]), flush=True)
     for tokens in args.distill_tokens:
         for tile in (args.tile, tokens):
             distills.append(distill(tokens, tile))
@@ -154,7 +181,9 @@ def main() -> None:
     print("| run | tokens per row | plan | tokens/s | step s | peak GiB | predicted GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in runs:
-        if r.get("oom"):
+        if "failed" in r:
+            print(f"| {r['mode']} | {r['seq']:,} | | failed (exit {r['failed']}) | | | |")
+        elif r.get("oom"):
             print(f"| {r['mode']} | {r['seq']:,} | | OOM | | | |")
         else:
             pred = f"{r['predicted_gib']:.2f}" if r["predicted_gib"] is not None else ""
