@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lightning_ulysses.parallel.logprobs import head_tiles
-from lightning_ulysses.parallel.sharding import IGNORE_INDEX
+from lightning_ulysses.parallel.sharding import IGNORE_INDEX, labelled_index
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -66,10 +66,10 @@ def tiled_distillation_sums(student_hidden: Tensor, teacher_hidden: Tensor, labe
     n = labels.numel()
     s_h, t_h = student_hidden.reshape(n, -1), teacher_hidden.detach().reshape(n, -1)
     flat = labels.reshape(n).to(s_h.device)
-    labelled = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
-    if labelled.numel() < n:  # tokens without a label add nothing to either sum: they skip both heads
-        s_h, t_h, flat = s_h.index_select(0, labelled), t_h.index_select(0, labelled), flat.index_select(0, labelled)
-        n = labelled.numel()
+    keep = labelled_index(flat)
+    if keep is not None:  # tokens without a label add nothing to either sum: they skip both heads
+        s_h, t_h, flat = s_h.index_select(0, keep), t_h.index_select(0, keep), flat.index_select(0, keep)
+        n = keep.numel()
     div = torch.zeros((), device=s_h.device)
     ce = torch.zeros((), device=s_h.device)
     tiles = head_tiles(n, tile_tokens, student_head, teacher_head, device=s_h.device)  # as many on every rank

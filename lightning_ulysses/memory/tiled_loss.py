@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ulysses.parallel.sharding import IGNORE_INDEX
+from lightning_ulysses.parallel.sharding import IGNORE_INDEX, labelled_index
 from lightning_ulysses.kernels.impl import check_impl, use_liger
 from lightning_ulysses.memory.module_swap import is_swapped, restore_class, settings, swap_class
 from lightning_ulysses.memory.trick import MemoryTrick
@@ -132,8 +132,8 @@ def linear_cross_entropy_sum(
     # tokens without a label (prompts, user turns, padding, image tokens) skip the lm_head: their logits would only be
     # masked out. All of this runs inside one lm_head call, so under ZeRO-3 ranks with fewer labels still gather its
     # weight exactly once; a rank without any keeps the whole shard (its backward still gives the head a gradient)
-    keep = torch.nonzero(y != IGNORE_INDEX).squeeze(1)
-    if 0 < keep.numel() < y.numel():
+    keep = labelled_index(y)
+    if keep is not None and keep.numel() > 0:
         h, y = h.index_select(0, keep), y.index_select(0, keep)
     if use_liger(impl, h, "tiled loss"):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

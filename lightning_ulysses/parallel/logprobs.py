@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lightning_ulysses.compat.deepspeed import zero3_calls
-from lightning_ulysses.parallel.sharding import IGNORE_INDEX
+from lightning_ulysses.parallel.sharding import IGNORE_INDEX, labelled_index
 
 DEFAULT_TILE_TOKENS = 2048
 
@@ -107,11 +107,9 @@ def token_logprobs(
     b, s = labels.shape
     x = hidden_or_logits.reshape(b * s, -1)  # [b*s, H or V]
     flat = labels.reshape(b * s).to(x.device)
-    keep = None
-    if not entropy:  # prompts and padding skip the head: their log-prob is 0 whatever their logits
-        labelled = torch.nonzero(flat != IGNORE_INDEX).squeeze(1)
-        if labelled.numel() < flat.numel():
-            keep, x, flat = labelled, x.index_select(0, labelled), flat.index_select(0, labelled)  # [k, H or V]
+    keep = None if entropy else labelled_index(flat)  # prompts and padding: log-prob 0 whatever their logits
+    if keep is not None:
+        x, flat = x.index_select(0, keep), flat.index_select(0, keep)  # [k, H or V]
     if not entropy and _plain_linear(lm_head):
         logp = -_through_head_once(lm_head, x, flat, tile_tokens, 1.0 / temperature)
         if keep is not None:

@@ -298,6 +298,13 @@ def check_group_agrees(full: Optional[Mapping[str, Any]], error: Optional[Except
         )
 
 
+def labelled_index(labels: Tensor) -> Optional[Tensor]:
+    """``[k]`` positions of the flat ``labels [n]`` that carry a label (not -100), or None when all ``n`` do: the rows
+    a loss or log-prob pass sends through the lm_head (prompts, user turns, padding and vision tokens skip it)."""
+    index = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
+    return None if index.numel() == labels.numel() else index
+
+
 def packed_segments(position_ids: Tensor) -> Optional[Tensor]:
     """Segment id per token for packed rows (position ids restart), or None when no row is packed.
 
