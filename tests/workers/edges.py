@@ -13,6 +13,9 @@
 * ``unbatched``: a loader with ``batch_size=None`` yielding 1-D tensors; ``vocab``: ids beyond the embedding;
   ``empty_file``: an SFT data module on an empty file -- each refused, reported by rank 0 alone.
 * ``memory_auto``: ``memory="auto"`` and the plan it chose set by hand train with the same losses.
+* ``released`` (last: it also checks the cases before it): ZeRO-3, sp=2, AdamW; after ``fit`` the model runs forward
+  and ``trainer.save_checkpoint`` writes the optimizer state; once the user drops the trainer, module and model, no
+  DeepSpeed engine or ZeRO optimizer of any fit of this process is left alive.
 """
 
 from __future__ import annotations
@@ -221,6 +224,34 @@ def memory_auto(out: Path) -> dict:
         runs[how] = {"losses": losses.losses, "tricks": [repr(t) for t in strategy.memory_tricks],
                      "name": chosen.name if chosen else None, "flags": chosen.flags if chosen else None}
     return runs
+
+
+ENGINES = ("DeepSpeedEngine", "DeepSpeedZeroOptimizer_Stage3", "DeepSpeedZeroOptimizer")
+
+
+def _alive() -> int:
+    import gc
+
+    gc.collect()
+    return sum(type(o).__name__ in ENGINES for o in gc.get_objects())
+
+
+def _fit_and_use(out: Path) -> dict:
+    strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=3)
+    module = CausalLMModule(dict(model_type="llama", **LLAMA), attn_implementation="sdpa",
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = _trainer(strategy)
+    trainer.fit(module, SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1))
+    with torch.no_grad():
+        logits = module.model(input_ids=(torch.arange(12) % 64).unsqueeze(0)).logits
+    path = out / "after_fit.ckpt"
+    trainer.save_checkpoint(path)
+    return {"forward_finite": bool(torch.isfinite(logits).all()), "engines_alive_while_held": _alive(),
+            "optimizer_files": sorted(p.name for p in path.rglob("*optim_states*")) if path.is_dir() else []}
+
+
+def released(out: Path) -> dict:
+    return {**_fit_and_use(out), "engines_alive_after": _alive()}  # the user's references end with the call
 
 
 def main() -> None:
