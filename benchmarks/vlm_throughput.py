@@ -18,6 +18,7 @@ length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encode
     python benchmarks/vlm_throughput.py --report                  # the table of every run so far
     python benchmarks/vlm_throughput.py --seq-lens 131072 --predict-sp 1 2 4 8   # split vs replicated, predicted
     python benchmarks/vlm_throughput.py --block-saved-bytes        # one tower block's saved bytes per patch (CPU)
+    python benchmarks/vlm_throughput.py --tower-attention          # the tower alone: per-window vs batched attention
     python benchmarks/vlm_throughput.py --seq-lens 65536 --modes frozen --memory-profile   # what is live at the peak
 """
 
@@ -27,6 +28,7 @@ import argparse
 import gc
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -82,10 +84,12 @@ def video_row(spec: dict, seq: int, frame: int, prompt: int = 256) -> dict:
 
 class TowerTimer:
     """Wall time of the tower's forward inside the step (synchronised before and after: ~no overlap to lose, the
-    tower's output is needed before the decoder runs)."""
+    tower's output is needed before the decoder runs). The tower is called once per tile of units
+    (``TOWER_TILE_PATCHES`` patches: 8 calls per step at 32K tokens of 448 x 448 video), so a step's time is the sum
+    of its calls (:meth:`step_done` closes a step)."""
 
     def __init__(self, tower: torch.nn.Module, cuda: bool) -> None:
-        self.cuda, self.times, self._t0 = cuda, [], 0.0
+        self.cuda, self.times, self._t0, self.steps = cuda, [], 0.0, []
         self.handles = [tower.register_forward_pre_hook(self._start), tower.register_forward_hook(self._stop)]
 
     def _sync(self) -> None:
@@ -100,9 +104,44 @@ class TowerTimer:
         self._sync()
         self.times.append(time.perf_counter() - self._t0)
 
+    def step_done(self) -> None:
+        self.steps.append(sum(self.times))
+        self.times = []
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def time_profile(step: int, cuda: bool) -> Any:
+    """A callback profiling training step ``step`` (see ``TimeProfile``); its ``.tables`` after the step."""
+    import lightning.pytorch as pl
+
+    class TimeProfile(pl.Callback):
+        """``torch.profiler`` over training step ``step``: the operators with the most self device time and the most
+        self host time (a step far longer than its kernels is bound by the host: launches, Python loops, syncs)."""
+
+        def __init__(self, step: int, cuda: bool) -> None:
+            self.step, self.cuda, self.tables, self.prof = step, cuda, {}, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == self.step:
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == self.step and self.prof is not None:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                ka = self.prof.key_averages()
+                if self.cuda:
+                    self.tables["device"] = ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60)
+                self.tables["host"] = ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
+                self.prof = None
+
+    return TimeProfile(step, cuda)
 
 
 def fit(mode: str, seq: int, args) -> dict:
@@ -160,8 +199,11 @@ def fit(mode: str, seq: int, args) -> dict:
         def on_train_batch_end(self, *_) -> None:
             self._mark("end")
             t = self.t
+            timer.step_done()
             phases.append({"forward_s": t["backward"] - t["start"], "backward_s": t["rest"] - t["backward"],
-                           "rest_s": t["end"] - t["rest"]})
+                           "rest_s": t["end"] - t["rest"], "tower_forward_s": timer.steps[-1]})
+            # as it happens: a run stopped by a time limit still tells where its steps went
+            print(f"step {len(phases)}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()), flush=True)
 
     trainer.callbacks.append(_Attach())
     profile = None
@@ -170,16 +212,21 @@ def fit(mode: str, seq: int, args) -> dict:
 
         profile = peak_profile(args.steps - 1)
         trainer.callbacks.append(profile)
+    timing = None
+    if args.time_profile:  # where the last step's time goes: kernels (GPU) and operators (host), by self time
+        timing = time_profile(args.steps - 1, cuda)
+        trainer.callbacks.append(timing)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, loader)
     steady = throughput.history[1:] or throughput.history
     step_s = sorted(m["throughput/step_s"] for m in steady)[len(steady) // 2]
-    tower_fwd = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
+    tower_steps = timer.steps[1:] or timer.steps  # the first step warms up (as SequenceThroughput's warm-up step)
+    tower_fwd = sorted(tower_steps)[len(tower_steps) // 2]
     timer.remove()
     estimate = getattr(strategy, "memory_estimate", None)
     result = {"mode": mode, "seq": seq, "layers": args.layers, **facts, "step_s": step_s, "tokens_per_s": seq / step_s,
-              "tower_forward_s": tower_fwd, **(phases[-1] if phases else {}),
+              **(phases[-1] if phases else {}), "tower_forward_s": tower_fwd,
               "vision_tflops": sorted(m["throughput/vision_tflops_per_gpu"] for m in steady)[len(steady) // 2],
               "model_tflops": sorted(m["throughput/model_tflops_per_gpu"] for m in steady)[len(steady) // 2],
               "peak_gib": max(m.get("memory/peak_allocated_gib", 0.0) for m in steady),
@@ -191,6 +238,8 @@ def fit(mode: str, seq: int, args) -> dict:
                       reserved_gib=torch.cuda.max_memory_reserved() / GiB)
     if profile is not None:
         result["profile"] = profile.summary
+    if timing is not None:
+        result["time_profile"] = timing.tables
     del trainer, module
     gc.collect()
     if cuda:
@@ -289,6 +338,65 @@ def block_saved_bytes(args) -> None:
               f"= {(per_patch - 8 * config.intermediate_size) / config.hidden_size:.1f} x width + 8 x MLP width")
 
 
+def tower_attention(args) -> None:
+    """The Qwen2.5-VL-7B tower (32 blocks, random init, bf16) on one tile of ``TOWER_TILE_PATCHES`` patches: forward,
+    and forward + backward, under transformers' sdpa (one kernel call per window / frame group) and under
+    ``TOWER_ATTENTION`` (one call per window size, ``kernels/segments.py``), and the largest difference of their
+    features. Needs only torch and transformers (no DeepSpeed, no Lightning)."""
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from lightning_ulysses.compat.transformers import register_varlen_attention
+    from lightning_ulysses.kernels.segments import segment_attention
+    from lightning_ulysses.models.multimodal import TOWER_ATTENTION, TOWER_TILE_PATCHES, _merged
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    spec = dict(TINY if args.tiny else QWEN2_5_VL_7B)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec).vision_config
+    config._attn_implementation = "sdpa"
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=dtype).to(device).train()
+    register_varlen_attention(TOWER_ATTENTION, segment_attention)
+    side = args.frame // config.patch_size
+    groups = max(1, (args.block_patches or TOWER_TILE_PATCHES) // (side * side))
+    grid = torch.tensor([[groups, side, side]], device=device)
+    pixels = torch.randn(groups * side * side, 3 * 2 * config.patch_size**2, dtype=dtype, device=device)
+
+    def features() -> torch.Tensor:
+        return _merged(tower(pixels, grid_thw=grid))
+
+    def timed(fn, reps: int = 3) -> float:
+        fn()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    def train_step() -> None:
+        tower.zero_grad(set_to_none=True)
+        features().float().square().mean().backward()
+
+    rows, outs = [], {}
+    for impl in ("sdpa", TOWER_ATTENTION):
+        config._attn_implementation = impl
+        with torch.no_grad():
+            outs[impl] = features().float()
+            fwd = timed(features)
+        rows.append((impl, fwd, timed(train_step)))
+    diff = float((outs["sdpa"] - outs[TOWER_ATTENTION]).abs().max())
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\n{name}, Qwen2.5-VL-7B tower ({config.depth} blocks), one tile: {pixels.shape[0]:,} patches "
+          f"({groups} groups of {args.frame}x{args.frame}); features max |diff| {diff:.3g}")
+    print("| tower attention | forward s | forward + backward s |\n|---|---|---|")
+    for impl, fwd, both in rows:
+        print(f"| {impl} | {fwd:.3f} | {both:.3f} |")
+    print(f"speed-up: forward {rows[0][1] / rows[1][1]:.2f}x, forward + backward {rows[0][2] / rows[1][2]:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4, help="language model layers (the tower stays whole)")
@@ -307,9 +415,16 @@ def main() -> None:
     p.add_argument("--block-patches", type=int, help="patches for --block-saved-bytes (default: one tile, 16,384)")
     p.add_argument("--memory-profile", action="store_true", help="record the allocator over the last step (GPU) and "
                    "print what is live at its peak, by allocation site (needs the repository root on PYTHONPATH)")
+    p.add_argument("--tower-attention", action="store_true", help="time the tower alone on one tile under sdpa "
+                   "(a kernel call per window) and under the segment attention (a call per window size), and exit")
+    p.add_argument("--time-profile", action="store_true", help="torch.profiler over the last step: the operators "
+                   "with the most device and host time, printed after the table")
     args = p.parse_args()
     if args.block_saved_bytes:
         block_saved_bytes(args)
+        return
+    if args.tower_attention:
+        tower_attention(args)
         return
     if args.predict_sp:
         predict(args)
@@ -340,6 +455,8 @@ def main() -> None:
             from benchmarks.memory_peak import print_profile
 
             print_profile(f"{r['mode']} at {r['seq']:,} tokens", r["profile"])
+        for side, table in (r.get("time_profile") or {}).items():
+            print(f"\n{r['mode']} at {r['seq']:,} tokens, the last step by self {side} time:\n{table}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from tests.harness import WORKERS, worker_env
 
 sys.path.insert(0, str(WORKERS))
-from multimodal import IMG, LR, MODELS, QWEN2_VL, VID, batch  # noqa: E402
+from multimodal import IMG, LR, MODELS, PATCH, QWEN2_VL, VID, batch  # noqa: E402
 
 CASES = [
     # images and a video; a row whose second half is one image's tokens (that rank holds no label)
@@ -432,3 +432,91 @@ def test_tiled_mlp_keeps_to_the_language_models_layers() -> None:
     model = _model("qwen2_5_vl")
     assert enable_tiled_mlp(model) == 2  # the text config's two layers
     disable_tiled_mlp(model)
+
+
+def test_segment_attention_equals_one_call_per_segment() -> None:
+    """Segments of several lengths (batched per length, then put back in order) and of one length (a view): the
+    outputs and the gradients of q, k, v are those of one sdpa call per segment."""
+    import torch.nn.functional as F
+
+    from lightning_ulysses.kernels.segments import segment_attention
+
+    torch.manual_seed(0)
+    for bounds in ([0, 64, 128, 160, 224, 240, 304], [0, 16, 32, 48, 64]):
+        q, k, v = (torch.randn(1, 4, bounds[-1], 8, requires_grad=True) for _ in range(3))
+        cu = torch.tensor(bounds)
+        out, _ = segment_attention(None, q, k, v, scaling=0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        ref = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.3)
+                         for a, b in zip(bounds[:-1], bounds[1:])], dim=2).transpose(1, 2)
+        assert out.shape == (1, bounds[-1], 4, 8)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="cu_seq_lens_k must equal"):
+        segment_attention(None, q, q, q, cu_seq_lens_q=torch.tensor([0, 4, 8]), cu_seq_lens_k=torch.tensor([0, 2, 8]))
+    with pytest.raises(ValueError, match="not an attention mask"):
+        segment_attention(None, q, q, q, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_tower_attends_per_window_size_and_is_handed_back_on_sdpa(name) -> None:
+    """Under sdpa a Qwen-VL tower runs the segment attention while the strategy holds the model (the same features
+    and gradients as transformers' one call per window / frame group), and sdpa again afterwards; eager is left
+    alone."""
+    from lightning_ulysses.models.multimodal import TOWER_ATTENTION, apply_multimodal, remove_multimodal
+
+    torch.manual_seed(0)
+    model = _model(name).float()
+    tower = model.model.visual
+    spec = MODELS[name]["vision_config"]
+    merge = spec.get("spatial_merge_size", 2)
+    # frames of 8 x 8 and 8 x 10 patches: Qwen2.5-VL's 4 x 4-patch windows come in three sizes, frame groups in two
+    grid = torch.tensor([[2, 4 * merge, 4 * merge], [1, 4 * merge, 5 * merge]])
+    width = spec.get("in_channels", 3) * spec.get("temporal_patch_size", 2) * spec.get("patch_size", 14) ** 2
+    pixels = torch.randn(int(grid.prod(-1).sum()), width)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        from lightning_ulysses.models.multimodal import _merged
+
+        tower.zero_grad(set_to_none=True)
+        out = _merged(tower(pixels, grid_thw=grid))
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = run()
+    apply_multimodal(model)
+    assert tower.config._attn_implementation == TOWER_ATTENTION
+    batched, batched_grads = run()
+    remove_multimodal(model)
+    assert tower.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == batched_grads.keys()
+    for n in plain_grads:
+        torch.testing.assert_close(batched_grads[n], plain_grads[n], rtol=1e-5, atol=1e-6)
+    tower.config._attn_implementation = "eager"
+    apply_multimodal(model)
+    assert tower.config._attn_implementation == "eager"
+    remove_multimodal(model)
+
+
+def test_checkpointing_leaves_a_frozen_tower_without_a_graph() -> None:
+    """transformers' input-grads hook (added when checkpointing is enabled) would sit on the tower's patch embedding
+    too, making a frozen tower build its whole graph (every block's input kept, a recompute and backward for nothing):
+    only the language model's embedding keeps it, and the tower's blocks see inputs that need no gradient."""
+    from lightning_ulysses.memory.activation_checkpoint import enable_gradient_checkpointing
+    from lightning_ulysses.models.multimodal import freeze_vision
+
+    model = _model("qwen2_5_vl").float()
+    freeze_vision(model, tower=True, projector=False)
+    enable_gradient_checkpointing(model)
+    tower = model.model.visual
+    assert not tower.patch_embed._forward_hooks
+    assert model.get_input_embeddings()._forward_hooks  # the language model's embedding keeps it
+    seen = []
+    tower.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"])
+                                                                          .requires_grad), with_kwargs=True)
+    grid = torch.tensor([[2, 8, 8]])
+    tower(torch.randn(int(grid.prod()), PATCH), grid_thw=grid)
+    assert seen == [False]

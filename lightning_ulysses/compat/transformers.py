@@ -83,6 +83,21 @@ def attn_implementation(obj: Any, default: Optional[str] = None) -> Optional[str
     return getattr(config, "_attn_implementation", default)
 
 
+def register_varlen_attention(name: str, fn: Callable) -> bool:
+    """Register ``fn`` under ``name`` as an attention that takes packed segments (``cu_seq_lens_q``); False (nothing
+    registered) when this transformers would not hand it the segments.
+
+    Modules that pack segments (the Qwen-VL vision towers' windows and frames) pass ``cu_seqlens`` only to
+    implementations ``is_flash_attention_requested`` accepts, which in transformers 5 means a name containing
+    "flash"; any other implementation gets one call per segment."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if not is_flash_attention_requested(requested_attention_implementation=name):
+        return False
+    attention_functions().set(name, fn)
+    return True
+
+
 @contextmanager
 def kv_groups(module: torch.nn.Module, groups: int) -> Iterator[None]:
     """HF's eager and sdpa kernels repeat K/V by ``module.num_key_value_groups`` (query heads per kv head); after
@@ -191,6 +206,27 @@ def has_input_grads_hook(model: Any) -> bool:
     return bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
 
 
+def drop_input_grads_hooks(model: Any, modules: set[int]) -> int:
+    """Remove the ``enable_input_require_grads`` hooks that sit on the modules whose ``id()`` is in ``modules``;
+    how many were removed. transformers 5 hooks the input embeddings of *every* pretrained sub-model (a vision
+    tower's patch embedding too) and keeps the handles in ``_require_grads_hooks``."""
+    handles = list(getattr(model, "_require_grads_hooks", None) or [])
+    if not handles or not modules:
+        return 0
+    owned = {id(m._forward_hooks): m for m in model.modules() if id(m) in modules}
+    keep = [h for h in handles if id(h.hooks_dict_ref()) not in owned]
+    for handle in handles:
+        if all(handle is not k for k in keep):
+            handle.remove()
+    model._require_grads_hooks = keep
+    if hasattr(model, "_require_grads_hook"):  # transformers' single-hook alias (backward compatibility)
+        if keep:
+            model._require_grads_hook = keep[0]
+        else:
+            del model._require_grads_hook
+    return len(handles) - len(keep)
+
+
 @contextmanager
 def plain_model_init() -> Iterator[None]:
     """Build models as plain (unpartitioned) modules while a ZeRO-3 run is live: transformers' integration
@@ -211,6 +247,6 @@ def plain_model_init() -> Iterator[None]:
 
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "auto_model_mapping",
            "checkpointed_layers",
-           "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "multimodal_output",
-           "plain_model_init", "rope_index",
+           "drop_input_grads_hooks", "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "multimodal_output",
+           "plain_model_init", "register_varlen_attention", "rope_index",
            "set_checkpoint_function", "tied_weight_keys"]

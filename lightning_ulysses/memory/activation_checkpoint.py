@@ -12,7 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_ulysses.compat.transformers import checkpointed_layers, has_input_grads_hook, set_checkpoint_function
+from lightning_ulysses.compat.transformers import (
+    checkpointed_layers, drop_input_grads_hooks, has_input_grads_hook, set_checkpoint_function,
+)
 from lightning_ulysses.memory.module_swap import settings
 from lightning_ulysses.memory.trick import MemoryTrick
 
@@ -108,8 +110,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
-    if not users_hook and has_input_grads_hook(model):
-        settings(model)["added_input_grads_hook"] = True
+    if not users_hook:
+        # a vision tower's patch embedding was hooked too: its output would require grad, so a *frozen* tower would
+        # build its whole graph (the checkpointed inputs of every block: ~20 GiB for Qwen2.5-VL-7B at 64K tokens) and
+        # run a recompute and backward for gradients nothing uses. Non-reentrant checkpointing needs no input that
+        # requires grad: a trained tower's parameters get theirs without it
+        from lightning_ulysses.models.multimodal import tower_module_ids
+
+        drop_input_grads_hooks(model, tower_module_ids(model))
+        if has_input_grads_hook(model):
+            settings(model)["added_input_grads_hook"] = True
     settings(model).update(checkpoint_policy=policy, save_attention_layers=save_attention_layers)
     if policy == "save_attention":
         from torch.utils.checkpoint import checkpoint

@@ -35,6 +35,10 @@ _PLAIN_FORWARD = "_lightning_ulysses_plain_forward"
 # the tower encodes a rank's units in calls of at most this many patches (whole units): 16 frame groups of a 448 x 448
 # video, ~1.05 GiB of one Qwen2.5-VL-7B block's activations
 TOWER_TILE_PATCHES = 16384
+# the attention a segmented tower runs under sdpa (kernels/segments.py); transformers hands packed segments only to
+# implementations whose name contains "flash" (compat/transformers.register_varlen_attention)
+TOWER_ATTENTION = "lightning_ulysses_segments_flash"
+_TOWER_ATTENTION_WAS = "_lightning_ulysses_tower_attention_was"
 
 
 class VisionLanguageFamily:
@@ -44,6 +48,9 @@ class VisionLanguageFamily:
     name = ""
     model_types: tuple[str, ...] = ()
     rope_3d = False  # positions are (temporal, height, width) per token, from the model's get_rope_index
+    # the tower packs windows / frames into one sequence and passes their boundaries (cu_seqlens) to its attention:
+    # under sdpa it is switched to TOWER_ATTENTION (one kernel call per segment length, not per segment)
+    segmented_tower = False
     # (source, its pixels' batch key, its grid's key or None where the pixels alone say how many items there are)
     sources: tuple[tuple[str, str, Optional[str]], ...] = (("image", "pixel_values", None),)
 
@@ -85,6 +92,7 @@ class QwenVL(VisionLanguageFamily):
     name = "Qwen2-VL / Qwen2.5-VL"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     rope_3d = True
+    segmented_tower = True
     sources = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
 
     def tower(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -359,7 +367,24 @@ def apply_multimodal(model: torch.nn.Module) -> Optional[VisionLanguageFamily]:
         setattr(inner, _PLAIN_FORWARD, inner.forward)
         inner.forward = types.MethodType(sp_vision_language_forward, inner)
     inner._lightning_ulysses_family = family
+    _use_segment_attention(family, model)
     return family
+
+
+def _use_segment_attention(family: VisionLanguageFamily, model: torch.nn.Module) -> None:
+    """Run a segmented tower's sdpa attention as :func:`~lightning_ulysses.kernels.segments.segment_attention` (the
+    same attention in one kernel call per window size instead of one per window); other implementations (eager,
+    flash_attention_2) are left as they are."""
+    from lightning_ulysses.compat.transformers import attn_implementation, register_varlen_attention
+    from lightning_ulysses.kernels.segments import segment_attention
+
+    inner = family.inner(model)
+    config = getattr(family.tower(inner), "config", None)
+    if not family.segmented_tower or config is None or hasattr(inner, _TOWER_ATTENTION_WAS):
+        return
+    if attn_implementation(config) == "sdpa" and register_varlen_attention(TOWER_ATTENTION, segment_attention):
+        setattr(inner, _TOWER_ATTENTION_WAS, "sdpa")
+        config._attn_implementation = TOWER_ATTENTION
 
 
 def remove_multimodal(model: torch.nn.Module) -> None:
@@ -372,6 +397,9 @@ def remove_multimodal(model: torch.nn.Module) -> None:
         del inner.forward
         delattr(inner, _PLAIN_FORWARD)
         del inner._lightning_ulysses_family
+    if hasattr(inner, _TOWER_ATTENTION_WAS):
+        family.tower(inner).config._attn_implementation = getattr(inner, _TOWER_ATTENTION_WAS)
+        delattr(inner, _TOWER_ATTENTION_WAS)
 
 
 def sp_target(model: torch.nn.Module) -> torch.nn.Module:
