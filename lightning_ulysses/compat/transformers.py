@@ -98,6 +98,12 @@ def register_varlen_attention(name: str, fn: Callable) -> bool:
     return True
 
 
+def set_attn_implementation(config: Any, name: str) -> None:
+    """Make the modules built from ``config`` (a sub-config: a vision tower's) run the attention registered as
+    ``name``: they read ``config._attn_implementation`` on every call; transformers' setter checks nothing."""
+    config._attn_implementation = name
+
+
 @contextmanager
 def kv_groups(module: torch.nn.Module, groups: int) -> Iterator[None]:
     """HF's eager and sdpa kernels repeat K/V by ``module.num_key_value_groups`` (query heads per kv head); after
@@ -246,7 +252,6 @@ def plain_model_init() -> Iterator[None]:
 
 
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "auto_model_mapping",
-           "checkpointed_layers",
-           "drop_input_grads_hooks", "fixed_cross_entropy", "has_input_grads_hook", "kv_groups", "mask_functions", "multimodal_output",
-           "plain_model_init", "register_varlen_attention", "rope_index",
-           "set_checkpoint_function", "tied_weight_keys"]
+           "checkpointed_layers", "drop_input_grads_hooks", "fixed_cross_entropy", "has_input_grads_hook",
+           "kv_groups", "mask_functions", "multimodal_output", "plain_model_init", "register_varlen_attention",
+           "rope_index", "set_attn_implementation", "set_checkpoint_function", "tied_weight_keys"]

@@ -375,7 +375,9 @@ def _use_segment_attention(family: VisionLanguageFamily, model: torch.nn.Module)
     """Run a segmented tower's sdpa attention as :func:`~lightning_ulysses.kernels.segments.segment_attention` (the
     same attention in one kernel call per window size instead of one per window); other implementations (eager,
     flash_attention_2) are left as they are."""
-    from lightning_ulysses.compat.transformers import attn_implementation, register_varlen_attention
+    from lightning_ulysses.compat.transformers import (
+        attn_implementation, register_varlen_attention, set_attn_implementation,
+    )
     from lightning_ulysses.kernels.segments import segment_attention
 
     inner = family.inner(model)
@@ -384,7 +386,7 @@ def _use_segment_attention(family: VisionLanguageFamily, model: torch.nn.Module)
         return
     if attn_implementation(config) == "sdpa" and register_varlen_attention(TOWER_ATTENTION, segment_attention):
         setattr(inner, _TOWER_ATTENTION_WAS, "sdpa")
-        config._attn_implementation = TOWER_ATTENTION
+        set_attn_implementation(config, TOWER_ATTENTION)
 
 
 def remove_multimodal(model: torch.nn.Module) -> None:
@@ -398,7 +400,9 @@ def remove_multimodal(model: torch.nn.Module) -> None:
         delattr(inner, _PLAIN_FORWARD)
         del inner._lightning_ulysses_family
     if hasattr(inner, _TOWER_ATTENTION_WAS):
-        family.tower(inner).config._attn_implementation = getattr(inner, _TOWER_ATTENTION_WAS)
+        from lightning_ulysses.compat.transformers import set_attn_implementation
+
+        set_attn_implementation(family.tower(inner).config, getattr(inner, _TOWER_ATTENTION_WAS))
         delattr(inner, _TOWER_ATTENTION_WAS)
 
 
