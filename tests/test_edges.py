@@ -251,3 +251,45 @@ def test_memory_auto_trains_like_the_plan_it_chose_set_by_hand(job) -> None:
         assert auto["tricks"] == by_hand["tricks"] and any("TiledMLP" in t for t in auto["tricks"])
         assert by_hand["name"] is None and len(auto["losses"]) == 3
         assert auto["losses"] == by_hand["losses"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_fits_on_one_module_continue_where_the_first_stopped(stage: int) -> None:
+    """Staged training (e.g. a short-context phase, then a long one with checkpointing) on the same module: the second
+    fit's engine starts from the first's weights, and nothing of the first engine (its gradient hooks) acts in the
+    second, so the losses are those of one fit over both loaders' rows (plain SGD, the loaders' own order)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_ulysses import CausalLMModule, UlyssesDeepSpeedStrategy
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 64, (1, 32), generator=g)} for _ in range(4)]
+
+    class Keep(L.Callback):
+        losses: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    def fit(module, data: list, checkpointing: bool) -> list:
+        keep = Keep()
+        keep.losses = []
+        trainer = L.Trainer(strategy=UlyssesDeepSpeedStrategy(sequence_parallel_size=1, stage=stage,
+                                                              gradient_checkpointing=checkpointing),
+                            accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, callbacks=[keep],
+                            use_distributed_sampler=False)
+        trainer.fit(module, DataLoader([{**r, "labels": r["input_ids"]} for r in data], batch_size=None))
+        return keep.losses
+
+    def module() -> CausalLMModule:
+        torch.manual_seed(0)
+        return CausalLMModule(dict(model_type="llama", **LLAMA), attn_implementation="sdpa",
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+
+    one = fit(module(), rows, False)
+    staged = module()
+    two = fit(staged, rows[:2], False) + fit(staged, rows[2:], True)
+    assert len(one) == 4
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=0, atol=1e-6)
