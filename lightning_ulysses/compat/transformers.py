@@ -219,18 +219,20 @@ def drop_input_grads_hooks(model: Any, modules: set[int]) -> int:
     handles = list(getattr(model, "_require_grads_hooks", None) or [])
     if not handles or not modules:
         return 0
-    owned = {id(m._forward_hooks): m for m in model.modules() if id(m) in modules}
-    keep = [h for h in handles if id(h.hooks_dict_ref()) not in owned]
+    # a handle knows the hook dict it sits in, not its module: match the modules' dicts
+    theirs = {id(m._forward_hooks) for m in model.modules() if id(m) in modules}
+    keep, drop = [], []
     for handle in handles:
-        if all(handle is not k for k in keep):
-            handle.remove()
+        (drop if id(handle.hooks_dict_ref()) in theirs else keep).append(handle)
+    for handle in drop:
+        handle.remove()
     model._require_grads_hooks = keep
     if hasattr(model, "_require_grads_hook"):  # transformers' single-hook alias (backward compatibility)
         if keep:
             model._require_grads_hook = keep[0]
         else:
             del model._require_grads_hook
-    return len(handles) - len(keep)
+    return len(drop)
 
 
 @contextmanager
