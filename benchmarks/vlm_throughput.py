@@ -20,6 +20,7 @@ length. One GPU is sp=1: the tower encodes every frame; at sp=N each rank encode
     python benchmarks/vlm_throughput.py --block-saved-bytes        # one tower block's saved bytes per patch (CPU)
     python benchmarks/vlm_throughput.py --tower-attention          # the tower alone: per-window vs batched attention
     python benchmarks/vlm_throughput.py --seq-lens 65536 --modes frozen --memory-profile   # what is live at the peak
+    python benchmarks/vlm_throughput.py --seq-lens 65536 --modes frozen --tower-tile 16384   # smaller tower calls
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def video_row(spec: dict, seq: int, frame: int, prompt: int = 256) -> dict:
 class TowerTimer:
     """Wall time of the tower's forward inside the step (synchronised before and after: ~no overlap to lose, the
     tower's output is needed before the decoder runs). The tower is called once per tile of units
-    (``TOWER_TILE_PATCHES`` patches: 8 calls per step at 32K tokens of 448 x 448 video), so a step's time is the sum
-    of its calls (:meth:`step_done` closes a step)."""
+    (``tower_tile_patches``: 8 calls per step at 32K tokens of 448 x 448 video when it trains, 2 when frozen), so a
+    step's time is the sum of its calls (:meth:`step_done` closes a step)."""
 
     def __init__(self, tower: torch.nn.Module, cuda: bool) -> None:
         self.cuda, self.times, self._t0, self.steps = cuda, [], 0.0, []
@@ -152,6 +153,15 @@ def fit(mode: str, seq: int, args) -> dict:
     from lightning_ulysses.memory.candidates import CANDIDATES
     from lightning_ulysses.models.multimodal import vlm_family
 
+    import lightning_ulysses.models.multimodal as mm
+
+    if args.tower_tile:  # the tile of this run's tower, trained or frozen
+        mm.TOWER_TILE_PATCHES = mm.FROZEN_TOWER_TILE_PATCHES = args.tower_tile
+    tile = mm.tower_tile_patches(mode == "trained")
+    if args.no_tower_leaves:  # ZeRO-3 hooks every sub-module of a frozen tower's blocks, as before leaf blocks
+        import lightning_ulysses.lightning.strategy as strategy_module
+
+        strategy_module.zero3_leaf_tower_blocks = lambda model: 0
     spec = TINY if args.tiny else QWEN2_5_VL_7B
     spec = {**spec, "text_config": {**spec["text_config"], "num_hidden_layers": args.layers}}
     cuda = torch.cuda.is_available()
@@ -225,7 +235,8 @@ def fit(mode: str, seq: int, args) -> dict:
     tower_fwd = sorted(tower_steps)[len(tower_steps) // 2]
     timer.remove()
     estimate = getattr(strategy, "memory_estimate", None)
-    result = {"mode": mode, "seq": seq, "layers": args.layers, **facts, "step_s": step_s, "tokens_per_s": seq / step_s,
+    result = {"mode": mode, "seq": seq, "layers": args.layers, **facts, "tower_tile": tile,
+              "tower_leaves": mode == "frozen" and not args.no_tower_leaves, "step_s": step_s, "tokens_per_s": seq / step_s,
               **(phases[-1] if phases else {}), "tower_forward_s": tower_fwd,
               "vision_tflops": sorted(m["throughput/vision_tflops_per_gpu"] for m in steady)[len(steady) // 2],
               "model_tflops": sorted(m["throughput/model_tflops_per_gpu"] for m in steady)[len(steady) // 2],
@@ -251,19 +262,20 @@ def report(runs: list[dict], device: str, args) -> None:
     frozen = {r["seq"]: r for r in runs if r["mode"] == "frozen" and "step_s" in r}
     print(f"\n{device}, Qwen2.5-VL-7B shape, {args.layers} LM layers, full tower, ZeRO-3 bf16, one "
           f"{args.frame}x{args.frame} video per row")
-    print("| tower | tokens | video tokens (frames) | plan | tokens/s | step s | tower fwd s | tower share | "
+    print("| tower | tokens | video tokens (frames) | plan | tower tile | tokens/s | step s | tower fwd s | tower share | "
           "vision TFLOPS | LM TFLOPS | peak GiB | predicted GiB | allocator retries |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         if "step_s" not in r:
-            print(f"| {r['mode']} | {r['seq']:,} | | {r.get('plan', '')} | {r['error']} | | | | | | | | |")
+            print(f"| {r['mode']} | {r['seq']:,} | | {r.get('plan', '')} | | {r['error']} | | | | | | | | |")
             continue
         share = r["tower_forward_s"]
         if r["mode"] == "trained" and r["seq"] in frozen:  # + its backward (and recompute): trained - frozen step
             share += r["step_s"] - frozen[r["seq"]]["step_s"]
         pred = f"{r['predicted_gib']:.2f}" if r["predicted_gib"] is not None else ""
+        leaves = ", leaf blocks" if r.get("tower_leaves") else ""
         print(f"| {r['mode']} | {r['seq']:,} | {r['video_tokens']:,} ({2 * r['groups']}) | {r['plan']} "
-              f"| {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tower_forward_s']:.2f} | {share / r['step_s']:.0%} "
+              f"| {r.get('tower_tile', 16384):,}{leaves} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tower_forward_s']:.2f} | {share / r['step_s']:.0%} "
               f"| {r['vision_tflops']:.0f} | {r['model_tflops']:.0f} | {r['peak_gib']:.2f} | {pred} "
               f"| {r.get('alloc_retries', '')} |")
 
@@ -417,6 +429,10 @@ def main() -> None:
                    "print what is live at its peak, by allocation site (needs the repository root on PYTHONPATH)")
     p.add_argument("--tower-attention", action="store_true", help="time the tower alone on one tile under sdpa "
                    "(a kernel call per window) and under the segment attention (a call per window size), and exit")
+    p.add_argument("--tower-tile", type=int, help="the most patches per tower call, trained or frozen (default: the "
+                   "package's tower_tile_patches: 16,384 trained, 65,536 frozen)")
+    p.add_argument("--no-tower-leaves", action="store_true", help="hook every sub-module of a frozen tower's blocks "
+                   "under ZeRO-3 (default: each block is one leaf module, zero3_leaf_tower_blocks)")
     p.add_argument("--time-profile", action="store_true", help="torch.profiler over the last step: the operators "
                    "with the most device and host time, printed after the table")
     args = p.parse_args()

@@ -22,7 +22,9 @@ CASES = [
     # the tower in tiles of 16 patches (one frame group each; the ranks call it a different number of times)
     {"name": "qwen2_vl_video_sp2_zero3_checkpointing", "sp": 2, "stage": 3, "kinds": ["mixed", "mixed"],
      "checkpointing": True, "tile_patches": 16},
-    {"name": "qwen2_vl_frozen_tower_sp2_zero2", "sp": 2, "stage": 2, "kinds": ["mixed", "images"], "freeze_tower": True},
+    # ZeRO-3 fetches each frozen tower block whole (a leaf module)
+    {"name": "qwen2_vl_frozen_tower_sp2_zero3", "sp": 2, "stage": 3, "kinds": ["mixed", "images"], "freeze_tower": True,
+     "tile_patches": 16},
     # two samples per row, positions restarting: 3-D positions per sample
     {"name": "qwen2_vl_packed_sp2_zero1", "sp": 2, "stage": 1, "kinds": ["mixed", "image_tail"], "packed": True},
     # Qwen2.5-VL: windowed vision attention, video timing in the 3-D positions
@@ -160,6 +162,9 @@ def _check_against_single_process(result: dict, case: dict) -> None:
     for name, p in model.named_parameters():
         torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
     assert result["unpatched"]  # the model handed back after fit runs transformers' own forward
+    # under ZeRO-3 a frozen tower's blocks are ZeRO-3 leaf modules (one parameter fetch each); trained blocks are not
+    blocks = _model(case.get("model", "qwen2_vl")).config.vision_config.depth if case.get("model") != "llava" else 0
+    assert result["leaves"] == (blocks if case.get("freeze_tower") and case["stage"] == 3 else 0)
     # SequenceThroughput counts the tower's patches apart from the language model's tokens (the last step's batches)
     last = [b[-1] for b in result["dp_batches"]]
     patches = sum(len(b.get("pixel_values", [])) + len(b.get("pixel_values_videos", [])) for b in last)
@@ -189,6 +194,12 @@ def test_units_are_dealt_to_ranks_in_order_and_balanced() -> None:
     # LLaVA: one pixel row per image, 577 patches each: tiles count patches, not rows
     images = [Unit("image", i, 1, (1, 1, 1), 576, 577) for i in range(5)]
     assert [len(t) for t in tiles_of(images, 1200)] == [2, 2, 1]
+    # a frozen tower keeps no activations: larger tiles, fewer calls (each costs ZeRO-3's parameter handling once)
+    from lightning_ulysses.models.multimodal import (
+        FROZEN_TOWER_TILE_PATCHES, TOWER_TILE_PATCHES, tower_tile_patches,
+    )
+
+    assert tower_tile_patches(True) == TOWER_TILE_PATCHES < tower_tile_patches(False) == FROZEN_TOWER_TILE_PATCHES
 
 
 def test_bad_vision_inputs_are_clear_errors() -> None:

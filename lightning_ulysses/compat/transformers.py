@@ -104,6 +104,12 @@ def set_attn_implementation(config: Any, name: str) -> None:
     config._attn_implementation = name
 
 
+def block_class_names(model: torch.nn.Module) -> frozenset[str]:
+    """The class names of ``model``'s repeated blocks: its ``_no_split_modules`` (what transformers' device map keeps
+    whole on one device: decoder layers, a vision tower's blocks); empty when it names none."""
+    return frozenset(getattr(model, "_no_split_modules", None) or ())
+
+
 @contextmanager
 def kv_groups(module: torch.nn.Module, groups: int) -> Iterator[None]:
     """HF's eager and sdpa kernels repeat K/V by ``module.num_key_value_groups`` (query heads per kv head); after
@@ -254,6 +260,7 @@ def plain_model_init() -> Iterator[None]:
 
 
 __all__ = ["CHECKED", "TransformersZero3", "attention_functions", "attn_implementation", "auto_model_mapping",
+           "block_class_names",
            "checkpointed_layers", "drop_input_grads_hooks", "fixed_cross_entropy", "has_input_grads_hook",
            "kv_groups", "mask_functions", "multimodal_output", "plain_model_init", "register_varlen_attention",
            "rope_index", "set_attn_implementation", "set_checkpoint_function", "tied_weight_keys"]

@@ -61,7 +61,9 @@ from lightning_ulysses.lightning.auto_plan import known_sequence_length, plan_fo
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
 from lightning_ulysses.models.inspect import find_hf_model, find_hf_models
-from lightning_ulysses.models.multimodal import apply_multimodal, prepare_multimodal, remove_multimodal, sp_target, vlm_family
+from lightning_ulysses.models.multimodal import (
+    apply_multimodal, prepare_multimodal, remove_multimodal, sp_target, vlm_family, zero3_leaf_tower_blocks,
+)
 from lightning_ulysses.parallel.accumulation import WindowTokenCounter
 from lightning_ulysses.parallel.layout import (
     COMM_DTYPES, SUPPORTED_ATTN_IMPLEMENTATIONS, ParallelLayout, ProcessGroups, SPSize, check_sp_options,
@@ -320,6 +322,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             # a vision-language model: the sequence is sharded at its language model's input, where the vision
             # features are merged in; the tower attends within whole images and is not wrapped
             apply_multimodal(model)
+            if self.zero_stage_3:  # a frozen tower's blocks are fetched whole: one ZeRO-3 hook each, not ~11
+                zero3_leaf_tower_blocks(model)
             target = sp_target(model)
             if layout.sp_enabled or attn_implementation(target) in SUPPORTED_ATTN_IMPLEMENTATIONS:
                 comm = COMM_DTYPES.get(self.seq_parallel_communication_data_type or "")

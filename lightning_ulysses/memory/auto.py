@@ -342,10 +342,12 @@ def vision_bytes(w: Workload, checkpointing: bool, c: dict[str, float] = COEFFIC
         return 0.0, 0.0
     tokens = w.rows * min(w.vision_tokens or w.seq_len, w.seq_len)  # the batch's vision tokens
     local = math.ceil(tokens / w.sp) * v.patches_per_token  # patches this rank encodes
-    from lightning_ulysses.models.multimodal import TOWER_TILE_PATCHES
+    from lightning_ulysses.models.multimodal import tower_tile_patches
 
-    # one block's activations for one tile (the tower encodes a rank's units TOWER_TILE_PATCHES at a time)
-    block = (c["vision_block_e"] * v.hidden + c["vision_block_i"] * v.intermediate) * min(local, TOWER_TILE_PATCHES)
+    # one block's activations for one tile (the tower encodes a rank's units a tile at a time; a frozen tower's
+    # tiles are larger)
+    tile = tower_tile_patches(w.vision_trains)
+    block = (c["vision_block_e"] * v.hidden + c["vision_block_i"] * v.intermediate) * min(local, tile)
     grads = w.vision_trains or w.projector_trains  # the features carry a gradient back into the tower
     alive = tokens * v.patches_per_token * v.patch_bytes + (4.0 if grads else 2.0) * w.hidden * tokens
     if grads:  # the projector (never checkpointed): Qwen-VL's merger, or LLaVA's two [T, H] tensors and its input

@@ -35,6 +35,9 @@ _PLAIN_FORWARD = "_lightning_ulysses_plain_forward"
 # the tower encodes a rank's units in calls of at most this many patches (whole units): 16 frame groups of a 448 x 448
 # video, ~1.05 GiB of one Qwen2.5-VL-7B block's activations
 TOWER_TILE_PATCHES = 16384
+# a frozen tower's forward keeps no activations (one block's working set at a time), so it takes larger tiles: fewer
+# calls, each of which costs ZeRO-3's per-module parameter handling (~32 blocks x 10 modules of hooks) once
+FROZEN_TOWER_TILE_PATCHES = 65536
 # the attention a segmented tower runs under sdpa (kernels/segments.py); transformers hands packed segments only to
 # implementations whose name contains "flash" (compat/transformers.register_varlen_attention)
 TOWER_ATTENTION = "lightning_ulysses_segments_flash"
@@ -337,9 +340,9 @@ def _sharded_features(family: VisionLanguageFamily, inner: torch.nn.Module, inpu
     lo, hi = shares[rank]
     trains = any(p.requires_grad for p in family.tower(inner).parameters())
     with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
-        # whole units per call, at most TOWER_TILE_PATCHES patches: every block's working set (and its recompute
+        # whole units per call, at most tower_tile_patches(trains): every block's working set (and its recompute
         # under checkpointing) is one tile's; units are encoded independently, so the features are the same
-        tiles = tiles_of(units[lo:hi], TOWER_TILE_PATCHES) or [[]]
+        tiles = tiles_of(units[lo:hi], tower_tile_patches(trains)) or [[]]
         dummies = _tiles_short_of_the_most(len(tiles), family.tower(inner), device)
         local = torch.cat([family.encode(inner, tile, inputs, device) for tile in tiles]
                           + [family.encode(inner, [], inputs, device)[:0] for _ in range(dummies)])
@@ -347,6 +350,12 @@ def _sharded_features(family: VisionLanguageFamily, inner: torch.nn.Module, inpu
         local = local[:0]  # the dummy's features are not used; its graph keeps ZeRO-3's backward hooks in step
     counts = [sum(u.tokens for u in units[a:b]) for a, b in shares]
     return gather_features(local, counts, rank, group)
+
+
+def tower_tile_patches(trains: bool) -> int:
+    """The most patches one tower call encodes: :data:`TOWER_TILE_PATCHES` when the tower trains (its blocks keep
+    a tile's activations, or recompute them), :data:`FROZEN_TOWER_TILE_PATCHES` when it runs without autograd."""
+    return TOWER_TILE_PATCHES if trains else FROZEN_TOWER_TILE_PATCHES
 
 
 def _tiles_short_of_the_most(tiles: int, tower: torch.nn.Module, device: torch.device) -> int:
@@ -406,6 +415,35 @@ def remove_multimodal(model: torch.nn.Module) -> None:
         delattr(inner, _TOWER_ATTENTION_WAS)
 
 
+def zero3_leaf_tower_blocks(model: torch.nn.Module) -> int:
+    """Flag each frozen block of a vision-language ``model``'s tower (the classes its ``_no_split_modules`` names,
+    every parameter without ``requires_grad``) as a ZeRO-3 leaf module, and unflag the blocks that train; the number
+    flagged (0 for a text model). Call before the DeepSpeed engine is built: its hooks follow the flags.
+
+    ZeRO-3 hooks every sub-module (~11 per Qwen2.5-VL block, ~360 per tower call) and each hook's fetch and release
+    runs Python and stream waits between the kernels, so a frozen tower's forward runs host-bound (on one H100 its
+    GPU was busy ~1.5 s of a 4.6 s step at 32K tokens). A leaf is hooked once: its parameters are gathered in one
+    fetch when it starts and released when it ends. Only frozen blocks: a leaf's gradients take DeepSpeed's delayed
+    reduction path, kept out of the trained ones. The flags stay with the ZeRO-3 hooks after fit (the model still
+    runs forward under them); the next ZeRO-3 fit sets them again from what is frozen then."""
+    family = vlm_family(model)
+    if family is None:
+        return 0
+    from deepspeed.utils import set_z3_leaf_module
+
+    from lightning_ulysses.compat.transformers import block_class_names
+
+    tower = family.tower(model)
+    blocks = block_class_names(tower)
+    flagged = 0
+    for module in tower.modules():
+        if type(module).__name__ in blocks and any(True for _ in module.parameters()):
+            frozen = not any(p.requires_grad for p in module.parameters())
+            set_z3_leaf_module(module, frozen)
+            flagged += frozen
+    return flagged
+
+
 def sp_target(model: torch.nn.Module) -> torch.nn.Module:
     """The module sequence-parallel attention applies to: the language model of a VLM (its tower attends within
     images, on whole units), the model itself otherwise."""
@@ -450,4 +488,5 @@ def freeze_vision(model: torch.nn.Module, tower: bool, projector: bool) -> None:
 
 __all__ = ["PREPARED", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal", "tower_module_ids",
            "checked_vision_inputs", "freeze_vision", "prepare_multimodal", "remove_multimodal", "sp_target", "sp_vision_language_forward",
+           "zero3_leaf_tower_blocks",
            "vision_inputs", "vlm_family"]

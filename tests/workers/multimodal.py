@@ -128,6 +128,9 @@ class Record(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.initial = gather_weights(pl_module.model)
 
+    def on_train_start(self, trainer, pl_module) -> None:  # the engine is built: ZeRO-3 hooks the leaves whole
+        self.leaves = sum(bool(getattr(m, "_z3_leaf", False)) for m in pl_module.model.modules())
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
 
@@ -146,6 +149,7 @@ def run(case: dict, out: Path) -> None:
 
     # small tiles: a rank's units go through the tower in several calls (ranks differ in how many: dummy calls)
     mm.TOWER_TILE_PATCHES = case.get("tile_patches", 16384)
+    mm.FROZEN_TOWER_TILE_PATCHES = case.get("tile_patches", 65536)
     rec = Record()
     module = Recorded(MODELS[case.get("model", "qwen2_vl")], attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                       freeze_vision_tower=case.get("freeze_tower", False))
@@ -165,7 +169,7 @@ def run(case: dict, out: Path) -> None:
     if trainer.global_rank == 0:
         last = throughput.history[-1]
         inner = module.model.model
-        result = {"losses": rec.losses, "layout": trainer.strategy.layout.describe(),
+        result = {"losses": rec.losses, "layout": trainer.strategy.layout.describe(), "leaves": rec.leaves,
                   # what the user holds after fit: the model's own forward, no sequence-parallel attention left
                   "unpatched": "forward" not in vars(inner) and not any(
                       k.startswith("_lightning_ulysses") for m in module.model.modules() for k in vars(m)),
