@@ -74,10 +74,18 @@ COEFFICIENTS: dict[str, float] = {
     # without the tiled loss: every token's logits in bf16, their fp32 copy and its gradient (10 bytes x vocab;
     # measured 1.26 GiB per 1K tokens at vocab 128256). The tiled loss's one tile is freed before the layers' backward.
     "logits_v": 10.0,
-    # ZeRO-3 bytes per decoder-layer parameter beyond weights + gradients + optimizer state (buffers that grow with
-    # depth): fitted to 4 vs 8 layers of 8B width at 131,072 tokens (39.84 vs 57.72 GiB, one H100, 2026-12-05); the
-    # 4-layer prediction is then 6% above its measurement, the 8-layer one exact
+    # ZeRO-3 bytes per *trained* decoder-layer parameter beyond weights + gradients + optimizer state (buffers that
+    # grow with depth): fitted to 4 vs 8 fully trained layers of 8B width at 131,072 tokens (39.84 vs 57.72 GiB, one
+    # H100, 2026-12-05); the 4-layer prediction is then 6% above its measurement, the 8-layer one exact. A LoRA
+    # model's frozen layers have none: its 32-layer peaks (below) sit ~0.8 GiB above its bf16 weights at 0 tokens
     "zero3_layer_param_bytes": 2.92,
+    # with LoRA, what each checkpointed layer keeps on the GPU from forward to backward per local token besides its
+    # input, in units of H bytes: 32 layers of 8B + LoRA r=16, full+offload+tiled, one H100 (2026-12-06): the peak
+    # grows 54.1 H a token (42.82 GiB at 131,072, 69.88 at 262,144), 18.1 H of it the working set above, so 1.125 H a
+    # layer. Fully trained layers show no such term (4 vs 8 layers at 262,144: the difference is their static
+    # state), nor does either on CPU (saved-tensor accounting keeps exactly the layer inputs); its cause is not
+    # identified, and it is measured at one depth only
+    "lora_checkpointed_layer_h": 1.125,
     # step time multipliers measured at 128K (tiled MLP: 1.08x; offload: 1.01x; tiled attention backward: 1.0x)
     "tiled_mlp_time": 1.08,
     "offload_time": 1.01,
@@ -251,7 +259,9 @@ def static_bytes(w: Workload) -> dict[str, float]:
     gpu["lm_head_gradient"] = 2.0 * w.vocab * w.hidden if w.trainable_params is None else 0.0
     if w.zero_stage == 3:
         gpu["gathered_layer"] = 2.0 * 2.0 * w.layer_params  # one layer's weights + its gradient before reduction
-        gpu["layer_buffers"] = COEFFICIENTS["zero3_layer_param_bytes"] * w.layer_params * w.layers / world
+        trained_share = w.trainable / w.params if w.params else 1.0  # LoRA: the adapters' share
+        gpu["layer_buffers"] = (COEFFICIENTS["zero3_layer_param_bytes"] * w.layer_params * w.layers * trained_share
+                                / world)
     return {**{f"gpu_{k}": v for k, v in gpu.items()}, **{f"host_{k}": v for k, v in host.items()}}
 
 
@@ -274,6 +284,8 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     if ckpt:
         on_gpu_inputs = layers - (layers - keep if offload else 0)
         parts["layer_inputs"] = 2.0 * h * s * on_gpu_inputs
+        if w.trainable_params is not None:  # LoRA
+            parts["layer_retained"] = c["lora_checkpointed_layer_h"] * h * s * layers
         parts["saved_attention"] = (2.0 * w.heads * w.head_dim + 4.0 * w.heads) * s * kept_attention
     else:
         per_layer = c["layer_activations_h"] * h + c["layer_activations_i"] * inter
