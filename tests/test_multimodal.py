@@ -531,3 +531,21 @@ def test_checkpointing_leaves_a_frozen_tower_without_a_graph() -> None:
     grid = torch.tensor([[2, 8, 8]])
     tower(torch.randn(int(grid.prod()), PATCH), grid_thw=grid)
     assert seen == [False]
+
+
+def test_frozen_tower_blocks_are_zero3_leaves_and_trained_ones_are_not() -> None:
+    """The flags follow what is frozen at each call (a later fit that trains the tower unflags its blocks), and a text
+    model or a LLaVA tower's trained blocks get none."""
+    from lightning_ulysses.models.multimodal import freeze_vision, zero3_leaf_tower_blocks
+
+    model = _model("qwen2_5_vl")
+    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen2_5_VLVisionBlock"]
+    assert zero3_leaf_tower_blocks(model) == 0 and not any(getattr(b, "_z3_leaf", False) for b in blocks)
+    freeze_vision(model, tower=True, projector=False)
+    assert zero3_leaf_tower_blocks(model) == len(blocks) == model.config.vision_config.depth
+    assert all(b._z3_leaf for b in blocks)
+    assert not getattr(model.model.visual.merger, "_z3_leaf", False)  # the projector trains: not a leaf
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert zero3_leaf_tower_blocks(model) == 0 and not any(b._z3_leaf for b in blocks)
+    assert zero3_leaf_tower_blocks(_model("llava")) == 0

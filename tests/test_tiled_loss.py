@@ -83,6 +83,31 @@ def test_model_with_tiled_loss_matches_hf_loss_and_gradients() -> None:
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+def test_a_peft_model_gets_its_base_models_tricks() -> None:
+    """``apply_tricks`` on a ``PeftModel`` (as a project holding one would call it): the tiled loss goes on the base
+    transformers model, the adapters train, and the loss is the plain one; ``remove_tricks`` takes it off again."""
+    import peft
+
+    from lightning_ulysses.memory import TiledLoss
+    from lightning_ulysses.memory.trick import apply_tricks, remove_tricks
+
+    def lora(model):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    torch.manual_seed(0)
+    model = lora(tiny_llama())
+    ref = lora(tiny_llama())
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 11))
+    apply_tricks(model, [TiledLoss(tile_tokens=4)])
+    assert tiled_loss_enabled(model.get_base_model())
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref(input_ids=ids, labels=ids).loss)
+    remove_tricks(model, [TiledLoss(tile_tokens=4)])
+    assert not tiled_loss_enabled(model.get_base_model())
+
+
 def test_models_that_transform_logits_are_refused() -> None:
     model = tiny_llama()
     model.config.final_logit_softcapping = 30.0

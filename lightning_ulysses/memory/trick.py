@@ -128,11 +128,19 @@ def ordered(tricks: Iterable[MemoryTrick]) -> list[MemoryTrick]:
 
 
 def apply_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> list[MemoryTrick]:
-    """Apply ``tricks`` to the HF ``model`` in plan order; returns them in that order."""
+    """Apply ``tricks`` to the HF ``model`` in plan order; returns them in that order. A PEFT model is given its
+    base model's tricks (the adapters live inside it; the wrapper's forward is not a transformers forward)."""
+    model = _hf_model(model)
     plan = ordered(tricks)
     for trick in plan:
         trick.apply(model)
     return plan
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    from lightning_ulysses.models.adapters import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def remove_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> None:
@@ -140,6 +148,7 @@ def remove_tricks(model: torch.nn.Module, tricks: Sequence[MemoryTrick]) -> None
     is left on the model, the per-module settings go too."""
     from lightning_ulysses.memory.module_swap import forget_settings, swapped_kind
 
+    model = _hf_model(model)
     for trick in reversed(ordered(tricks)):
         trick.remove(model)
     # no class swapped and no layer checkpointing (HF's per-module flag): nothing reads the settings any more
