@@ -29,6 +29,8 @@ CASES = [
     {"name": "qwen2_vl_packed_sp2_zero1", "sp": 2, "stage": 1, "kinds": ["mixed", "image_tail"], "packed": True},
     # Qwen2.5-VL: windowed vision attention, video timing in the 3-D positions
     {"name": "qwen2_5_vl_sp2_zero2", "sp": 2, "stage": 2, "model": "qwen2_5_vl", "kinds": ["mixed", "images"]},
+    # Qwen3-VL: DeepStack features of two tower blocks added in the first two decoder layers; timestamped video
+    {"name": "qwen3_vl_sp2_zero3", "sp": 2, "stage": 3, "model": "qwen3_vl", "kinds": ["mixed_ts", "images"]},
     # the second family: LLaVA (a CLIP tower + projector, 1-D positions)
     {"name": "llava_sp2_zero2", "sp": 2, "stage": 2, "model": "llava", "kinds": ["llava", "llava_one", "llava"]},
 ]
@@ -90,7 +92,7 @@ def _loss_sum(model, b: dict) -> tuple[torch.Tensor, int]:
     """transformers' own forward on one sample (its own 3-D positions), summed CE and label count."""
     ids = b["input_ids"]
     extra = {k: b[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in b}
-    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model.config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         extra["mm_token_type_ids"] = (ids == IMG).int() + 2 * (ids == VID).int()
     out = model(input_ids=ids, **extra)
     logits = out.logits[0, :-1].float()
@@ -227,6 +229,11 @@ def test_bad_vision_inputs_are_clear_errors() -> None:
     text = batch("llava", 0)
     with pytest.raises(ValueError, match="12 image tokens in the text for 8 image features"):
         prepare_multimodal(prepare_batch(dict(text, pixel_values=text["pixel_values"][:2]), 1), llava)
+    # Qwen3-VL: a video's frame groups each after its timestamp; one unbroken run of a video's placeholders is refused
+    qwen3 = _model("qwen3_vl")
+    prepare_multimodal(prepare_batch(batch("mixed_ts", 0), 1), qwen3)
+    with pytest.raises(ValueError, match="a run of 12 video placeholders where the video grids give 4.*timestamp"):
+        prepare_multimodal(prepare_batch(good, 1), qwen3)
 
 
 def test_a_vision_batch_without_the_strategy_is_refused() -> None:
@@ -301,8 +308,8 @@ def test_multimodal_videos_need_the_video_processor() -> None:
         1 for t in row["input_ids"] if t == dm.renderer.tokenizer.convert_tokens_to_ids("<|video_pad|>"))
 
 
-@pytest.mark.parametrize("way", ["directory", "instance"])
-def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) -> None:
+@pytest.mark.parametrize("way, name", [("directory", "qwen2_vl"), ("instance", "qwen2_vl"), ("instance", "qwen3_vl")])
+def test_one_process_fit_from_a_saved_directory_or_an_instance(way, name, tmp_path) -> None:
     """The ways in a user has besides a config dict: a saved checkpoint directory (``save_pretrained``) or the model
     instance itself; one process, devices=1 (sp=1): the loss equals transformers' own, and the user's model is handed
     back unpatched."""
@@ -310,16 +317,16 @@ def test_one_process_fit_from_a_saved_directory_or_an_instance(way, tmp_path) ->
 
     from lightning_ulysses import CausalLMModule
 
-    saved = _model()
+    saved = _model(name)
     saved.save_pretrained(tmp_path / "vlm")
-    b = batch("mixed", 0)
+    b = batch("mixed_ts" if name == "qwen3_vl" else "mixed", 0)
     expected = _loss_sum(saved, b)
     spec = str(tmp_path / "vlm") if way == "directory" else saved
     module = CausalLMModule(spec, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     losses = _fit_one_process(module, DataLoader([b], batch_size=None), max_steps=1)
     assert losses[0] == pytest.approx(float(expected[0] / expected[1]), rel=1e-4)
     model = module.model
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and (model is saved) is (way == "instance")
+    assert type(model).__name__ == type(saved).__name__ and (model is saved) is (way == "instance")
     assert "forward" not in vars(model.model)  # its own forward again
     out = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
                 pixel_values_videos=b["pixel_values_videos"], video_grid_thw=b["video_grid_thw"],
@@ -471,7 +478,7 @@ def test_segment_attention_equals_one_call_per_segment() -> None:
         segment_attention(None, q, q, q, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_the_tower_attends_per_window_size_and_is_handed_back_on_sdpa(name) -> None:
     """Under sdpa a Qwen-VL tower runs the segment attention while the strategy holds the model (the same features
     and gradients as transformers' one call per window / frame group), and sdpa again afterwards; eager is left

@@ -12,8 +12,10 @@ Per step:
    model's ``forward``): the vision tower on this rank's share of the units (:mod:`lightning_ulysses.parallel.vision`),
    the features gathered over the SP group, the shard's token embeddings with its placeholders replaced by their
    features, then the language model on the shard (Ulysses/ring attention applied to it alone, not to the tower).
+   Qwen3-VL's DeepStack features travel in the same gather and are added in the first decoder layers at the shard's
+   own vision positions (``visual_pos_masks`` of the shard).
 
-Supported families (:data:`SUPPORTED_VLMS`): Qwen2-VL and Qwen2.5-VL (images and videos).
+Supported families (:data:`SUPPORTED_VLMS`): Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images and videos), LLaVA (images).
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ class VisionLanguageFamily:
         """``[sum tokens, H]``: the units' features in order (a one-unit dummy when ``units`` is empty)."""
         raise NotImplementedError
 
+    def split_levels(self, model: torch.nn.Module, features: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The gathered features -> the input embeddings' features and the features added inside the language model
+        (none but for DeepStack: :class:`Qwen3VL`)."""
+        return features, []
+
+    def rope_grids(self, grid: Optional[Tensor]) -> Optional[Tensor]:
+        """``[n, 3]`` grids in the order ``get_rope_index`` consumes them, one per run of placeholders."""
+        return grid
+
 
 class QwenVL(VisionLanguageFamily):
     """Qwen2-VL / Qwen2.5-VL: ``pixel_values [patches, C*T*P*P]`` with ``image_grid_thw [n, 3]`` (and videos);
@@ -112,6 +123,10 @@ class QwenVL(VisionLanguageFamily):
         return [u for source, _, grid in self.sources for u in units_of(inputs.get(grid), source, merge)]
 
     def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
+        return _merged(self._tower_output(model, units, inputs, device))
+
+    def _tower_output(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any],
+                      device: torch.device) -> Any:
         tower = self.tower(model)
         dtype = next(tower.parameters()).dtype
         pixels_of = {source: inputs.get(pixels) for source, pixels, _ in self.sources}
@@ -123,7 +138,41 @@ class QwenVL(VisionLanguageFamily):
             width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
             pixels = torch.zeros(merge * merge, width, dtype=dtype, device=device)
             grid = torch.tensor([(1, merge, merge)], device=device)
-        return _merged(tower(pixels, grid_thw=grid))
+        return tower(pixels, grid_thw=grid)
+
+
+class Qwen3VL(QwenVL):
+    """Qwen3-VL: Qwen-VL's units and 3-D positions, plus DeepStack: features of some tower blocks (each through its
+    own merger) are added to the first decoder layers' hidden states at the vision positions. ``encode`` returns
+    ``[tokens, H * (1 + levels)]`` (the merged features, then each DeepStack level), so one gather carries them all;
+    :meth:`split_levels` takes them apart on each rank. A video's frame groups are separated by timestamp text in the
+    prompt (the processor's), each group its own run of placeholders."""
+
+    name = "Qwen3-VL"
+    model_types = ("qwen3_vl",)
+
+    def projector(self, model: torch.nn.Module) -> torch.nn.Module:
+        tower = self.tower(model)
+        return torch.nn.ModuleList([tower.merger, *tower.deepstack_merger_list])
+
+    def levels(self, model: torch.nn.Module) -> int:
+        return len(self.config(model).vision_config.deepstack_visual_indexes)
+
+    def encode(self, model: torch.nn.Module, units: list[Unit], inputs: dict[str, Any], device: torch.device) -> Tensor:
+        out = self._tower_output(model, units, inputs, device)
+        return torch.cat([_merged(out.pooler_output), *[_merged(d) for d in out.deepstack_features]], dim=-1)
+
+    def split_levels(self, model: torch.nn.Module, features: Tensor) -> tuple[Tensor, list[Tensor]]:
+        parts = features.chunk(1 + self.levels(model), dim=-1)
+        return parts[0], list(parts[1:])
+
+    def rope_grids(self, grid: Optional[Tensor]) -> Optional[Tensor]:
+        # timestamps separate a video's frame groups: each group is its own run, with grid (1, h, w)
+        if grid is None:
+            return None
+        split = torch.repeat_interleave(grid, grid[:, 0], dim=0)
+        split[:, 0] = 1
+        return split
 
 
 class Llava(VisionLanguageFamily):
@@ -171,8 +220,8 @@ def _merged(out: Any) -> Tensor:
     return pooled.reshape(-1, pooled.shape[-1])
 
 
-QWEN_VL, LLAVA = QwenVL(), Llava()
-SUPPORTED_VLMS: dict[str, VisionLanguageFamily] = {t: f for f in (QWEN_VL, LLAVA) for t in f.model_types}
+QWEN_VL, QWEN3_VL, LLAVA = QwenVL(), Qwen3VL(), Llava()
+SUPPORTED_VLMS: dict[str, VisionLanguageFamily] = {t: f for f in (QWEN_VL, QWEN3_VL, LLAVA) for t in f.model_types}
 
 
 def vlm_family(model: Optional[torch.nn.Module]) -> Optional[VisionLanguageFamily]:
@@ -251,7 +300,7 @@ def _rope_3d_positions(family: VisionLanguageFamily, model: torch.nn.Module, ful
     ids = full["input_ids"]
     b, s = ids.shape
     kinds = (ids == image_id).long() + 2 * (ids == video_id).long()  # mm_token_type_ids: 0 text, 1 image, 2 video
-    grids = {1: _rows(full.get("image_grid_thw")), 2: _rows(full.get("video_grid_thw"))}
+    grids = {1: family.rope_grids(_rows(full.get("image_grid_thw"))), 2: family.rope_grids(_rows(full.get("video_grid_thw")))}
     seconds = _rows(full.get("second_per_grid_ts"))
     used = {1: 0, 2: 0}
     segments = packed_segments(text_pos)
@@ -265,7 +314,9 @@ def _rope_3d_positions(family: VisionLanguageFamily, model: torch.nn.Module, ful
             kind = kinds[row, lo:hi]
             if not bool((kind > 0).any()):
                 continue  # text only: the text positions, as the model itself would give
-            runs = [int(k) for k, _ in _runs(kind.tolist()) if k > 0]
+            runs = [(int(k), n) for k, n in _runs(kind.tolist()) if k > 0]
+            _check_runs(family, model, grids, used, runs)
+            runs = [k for k, _ in runs]
             take = {k: runs.count(k) for k in (1, 2)}
             image_grid = grids[1][used[1] : used[1] + take[1]] if take[1] else None
             video_grid = grids[2][used[2] : used[2] + take[2]] if take[2] else None
@@ -274,6 +325,27 @@ def _rope_3d_positions(family: VisionLanguageFamily, model: torch.nn.Module, ful
             pos = rope_index(inner, ids[row : row + 1, lo:hi], kind[None], image_grid, video_grid, sec)  # [3, 1, n]
             out[row, lo:hi] = pos[:, 0].T.to(out.dtype)
     return out
+
+
+def _check_runs(family: VisionLanguageFamily, model: torch.nn.Module, grids: dict, used: dict,
+                runs: list[tuple[int, int]]) -> None:
+    """Each run of image / video placeholders in a sample is one grid row (``rope_grids``: a Qwen3-VL video gives
+    one per frame group), of that row's token count, in order; else the model's ``get_rope_index`` fails deep inside
+    (or, for a lucky count, places the tokens wrongly)."""
+    merge2 = family.merge_size(model) ** 2
+    at = dict(used)
+    for k, n in runs:
+        rows = grids[k]
+        row = rows[at[k]] if rows is not None and at[k] < len(rows) else None
+        if row is None or int(row.prod()) // merge2 != n:
+            source = "image" if k == 1 else "video"
+            why = (f"a run of {n} {source} placeholders where the {source} grids give "
+                   + (f"{int(row.prod()) // merge2}" if row is not None else "none left"))
+            how = (" Qwen3-VL's processor writes a timestamp before each frame group of a video: each group is a run"
+                   " of its own." if isinstance(family, Qwen3VL) and k == 2 else "")
+            raise ValueError(f"Vision placeholders do not match the grids ({family.name}): {why}.{how} Render "
+                             f"samples with the model's own processor.")
+        at[k] += 1
 
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -314,11 +386,15 @@ def sp_vision_language_forward(
     embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # [b, s, H]
     ctx = current_step_context()
     features = _sharded_features(family, self, inputs, ctx.sp_group if ctx is not None else None, embeds.device)
-    mask = vision_slots >= 0  # [b, s]; features [N, H], N = the batch's vision tokens
+    mask = vision_slots >= 0  # [b, s]; features [N, H] (DeepStack: [N, H * (1 + levels)]), N = the batch's vision tokens
+    if features.requires_grad and not bool(mask.any()):
+        embeds = embeds + 0.0 * features.sum()  # no placeholder here: keep the gather's backward collective
+    features, deepstack = family.split_levels(self, features)
     if bool(mask.any()):
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[vision_slots[mask]].to(embeds.dtype))
-    elif features.requires_grad:
-        embeds = embeds + 0.0 * features.sum()  # no placeholder here: keep the gather's backward collective
+    if deepstack:  # added to the first decoder layers' outputs at this shard's vision positions
+        kwargs["visual_pos_masks"] = mask
+        kwargs["deepstack_visual_embeds"] = [level[vision_slots[mask]] for level in deepstack]
     if mm_position_ids is not None:  # [4, b, s]: text positions first (packed samples, the attention's causality)
         position_ids = torch.cat([position_ids.unsqueeze(0), mm_position_ids.permute(2, 0, 1)], 0)
     out = self.language_model(input_ids=None, inputs_embeds=embeds, position_ids=position_ids,
@@ -486,7 +562,7 @@ def freeze_vision(model: torch.nn.Module, tower: bool, projector: bool) -> None:
         proj.requires_grad_(False)
 
 
-__all__ = ["PREPARED", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal", "tower_module_ids",
+__all__ = ["PREPARED", "QWEN3_VL", "QWEN_VL", "SUPPORTED_VLMS", "VISION_INPUTS", "VisionLanguageFamily", "apply_multimodal", "tower_module_ids",
            "checked_vision_inputs", "freeze_vision", "prepare_multimodal", "remove_multimodal", "sp_target", "sp_vision_language_forward",
            "zero3_leaf_tower_blocks",
            "vision_inputs", "vlm_family"]

@@ -47,7 +47,17 @@ LLAVA_TOKENS = 4  # (8 / 4)^2 patches per image, CLS dropped ("default" feature 
 QWEN2_5_VL = dict(QWEN2_VL, model_type="qwen2_5_vl", vision_config={
     "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32, "patch_size": 2,
     "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3, "window_size": 8, "fullatt_block_indexes": [1]})
-MODELS = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_5_VL, "llava": LLAVA}
+# Qwen3-VL: DeepStack (blocks 0 and 1 feed the first two decoder layers), interleaved 3-D rotary positions
+QWEN3_VL = dict(QWEN2_VL, model_type="qwen3_vl", text_config={
+    "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                        "mrope_interleaved": True}},
+    vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                   "patch_size": 2, "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
+                   "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]})
+MODELS = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_5_VL, "qwen3_vl": QWEN3_VL, "llava": LLAVA}
+TIMESTAMP = 50  # a text token before each frame group of a Qwen3-VL video (its processor writes "<t seconds>")
 PATCH = 3 * 2 * 2 * 2  # in_channels x temporal_patch_size x patch_size^2
 LR = 0.5
 
@@ -62,6 +72,11 @@ def _sample(g: torch.Generator, parts: list) -> tuple[list[int], list, list]:
         elif part[0] == "llava":
             ids += [IMG] * LLAVA_TOKENS
             grids["image"].append(None)
+        elif part[0] == "video_ts":  # Qwen3-VL: each frame group after its timestamp, in its own start/end tokens
+            _, t, h, w = part
+            for _ in range(t):
+                ids += [TIMESTAMP, VS] + [VID] * (h * w // 4) + [VE]
+            grids["video"].append([t, h, w])
         else:
             kind, t, h, w = part
             ids += [VS] + [IMG if kind == "image" else VID] * (t * h * w // 4) + [VE]
@@ -75,6 +90,7 @@ KINDS = {
     # images only; the second half of the row is one image's tokens: rank 1 of sp=2 holds no label
     "image_tail": [7, ("image", 1, 8, 20), -1],
     "images": [4, ("image", 1, 4, 4), 9, ("image", 1, 8, 4), 5],
+    "mixed_ts": [5, ("image", 1, 4, 4), 7, ("video_ts", 3, 4, 4), 3, ("image", 1, 4, 8), 6],  # Qwen3-VL's video
     "llava": [5, ("llava",), 7, ("llava",), ("llava",), 6],  # two images side by side
     "llava_one": [3, ("llava",), 9],
 }
