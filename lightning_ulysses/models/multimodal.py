@@ -300,7 +300,7 @@ def _rope_3d_positions(family: VisionLanguageFamily, model: torch.nn.Module, ful
     ids = full["input_ids"]
     b, s = ids.shape
     kinds = (ids == image_id).long() + 2 * (ids == video_id).long()  # mm_token_type_ids: 0 text, 1 image, 2 video
-    grids = {1: family.rope_grids(_rows(full.get("image_grid_thw"))), 2: family.rope_grids(_rows(full.get("video_grid_thw")))}
+    grids = {k: family.rope_grids(_rows(full.get(key))) for k, key in ((1, "image_grid_thw"), (2, "video_grid_thw"))}
     seconds = _rows(full.get("second_per_grid_ts"))
     used = {1: 0, 2: 0}
     segments = packed_segments(text_pos)
@@ -386,7 +386,7 @@ def sp_vision_language_forward(
     embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # [b, s, H]
     ctx = current_step_context()
     features = _sharded_features(family, self, inputs, ctx.sp_group if ctx is not None else None, embeds.device)
-    mask = vision_slots >= 0  # [b, s]; features [N, H] (DeepStack: [N, H * (1 + levels)]), N = the batch's vision tokens
+    mask = vision_slots >= 0  # [b, s]; features [N, H] (DeepStack: [N, H * (1 + levels)]), N: the vision tokens
     if features.requires_grad and not bool(mask.any()):
         embeds = embeds + 0.0 * features.sum()  # no placeholder here: keep the gather's backward collective
     features, deepstack = family.split_levels(self, features)
