@@ -308,7 +308,8 @@ def test_multimodal_videos_need_the_video_processor() -> None:
         1 for t in row["input_ids"] if t == dm.renderer.tokenizer.convert_tokens_to_ids("<|video_pad|>"))
 
 
-@pytest.mark.parametrize("way, name", [("directory", "qwen2_vl"), ("instance", "qwen2_vl"), ("instance", "qwen3_vl")])
+@pytest.mark.parametrize("way, name", [("directory", "qwen2_vl"), ("instance", "qwen2_vl"), ("directory", "qwen3_vl"),
+                                       ("instance", "qwen3_vl")])
 def test_one_process_fit_from_a_saved_directory_or_an_instance(way, name, tmp_path) -> None:
     """The ways in a user has besides a config dict: a saved checkpoint directory (``save_pretrained``) or the model
     instance itself; one process, devices=1 (sp=1): the loss equals transformers' own, and the user's model is handed

@@ -98,6 +98,9 @@ class VisionLanguageFamily:
         """``[n, 3]`` grids in the order ``get_rope_index`` consumes them, one per run of placeholders."""
         return grid
 
+    # how a video's placeholders are laid out, said when they do not match its grid (:func:`_check_runs`)
+    video_runs_hint = ""
+
 
 class QwenVL(VisionLanguageFamily):
     """Qwen2-VL / Qwen2.5-VL: ``pixel_values [patches, C*T*P*P]`` with ``image_grid_thw [n, 3]`` (and videos);
@@ -150,6 +153,8 @@ class Qwen3VL(QwenVL):
 
     name = "Qwen3-VL"
     model_types = ("qwen3_vl",)
+    video_runs_hint = (" Qwen3-VL's processor writes a timestamp before each frame group of a video: each group is a"
+                       " run of its own.")
 
     def projector(self, model: torch.nn.Module) -> torch.nn.Module:
         tower = self.tower(model)
@@ -341,8 +346,7 @@ def _check_runs(family: VisionLanguageFamily, model: torch.nn.Module, grids: dic
             source = "image" if k == 1 else "video"
             why = (f"a run of {n} {source} placeholders where the {source} grids give "
                    + (f"{int(row.prod()) // merge2}" if row is not None else "none left"))
-            how = (" Qwen3-VL's processor writes a timestamp before each frame group of a video: each group is a run"
-                   " of its own." if isinstance(family, Qwen3VL) and k == 2 else "")
+            how = family.video_runs_hint if k == 2 else ""
             raise ValueError(f"Vision placeholders do not match the grids ({family.name}): {why}.{how} Render "
                              f"samples with the model's own processor.")
         at[k] += 1
