@@ -73,25 +73,47 @@ def peak_summary(trace: list[dict], top: int = 20) -> dict:
 def peak_profile(step: int) -> Any:
     """A callback recording the CUDA allocator's trace over training step ``step`` and keeping what was live at its
     peak, by allocation site (:func:`peak_summary`) in ``.summary``; the Lightning step count starts at 0."""
-    import lightning.pytorch as pl
+    return PeakProfile(step, echo=False)
 
-    class _PeakProfile(pl.Callback):
-        summary: dict = {}
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == step:
-                torch.cuda.synchronize()
-                self.base = torch.cuda.memory_allocated()
-                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+try:
+    import lightning.pytorch as _pl
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx == step:
-                torch.cuda.synchronize()
-                snap = torch.cuda.memory._snapshot()
-                torch.cuda.memory._record_memory_history(enabled=None)
-                self.summary = {**peak_summary(snap["device_traces"][0], top=15), "live_at_start": self.base}
+    _Callback: Any = _pl.Callback
+except ImportError:  # the plain-model script above needs no Lightning
+    _Callback = object
 
-    return _PeakProfile()
+
+class PeakProfile(_Callback):
+    """:func:`peak_profile` as a callback class, for the CLI: ``--trainer.callbacks+=benchmarks.memory_peak.PeakProfile
+    --trainer.callbacks.init_args.step=1``; prints the table (:func:`print_profile`) after that step (``echo``) and
+    writes ``out`` (JSON) when given."""
+
+    def __init__(self, step: int = 1, out: str = "", top: int = 15, echo: bool = True) -> None:
+        self.step, self.out, self.top, self.echo = step, out, top, echo
+        self.summary: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            # stacks of allocations only: collecting a Python stack on a free while checkpointing's early-stop
+            # exception unwinds through a custom autograd Function (the tiled MLP's recompute) loses that exception
+            # ("SystemError: ... returned NULL without setting an exception")
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python", context="alloc")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.summary = {**peak_summary(snap["device_traces"][0], top=self.top), "live_at_start": self.base}
+        if trainer.is_global_zero and self.echo:
+            print_profile(f"step {self.step}", self.summary)
+            if self.out:
+                with open(self.out, "w") as f:
+                    json.dump(self.summary, f, indent=1)
 
 
 def print_profile(title: str, summary: dict) -> None:
@@ -134,7 +156,7 @@ def main() -> None:
         prm.grad = None
     torch.cuda.synchronize()
     static_before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python", context="alloc")
     step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()

@@ -82,6 +82,20 @@ def test_deepspeed_zero3_internals_we_use() -> None:
     assert groups.mpu is marker
     use_mpu(None)
     assert groups.mpu is None
+    # the engine skips its bf16 cast for a model built under zero.Init; parameters added later are cast here
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from lightning_ulysses.compat.deepspeed import cast_late_parameters
+
+    assert "is_zero_init_model" in inspect.getsource(DeepSpeedEngine._cast_module_mixed_precision)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2).bfloat16(), torch.nn.Linear(2, 2))  # [0]: "partitioned"
+    for q in model[0].parameters():
+        q.ds_id = 0
+    assert cast_late_parameters(model, {"bf16": {"enabled": False}}) == 0
+    assert cast_late_parameters(model, {"bf16": {"enabled": True}}) == 2
+    assert {q.dtype for q in model.parameters()} == {torch.bfloat16}
+    plain = torch.nn.Linear(2, 2)  # not built under zero.Init: the engine casts it itself
+    assert cast_late_parameters(plain, {"bf16": {"enabled": True}}) == 0 and plain.weight.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ transformers

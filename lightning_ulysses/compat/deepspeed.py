@@ -42,6 +42,29 @@ def set_zero3_grads_ready(params: Iterable[Tensor], ready: bool) -> None:
         p.ds_grad_is_ready = ready
 
 
+def cast_late_parameters(model: Module, config: dict) -> int:
+    """Cast the parameters a ZeRO-3 model gained after ``zero.Init`` to the engine's compute dtype; returns how many.
+
+    With bf16 (or fp16) on, DeepSpeed's engine casts every parameter of the model it is given -- unless the model was
+    built under ``zero.Init`` (its parameters carry ``ds_id``): then it assumes all of them already have the dtype and
+    casts none (``DeepSpeedEngine._cast_module_mixed_precision``). Parameters created outside ``zero.Init`` after the
+    build -- PEFT's LoRA adapters, which PEFT upcasts to fp32 -- would stay fp32 at ZeRO-3 only (ZeRO 0-2 cast
+    them), and each adapter linear would cast its bf16 input to an fp32 copy kept for backward (four bytes per
+    value, once per adapted projection). Casting them here gives every stage the same mixed precision: bf16 compute,
+    fp32 master weights in the optimizer."""
+    import torch
+
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else (
+        torch.float16 if config.get("fp16", {}).get("enabled") else None)
+    params = list(model.parameters())
+    if dtype is None or not is_zero3_params(params):
+        return 0
+    late = [p for p in params if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype]
+    for p in late:
+        p.data = p.data.to(dtype)
+    return len(late)
+
+
 def use_mpu(mpu: Any) -> None:
     """Make ``mpu`` (or ``None``: plain world groups) the one DeepSpeed's reductions read.
 
@@ -198,5 +221,5 @@ def universal_loading(engine: Any) -> Iterator[None]:
             optimizer.mpu = mpu
 
 
-__all__ = ["CHECKED", "clear_zero3_caches", "convert_to_universal", "forward_stack_kept", "is_zero3_params",
+__all__ = ["CHECKED", "cast_late_parameters", "clear_zero3_caches", "convert_to_universal", "forward_stack_kept", "is_zero3_params",
            "release_engine", "set_zero3_grads_ready", "universal_loading", "use_mpu", "zero3_calls", "zero_init_paused"]

@@ -44,7 +44,7 @@ from lightning_ulysses.checkpoint.files import optimizer_record, publish, remove
 from lightning_ulysses.checkpoint.resharding import universal_tag
 from lightning_ulysses.checkpoint.rng import load_rng_state, save_rng_state
 from lightning_ulysses.compat.deepspeed import (
-    clear_zero3_caches, forward_stack_kept, release_engine, universal_loading, use_mpu,
+    cast_late_parameters, clear_zero3_caches, forward_stack_kept, release_engine, universal_loading, use_mpu,
 )
 from lightning_ulysses.compat.lightning import (
     batches_done_in_epoch, ddp_setup_environment, lightning_step_boundary, train_loader_batch_size,
@@ -371,6 +371,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         model_parameters = filter(lambda p: p.requires_grad, model.parameters())
         mpu = self.groups.deepspeed_mpu() if self.groups.sp > 1 else None
         use_mpu(mpu)  # also None: DeepSpeed would otherwise keep an earlier engine's groups
+        cast_late_parameters(model, self.config)  # LoRA adapters added after zero.Init: bf16 as at ZeRO 0-2
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.root_device.index),
             config=self.config,

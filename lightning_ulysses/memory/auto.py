@@ -79,13 +79,13 @@ COEFFICIENTS: dict[str, float] = {
     # H100, 2026-12-05); the 4-layer prediction is then 6% above its measurement, the 8-layer one exact. A LoRA
     # model's frozen layers have none: its 32-layer peaks (below) sit ~0.8 GiB above its bf16 weights at 0 tokens
     "zero3_layer_param_bytes": 2.92,
-    # with LoRA, what each checkpointed layer keeps on the GPU from forward to backward per local token besides its
-    # input, in units of H bytes: 32 layers of 8B + LoRA r=16, full+offload+tiled, one H100 (2026-12-06): the peak
-    # grows 54.1 H a token (42.82 GiB at 131,072, 69.88 at 262,144), 18.1 H of it the working set above, so 1.125 H a
-    # layer. Fully trained layers show no such term (4 vs 8 layers at 262,144: the difference is their static
-    # state), nor does either on CPU (saved-tensor accounting keeps exactly the layer inputs); its cause is not
-    # identified, and it is measured at one depth only
-    "lora_checkpointed_layer_h": 1.125,
+    # with LoRA, added to the backward's working set per local token, in units of H bytes (whatever the depth): 16
+    # layers of 8B + LoRA r=16 on every linear, bf16 adapters, full+offload+tiled, one H100 (2026-12-06): 27.08 GiB at
+    # 131,072 tokens, 45.15 at 262,144 -- the peak grows 36.1 H a token, twice a fully trained model's 18.1 H; fitted
+    # at 262,144. Measured with checkpointing only (assumed the same without). Its cause is not identified: at
+    # 65,536 tokens the first step peaks 2.5 GiB above the second, whose backward holds 25.7 H a token (allocator
+    # trace, benchmarks/memory_peak.PeakProfile). fp32 adapters (ZeRO-3 before 2026-12-06) held another 18 H
+    "lora_working_set_h": 17.0,
     # step time multipliers measured at 128K (tiled MLP: 1.08x; offload: 1.01x; tiled attention backward: 1.0x)
     "tiled_mlp_time": 1.08,
     "offload_time": 1.01,
@@ -284,8 +284,6 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     if ckpt:
         on_gpu_inputs = layers - (layers - keep if offload else 0)
         parts["layer_inputs"] = 2.0 * h * s * on_gpu_inputs
-        if w.trainable_params is not None:  # LoRA
-            parts["layer_retained"] = c["lora_checkpointed_layer_h"] * h * s * layers
         parts["saved_attention"] = (2.0 * w.heads * w.head_dim + 4.0 * w.heads) * s * kept_attention
     else:
         per_layer = c["layer_activations_h"] * h + c["layer_activations_i"] * inter
@@ -295,7 +293,7 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors plus the
     # larger of its untiled attention workspace (only where attention is recomputed) and its untiled MLP intermediates
     # (the two backwards run one after the other); without checkpointing those are the saved activations above
-    work = c["working_set_h"] * h
+    work = c["working_set_h"] * h + (c["lora_working_set_h"] * h if w.trainable_params is not None else 0.0)
     if ckpt:
         recomputes_attention = kept_attention < layers
         attention = c["untiled_attention_h"] * h if recomputes_attention and not tiled_attn else 0.0

@@ -13,6 +13,7 @@
 * ``unbatched``: a loader with ``batch_size=None`` yielding 1-D tensors; ``vocab``: ids beyond the embedding;
   ``empty_file``: an SFT data module on an empty file -- each refused, reported by rank 0 alone.
 * ``memory_auto``: ``memory="auto"`` and the plan it chose set by hand train with the same losses.
+* ``lora_bf16``: LoRA under bf16-mixed at ZeRO-3 and ZeRO-2: adapters compute in bf16 at both stages.
 * ``released`` (last: it also checks the cases before it): ZeRO-3, sp=2, AdamW; after ``fit`` the model runs forward
   and ``trainer.save_checkpoint`` writes the optimizer state; once the user drops the trainer, module and model, no
   DeepSpeed engine or ZeRO optimizer of any fit of this process is left alive.
@@ -223,6 +224,39 @@ def memory_auto(out: Path) -> dict:
         chosen = strategy.memory_estimate
         runs[how] = {"losses": losses.losses, "tricks": [repr(t) for t in strategy.memory_tricks],
                      "name": chosen.name if chosen else None, "flags": chosen.flags if chosen else None}
+    return runs
+
+
+class _AdapterDtypes(L.Callback):
+    """The dtypes LoRA computes in during training: each ``lora_A`` weight and the input it receives."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+        self.hooks: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for name, mod in pl_module.named_modules():
+            if name.endswith("lora_A.default"):
+                self.hooks.append(mod.register_forward_hook(
+                    lambda m, args, _out: self.seen.add((str(m.weight.dtype), str(args[0].dtype)))))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def lora_bf16(out: Path) -> dict:
+    """LoRA adapters (PEFT builds them in fp32) under bf16-mixed at ZeRO-3 (the model built under zero.Init) and
+    ZeRO-2: the dtype of each adapter's weight and input during training, and the losses."""
+    runs = {}
+    for stage in (3, 2):
+        module = CausalLMModule(dict(model_type="llama", **LLAMA), attn_implementation="sdpa", optimizer=_sgd,
+                                peft={"peft_type": "LORA", "r": 4, "target_modules": "all-linear"})
+        dtypes, losses = _AdapterDtypes(), _Losses()
+        trainer = _trainer(UlyssesDeepSpeedStrategy(sequence_parallel_size=2, stage=stage, tiled_mlp=True),
+                           precision="bf16-mixed", callbacks=[dtypes, losses])
+        trainer.fit(module, SyntheticLMDataModule(vocab_size=64, seq_len=16, num_train_samples=4, batch_size=1))
+        runs[f"zero{stage}"] = {"dtypes": sorted(dtypes.seen), "losses": losses.losses}
     return runs
 
 
