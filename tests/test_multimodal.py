@@ -442,6 +442,46 @@ def test_multimodal_data_module_renders_a_llava_processor_and_trains_llava(tmp_p
         MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "videos.jsonl"), processor, seq_len=512).setup("fit")
 
 
+def test_multimodal_data_module_rows_train_qwen3_vl(tmp_path) -> None:
+    """Qwen3-VL images through the data module: the Qwen-VL processor's rows (each ``<|image_pad|>`` expanded to the
+    grid's merged count) train a Qwen3-VL model (DeepStack on) in one process with transformers' own loss on each row
+    (plain SGD at lr 0: the losses are the rows' losses)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from lightning_ulysses import CausalLMModule
+    from lightning_ulysses.data import MultimodalSFTDataModule
+
+    dm = MultimodalSFTDataModule(str(ROOT / "data" / "vlm" / "conversations.jsonl"), PROCESSOR, seq_len=256,
+                                 packing="none")
+    dm.setup("fit")
+    tok = dm.renderer.tokenizer
+    ids_of = tok.convert_tokens_to_ids
+    spec = dict(MODELS["qwen3_vl"], image_token_id=ids_of("<|image_pad|>"), video_token_id=ids_of("<|video_pad|>"),
+                vision_start_token_id=ids_of("<|vision_start|>"), vision_end_token_id=ids_of("<|vision_end|>"),
+                text_config=dict(MODELS["qwen3_vl"]["text_config"], vocab_size=len(tok)),
+                vision_config=dict(MODELS["qwen3_vl"]["vision_config"], patch_size=dm.renderer.image_processor.patch_size))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec),
+                                                    attn_implementation="sdpa")
+    rows = dm._rows["train"]
+    expected = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]])
+            out = model(input_ids=ids, pixel_values=row["pixel_values"], image_grid_thw=row["image_grid_thw"],
+                        mm_token_type_ids=(ids == spec["image_token_id"]).int(), labels=torch.tensor([row["labels"]]))
+            expected.append(float(out.loss))
+    module = CausalLMModule(model, attn_implementation="sdpa", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    losses = _fit_one_process(module, datamodule=dm)
+    assert sorted(losses) == pytest.approx(sorted(expected), rel=1e-4)
+    # its videos need per-frame-group timestamps: refused by name (a stand-in for Qwen3-VL's video processor, which
+    # needs torchvision)
+    renderer = dm.renderer
+    renderer.video_processor = type("Qwen3VLVideoProcessor", (), {})()
+    with pytest.raises(ValueError, match="Qwen3-VL images but not videos"):
+        renderer.encode("video", [torch.zeros(2, 8, 8, 3)])
+
+
 def test_tiled_mlp_keeps_to_the_language_models_layers() -> None:
     """The tiled MLP tiles the decoder layers' MLPs only: the tower's merger (``merger.mlp``, 4 x width -> the
     language model's width) is no ``[..., h] -> [..., h]`` MLP and its blocks run on patches (found on an H100:

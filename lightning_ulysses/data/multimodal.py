@@ -125,6 +125,14 @@ class Renderer:
                 "Videos need transformers' video processor, which needs torchvision: install the torchvision build "
                 "matching your torch (pip install torchvision==<the release paired with your torch>)."
             )
+        elif type(self.video_processor).__name__.startswith("Qwen3VL"):
+            # its processor writes "<t seconds>" before each frame group, a run of placeholders per group, with t
+            # from the video's sampling metadata; one run per video would be refused by the strategy
+            raise ValueError(
+                "MultimodalSFTDataModule renders Qwen3-VL images but not videos (each frame group needs its timestamp "
+                "text from the video's metadata): build video rows with the model's own processor (input_ids, labels "
+                "with -100 on vision tokens, pixel_values_videos, video_grid_thw)."
+            )
         else:
             out = dict(self.video_processor(videos=items, return_tensors="pt", do_sample_frames=False))
         vision = {pixel_key: out[pixel_key], grid_key: out[grid_key]}
@@ -148,7 +156,7 @@ class MultimodalSFTDataModule(LightningDataModule):
     Args:
         data: a ``.json`` / ``.jsonl`` / ``.parquet`` file (or several), a saved dataset directory or a hub name.
         processor: the model's processor: a directory or hub name (Qwen2-VL / Qwen2.5-VL: images and videos;
-            LLaVA: images), or a processor object.
+            Qwen3-VL, LLaVA: images), or a processor object.
         seq_len: tokens per row; a sample (its vision tokens included) must fit.
         packing: ``"best_fit"`` (several whole samples per row) or ``"none"`` (one sample per row).
         too_long: a sample longer than ``seq_len``: ``"error"`` (default) or ``"drop"`` (counted and logged).
