@@ -87,11 +87,15 @@ except ImportError:  # the plain-model script above needs no Lightning
 class PeakProfile(_Callback):
     """:func:`peak_profile` as a callback class, for the CLI: ``--trainer.callbacks+=benchmarks.memory_peak.PeakProfile
     --trainer.callbacks.init_args.step=1``; prints the table (:func:`print_profile`) after that step (``echo``) and
-    writes ``out`` (JSON) when given."""
+    writes ``out`` (JSON) when given. ``until="backward"`` ends the recording before the optimizer step (a fully
+    trained model's step peaks there, in ZeRO's fp32 gradient partitions, hiding the backward's working set)."""
 
-    def __init__(self, step: int = 1, out: str = "", top: int = 15, echo: bool = True) -> None:
-        self.step, self.out, self.top, self.echo = step, out, top, echo
+    def __init__(self, step: int = 1, out: str = "", top: int = 15, echo: bool = True, until: str = "step") -> None:
+        if until not in ("step", "backward"):
+            raise ValueError(f"until must be 'step' or 'backward', got {until!r}.")
+        self.step, self.out, self.top, self.echo, self.until = step, out, top, echo, until
         self.summary: dict = {}
+        self.recording = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.step:
@@ -101,19 +105,27 @@ class PeakProfile(_Callback):
             # exception unwinds through a custom autograd Function (the tiled MLP's recompute) loses that exception
             # ("SystemError: ... returned NULL without setting an exception")
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python", context="alloc")
+            self.recording = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.recording and self.until == "backward":
+            self._finish(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx != self.step:
-            return
+        if self.recording:
+            self._finish(trainer)
+
+    def _finish(self, trainer) -> None:
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
+        self.recording = False
         self.summary = {**peak_summary(snap["device_traces"][0], top=self.top), "live_at_start": self.base}
         if trainer.is_global_zero and self.echo:
-            print_profile(f"step {self.step}", self.summary)
-            if self.out:
-                with open(self.out, "w") as f:
-                    json.dump(self.summary, f, indent=1)
+            print_profile(f"step {self.step} (until the {self.until}'s end)", self.summary)
+        if trainer.is_global_zero and self.out:
+            with open(self.out, "w") as f:
+                json.dump(self.summary, f, indent=1)
 
 
 def print_profile(title: str, summary: dict) -> None:

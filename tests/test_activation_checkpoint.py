@@ -176,3 +176,38 @@ def test_save_attention_with_the_tiled_mlp_is_exact_and_never_recomputes_attenti
     assert counter.calls == 0
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_frozen_embedding_output_stays_out_of_the_graph_and_adapters_get_exact_gradients() -> None:
+    """transformers hooks the input embeddings so their output requires grad (reentrant checkpointing needs it); with
+    the embedding frozen (LoRA) that output became a leaf autograd holds for the whole step, and backward computed a
+    [tokens, hidden] gradient for it. Checkpointing here is non-reentrant: the hook is dropped, and the adapters'
+    gradients equal those without checkpointing; a hook the user added stays."""
+    peft = pytest.importorskip("peft")
+    from lightning_ulysses.compat.transformers import has_input_grads_hook
+    from lightning_ulysses.memory.activation_checkpoint import disable_gradient_checkpointing
+
+    ids = torch.randint(0, 64, (1, 24))
+    grads = []
+    for checkpointing in (False, True):
+        model = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        base = model.get_base_model()
+        if checkpointing:
+            enable_gradient_checkpointing(base, "full")
+            assert not has_input_grads_hook(base)
+        seen = []
+        handle = base.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+        model(input_ids=ids, labels=ids).loss.backward()
+        handle.remove()
+        assert seen == [False]
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3 * 7 * 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    # the user's own hook (added before) is kept through enable and disable
+    user = _model()
+    user.enable_input_require_grads()
+    enable_gradient_checkpointing(user, "full")
+    assert has_input_grads_hook(user)
+    disable_gradient_checkpointing(user)
+    assert has_input_grads_hook(user)

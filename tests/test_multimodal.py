@@ -563,7 +563,8 @@ def test_the_tower_attends_per_window_size_and_is_handed_back_on_sdpa(name) -> N
 def test_checkpointing_leaves_a_frozen_tower_without_a_graph() -> None:
     """transformers' input-grads hook (added when checkpointing is enabled) would sit on the tower's patch embedding
     too, making a frozen tower build its whole graph (every block's input kept, a recompute and backward for nothing):
-    only the language model's embedding keeps it, and the tower's blocks see inputs that need no gradient."""
+    non-reentrant checkpointing needs none, so neither embedding keeps it, and the tower's blocks see inputs that need
+    no gradient."""
     from lightning_ulysses.memory.activation_checkpoint import enable_gradient_checkpointing
     from lightning_ulysses.models.multimodal import freeze_vision
 
@@ -572,7 +573,7 @@ def test_checkpointing_leaves_a_frozen_tower_without_a_graph() -> None:
     enable_gradient_checkpointing(model)
     tower = model.model.visual
     assert not tower.patch_embed._forward_hooks
-    assert model.get_input_embeddings()._forward_hooks  # the language model's embedding keeps it
+    assert not model.get_input_embeddings()._forward_hooks
     seen = []
     tower.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"])
                                                                           .requires_grad), with_kwargs=True)

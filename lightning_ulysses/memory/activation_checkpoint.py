@@ -100,26 +100,22 @@ def enable_gradient_checkpointing(model: torch.nn.Module, policy: Optional[str] 
     if save_attention_layers is _KEEP:  # a count only means something under the policy it was chosen for
         save_attention_layers = settings(model).get("save_attention_layers") if policy == "save_attention" else None
     check_save_attention_layers(policy, save_attention_layers)
-    # transformers hooks the input embeddings to require grad on every enable, overwriting its record of the hook it
-    # added before (that one would stay registered for good), and removes it on disable only for PEFT models: drop
-    # ours before enabling again, and remember that the hook is ours to remove
-    users_hook = has_input_grads_hook(model) and not settings(model).get("added_input_grads_hook", False)
-    if has_input_grads_hook(model) and not users_hook and hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
+    # transformers hooks the input embeddings to require grad on every enable (removed again below); a hook there
+    # before is the user's own and stays with everything transformers adds
+    users_hook = has_input_grads_hook(model)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(policy))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
     if not users_hook:
-        # a vision tower's patch embedding was hooked too: its output would require grad, so a *frozen* tower would
-        # build its whole graph (the checkpointed inputs of every block: ~20 GiB for Qwen2.5-VL-7B at 64K tokens) and
-        # run a recompute and backward for gradients nothing uses. Non-reentrant checkpointing needs no input that
-        # requires grad: a trained tower's parameters get theirs without it
-        from lightning_ulysses.models.multimodal import tower_module_ids
-
-        drop_input_grads_hooks(model, tower_module_ids(model))
-        if has_input_grads_hook(model):
-            settings(model)["added_input_grads_hook"] = True
+        # transformers hooks every input embedding (a vision tower's patch embedding too) so that its output requires
+        # grad -- which only reentrant checkpointing needs; non-reentrant checkpointing gives the parameters inside a
+        # layer their gradients whatever its input. With the embedding frozen (LoRA, a frozen tower) the hook makes
+        # its output a leaf that requires grad: autograd holds it for the whole step (the offloaded layer input's GPU
+        # copy stays: 2 bytes x hidden per token) and backward computes a [tokens, hidden] gradient nothing uses; a
+        # frozen tower would build its whole graph (~20 GiB of checkpointed block inputs for Qwen2.5-VL-7B at 64K
+        # tokens) and run a recompute and backward for it. Drop them all.
+        drop_input_grads_hooks(model, {id(m) for m in model.modules()})
     settings(model).update(checkpoint_policy=policy, save_attention_layers=save_attention_layers)
     if policy == "save_attention":
         from torch.utils.checkpoint import checkpoint
@@ -169,8 +165,6 @@ def disable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
-    if settings(model).pop("added_input_grads_hook", False) and hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
 
 
 def is_checkpointing(model: torch.nn.Module) -> bool:

@@ -82,9 +82,10 @@ COEFFICIENTS: dict[str, float] = {
     # with LoRA, added to the backward's working set per local token, in units of H bytes (whatever the depth): 16
     # layers of 8B + LoRA r=16 on every linear, bf16 adapters, full+offload+tiled, one H100 (2026-12-06): 27.08 GiB at
     # 131,072 tokens, 45.15 at 262,144 -- the peak grows 36.1 H a token, twice a fully trained model's 18.1 H; fitted
-    # at 262,144. Measured with checkpointing only (assumed the same without). Its cause is not identified: at
-    # 65,536 tokens the first step peaks 2.5 GiB above the second, whose backward holds 25.7 H a token (allocator
-    # trace, benchmarks/memory_peak.PeakProfile). fp32 adapters (ZeRO-3 before 2026-12-06) held another 18 H
+    # at 262,144; 32 layers x 327,680: 60.84 GiB measured, 60.79 predicted. Measured with checkpointing only (assumed
+    # the same without). Its cause is not identified: at 4 layers x 65,536 the forward + backward of a LoRA and of a
+    # fully trained model allocate the same (allocator traces, benchmarks/memory_peak.PeakProfile) but for the frozen
+    # embedding's output (2 H, no longer kept); fp32 adapters (ZeRO-3 before 2026-12-06) held another 18 H
     "lora_working_set_h": 17.0,
     # step time multipliers measured at 128K (tiled MLP: 1.08x; offload: 1.01x; tiled attention backward: 1.0x)
     "tiled_mlp_time": 1.08,
