@@ -6,6 +6,8 @@
 # TREE: a copy of another commit's package and configs (default .); TAG names the log; further arguments go to the
 # CLI (e.g. --trainer.strategy.init_args.checkpoint_policy=save_attention).
 # Prints the SequenceThroughput summary line and the process's peak resident host memory; the full log goes to OUT_DIR.
+# STOP_AFTER_SUMMARY=1 (env) ends the process once that line is written (skips the teardown: freeing ~100 GiB of
+# pinned host memory takes tens of seconds), for a step that must fit one time-limited command.
 set -euo pipefail
 out=$1; seq=$2; tree=${3:-.}; tag=${4:-}; shift $(( $# < 4 ? $# : 4 ))
 mkdir -p "$out"; out=$(cd "$out" && pwd); tree=$(cd "$tree" && pwd)
@@ -30,11 +32,15 @@ PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" python -m lightning_ulysses fit \
 pid=$!
 # the process's peak resident memory (offloaded layer inputs sit in pinned host memory, which is resident)
 peak_kib=0
+stopped=0
 while kill -0 "$pid" 2>/dev/null; do
   rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
   if [ -n "$rss" ] && [ "$rss" -gt "$peak_kib" ]; then peak_kib=$rss; fi
+  if [ -n "${STOP_AFTER_SUMMARY:-}" ] && grep -q 'throughput (median' "$out/${name}_$seq.log"; then
+    stopped=1; kill "$pid"; break
+  fi
   sleep 0.5
 done
-wait "$pid" || { tail -40 "$out/${name}_$seq.log"; exit 1; }
+wait "$pid" || [ "$stopped" = 1 ] || { tail -40 "$out/${name}_$seq.log"; exit 1; }
 host=$(awk -v k="$peak_kib" 'BEGIN {printf "%.1f", k / 1048576}')
 echo "$name $seq: $(grep 'throughput (median' "$out/${name}_$seq.log"), host peak $host GiB"

@@ -221,5 +221,6 @@ def universal_loading(engine: Any) -> Iterator[None]:
             optimizer.mpu = mpu
 
 
-__all__ = ["CHECKED", "cast_late_parameters", "clear_zero3_caches", "convert_to_universal", "forward_stack_kept", "is_zero3_params",
-           "release_engine", "set_zero3_grads_ready", "universal_loading", "use_mpu", "zero3_calls", "zero_init_paused"]
+__all__ = ["CHECKED", "cast_late_parameters", "clear_zero3_caches", "convert_to_universal", "forward_stack_kept",
+           "is_zero3_params", "release_engine", "set_zero3_grads_ready", "universal_loading", "use_mpu", "zero3_calls",
+           "zero_init_paused"]
