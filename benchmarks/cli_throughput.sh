@@ -12,10 +12,13 @@ set -euo pipefail
 out=$1; seq=$2; tree=${3:-.}; tag=${4:-}; shift $(( $# < 4 ? $# : 4 ))
 mkdir -p "$out"; out=$(cd "$out" && pwd); tree=$(cd "$tree" && pwd)
 override="$out/override_8b_4layers.yaml"
-# no ModelCheckpoint: the shipped config's checkpoint at the end of a run is ~30 GB (it filled a 64 GiB disk)
+# no ModelCheckpoint: the shipped config's checkpoint at the end of a run is ~30 GB (it filled a 64 GiB disk); no
+# validation: the sanity check's two forwards at full length cost as much as most of a step (200 s at 32 layers x 408K)
 cat > "$override" <<YAML
 trainer:
   enable_checkpointing: false
+  num_sanity_val_steps: 0
+  limit_val_batches: 0
   callbacks: [{class_path: lightning_ulysses.lightning.callbacks.PrintLoss, init_args: {every_n_steps: 1}}]
 model:
   model: {model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: ${LAYERS:-4},
