@@ -76,12 +76,11 @@ def test_predictions_match_the_measured_cli_runs() -> None:
         w = _workload(seq, layers=layers)
         e = estimate(plan, candidates(w)[plan], w)
         assert -0.05 < e.gpu_peak_gib / gib - 1 < 0.10, (layers, seq, plan, e.gpu_peak_gib, gib)
-    # 8B width with LoRA r=16 on all linear layers, bf16 adapters, full+offload+tiled (one H100, 2026-12-06): the
-    # LoRA working-set term is fitted at 16 layers x 262,144 and checked at 32 layers x 327,680; the 4-layer run peaks
-    # outside the step (a trace: 10.5 GiB at most in forward + backward), so it checks the static part
+    # 8B width with LoRA r=16 on all linear layers, bf16 adapters, full+offload+tiled, no validation (one H100,
+    # 2026-12-06): a LoRA model's backward working set is a fully trained model's
     from lightning_ulysses.memory.auto import lora_params
 
-    for layers, seq, gib in ((16, 131072, 27.08), (16, 262144, 45.15), (4, 65536, 13.06), (32, 327680, 60.84)):
+    for layers, seq, gib in ((16, 131072, 19.27), (16, 262144, 28.24)):
         w = _workload(seq, layers=layers)
         w = replace(w, trainable_params=lora_params(w, {"r": 16, "target_modules": "all-linear"}))
         e = estimate("full+offload+tiled", candidates(w)["full+offload+tiled"], w)

@@ -51,3 +51,19 @@ def test_works_under_gradient_checkpointing_and_can_be_disabled() -> None:
     assert tiled_mlp_enabled(model)
     disable_tiled_mlp(model)
     assert not tiled_mlp_enabled(model)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_forward_without_grad_is_tiled_too(mode) -> None:
+    """Validation, a frozen reference/teacher and predict run without grad: their MLP intermediates stay one tile's
+    (untiled, gate/up/their product for every token at once were the peak of a long-context validation step)."""
+    ref, model = tiny_llama(), tiny_llama()
+    enable_tiled_mlp(model, tile_tokens=5)
+    rows: list[int] = []
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: rows.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    ids = torch.randint(0, 64, (2, 13))  # 26 tokens: 6 tiles of at most 5
+    with getattr(torch, mode)():
+        out, expected = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert len(rows) == 2 * 6 and max(rows) <= 5, rows

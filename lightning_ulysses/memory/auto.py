@@ -79,14 +79,6 @@ COEFFICIENTS: dict[str, float] = {
     # H100, 2026-12-05); the 4-layer prediction is then 6% above its measurement, the 8-layer one exact. A LoRA
     # model's frozen layers have none: its 32-layer peaks (below) sit ~0.8 GiB above its bf16 weights at 0 tokens
     "zero3_layer_param_bytes": 2.92,
-    # with LoRA, added to the backward's working set per local token, in units of H bytes (whatever the depth): 16
-    # layers of 8B + LoRA r=16 on every linear, bf16 adapters, full+offload+tiled, one H100 (2026-12-06): 27.08 GiB at
-    # 131,072 tokens, 45.15 at 262,144 -- the peak grows 36.1 H a token, twice a fully trained model's 18.1 H; fitted
-    # at 262,144; 32 layers x 327,680: 60.84 GiB measured, 60.79 predicted. Measured with checkpointing only (assumed
-    # the same without). Its cause is not identified: at 4 layers x 65,536 the forward + backward of a LoRA and of a
-    # fully trained model allocate the same (allocator traces, benchmarks/memory_peak.PeakProfile) but for the frozen
-    # embedding's output (2 H, no longer kept); fp32 adapters (ZeRO-3 before 2026-12-06) held another 18 H
-    "lora_working_set_h": 17.0,
     # step time multipliers measured at 128K (tiled MLP: 1.08x; offload: 1.01x; tiled attention backward: 1.0x)
     "tiled_mlp_time": 1.08,
     "offload_time": 1.01,
@@ -294,7 +286,11 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     # the backward's working set: gradients in flight, and with checkpointing the recomputed layer's tensors plus the
     # larger of its untiled attention workspace (only where attention is recomputed) and its untiled MLP intermediates
     # (the two backwards run one after the other); without checkpointing those are the saved activations above
-    work = c["working_set_h"] * h + (c["lora_working_set_h"] * h if w.trainable_params is not None else 0.0)
+    # (a LoRA model's is a fully trained model's: 16 layers of 8B + LoRA r=16, full+offload+tiled, one H100,
+    # 2026-12-06: 19.27 GiB at 131,072 tokens, 28.24 at 262,144, 19.14 and 28.19 predicted. A forward without grad --
+    # validation -- holds less, ~13 H a token, since the tiled MLP tiles it too; before that it held ~33 H, which
+    # earlier LoRA runs with Lightning's sanity check peaked on)
+    work = c["working_set_h"] * h
     if ckpt:
         recomputes_attention = kept_attention < layers
         attention = c["untiled_attention_h"] * h if recomputes_attention and not tiled_attn else 0.0

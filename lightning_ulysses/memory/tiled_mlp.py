@@ -3,7 +3,8 @@
 A SwiGLU MLP's intermediates (``gate``, ``up``, ``act(gate) * up`` and their gradients: ~4 x
 ``intermediate_size`` values per token, 14336 for Llama-3-8B) are the largest per-token activation
 left once logits are tiled. Tiling bounds them to one tile: forward runs tile by tile without
-keeping anything but the input; backward recomputes one tile at a time with autograd.
+keeping anything but the input; backward recomputes one tile at a time with autograd. A forward
+without grad (validation, a frozen reference or teacher, predict) runs tile by tile too.
 
 Gradients reach the parameters in one of two ways:
 
@@ -51,6 +52,24 @@ def num_tiles(tokens: int, tile_tokens: int, sync: bool) -> int:
     return n
 
 
+def tiled_forward(mlp: torch.nn.Module, tiles: int, x: Tensor) -> Tensor:
+    """``mlp(x)`` for ``x [..., s, h]`` in ``tiles`` token tiles, without autograd: the live intermediates are one
+    tile's (``[tokens/tiles, intermediate]``), and each tile's output is written into one preallocated ``[tokens, h]``
+    (no list of tile outputs next to their concatenation)."""
+    flat = x.reshape(-1, x.shape[-1])  # [tokens, h]: tiles over batch x sequence
+    out: Optional[Tensor] = None
+    offset = 0
+    with torch.no_grad():
+        for t in flat.tensor_split(tiles):
+            y = mlp._lightning_ulysses_tile_forward(t)
+            if out is None:
+                out = y.new_empty(flat.shape[0], y.shape[-1])
+            out[offset : offset + y.shape[0]] = y
+            offset += y.shape[0]
+    assert out is not None
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class TiledMLPFunction(torch.autograd.Function):
     """``y = mlp(x)`` for ``x [..., s, h]`` computed in ``tiles`` pieces along the token dimension."""
 
@@ -58,10 +77,7 @@ class TiledMLPFunction(torch.autograd.Function):
     def forward(ctx, mlp: torch.nn.Module, tiles: int, x: Tensor, *params: Tensor) -> Tensor:
         ctx.mlp, ctx.tiles = mlp, tiles
         ctx.save_for_backward(x)
-        flat = x.reshape(-1, x.shape[-1])  # [tokens, h]: tiles over batch x sequence
-        with torch.no_grad():
-            out = torch.cat([mlp._lightning_ulysses_tile_forward(t) for t in flat.tensor_split(tiles)], dim=0)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return tiled_forward(mlp, tiles, x)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -113,15 +129,21 @@ def _mlp_subclass(cls: type) -> type:
             return inner_forward(self, x, super().forward)  # the fused SwiGLU when that trick is on
 
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2:
+            if args or kwargs or x.dim() < 2:
                 return super().forward(x, *args, **kwargs)
             params = list(self.parameters())
             zero3 = is_zero3_params(params)
             tokens = x.numel() // x.shape[-1]
             tiles = num_tiles(tokens, settings(self)["mlp_tile_tokens"] or x.shape[-1], sync=zero3)
-            # ZeRO-3 parameters are partitioned here (shape [0]) and receive their gradients through the
-            # module's own hooks in backward, so they are not inputs of the function
-            out = TiledMLPFunction.apply(self, tiles, x) if zero3 else TiledMLPFunction.apply(self, tiles, x, *params)
+            if not torch.is_grad_enabled():
+                # nothing to recompute for, but tiling still bounds the forward's intermediates: untiled, a no-grad
+                # forward (validation, a frozen reference or teacher, predict) holds gate, up and their product, ~3 x
+                # [tokens, intermediate] at once -- with LoRA a few more -- more than a checkpointed training step
+                out = tiled_forward(self, tiles, x)
+            else:
+                # ZeRO-3 parameters are partitioned here (shape [0]) and receive their gradients through the
+                # module's own hooks in backward, so they are not inputs of the function
+                out = TiledMLPFunction.apply(self, tiles, x) if zero3 else TiledMLPFunction.apply(self, tiles, x, *params)
             if out.shape != x.shape:
                 raise ValueError(
                     f"tiled_mlp needs an MLP mapping [..., h] -> [..., h]; {cls.__name__} returned {tuple(out.shape)} "
@@ -202,4 +224,5 @@ class TiledMLP(MemoryTrick):
         disable_tiled_mlp(model)
 
 
-__all__ = ["TiledMLP", "TiledMLPFunction", "disable_tiled_mlp", "enable_tiled_mlp", "num_tiles", "tiled_mlp_enabled"]
+__all__ = ["TiledMLP", "TiledMLPFunction", "disable_tiled_mlp", "enable_tiled_mlp", "num_tiles", "tiled_forward",
+           "tiled_mlp_enabled"]
