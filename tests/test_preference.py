@@ -22,7 +22,8 @@ LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_si
 LR = 0.5
 CASES = [
     {"name": "dpo_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2},
-    {"name": "ipo_sp2_zero3_checkpointing", "loss": "ipo", "sp": 2, "stage": 3, "checkpointing": True, "beta": 0.5},
+    {"name": "ipo_sp2_zero3_checkpointing", "loss": "ipo", "sp": 2, "stage": 3, "checkpointing": True, "beta": 0.5,
+     "tiled_mlp": True},
     {"name": "simpo_sp2_zero1", "loss": "simpo", "sp": 2, "stage": 1, "beta": 2.0},
     {"name": "dpo_lora_sp2_zero2", "loss": "sigmoid", "sp": 2, "stage": 2,
      "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}},
@@ -40,11 +41,12 @@ RING_CASES = [  # a second launched job, 4 ranks: ring attention alone, packed p
      "packing": "none", "tile": 2},
 ]
 RING_DISTILL_CASES = [
+    # the teacher's MLP tiled too: its no-grad forward gathers ZeRO-3 weights once per tile, the same count on every rank
     {"name": "forward_kl_sp2_dp2_zero3_unequal_rows", "loss": "forward_kl", "sp": 2, "stage": 3, "devices": 4,
-     "packing": "none", "tile": 2},
+     "packing": "none", "tile": 2, "tiled_mlp": True},
 ]
 DISTILL_CASES = [
-    {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3},
+    {"name": "forward_kl_sp2_zero3", "loss": "forward_kl", "sp": 2, "stage": 3, "tiled_mlp": True},
     {"name": "jsd_ce_sp2_zero2_checkpointing", "loss": "jsd", "sp": 2, "stage": 2, "checkpointing": True,
      "ce_weight": 0.3, "temperature": 2.0},
 ]
@@ -195,6 +197,13 @@ def _check_against_single_process(result: dict, case: dict) -> None:
         assert all(torch.equal(torch.tensor(v), initial[k]) for k, v in result["ref_final"].items())
     if case["stage"] == 3 and not case.get("peft"):
         assert result["ref_partitioned"]  # ZeRO-3 partitions the frozen reference like the policy
+    _check_companion_tiling(result, case)
+
+
+def _check_companion_tiling(result: dict, case: dict) -> None:
+    """With the tiled MLP on, a frozen companion's MLP is tiled during fit (its no-grad forward) and plain after."""
+    if result["companion_tiled"] is not None:
+        assert result["companion_tiled"] == [bool(case.get("tiled_mlp")), False]
 
 
 @pytest.mark.parametrize("case", DISTILL_CASES, ids=lambda c: c["name"])
@@ -253,6 +262,8 @@ def _check_distillation(result: dict, case: dict) -> None:
         torch.testing.assert_close(torch.tensor(result["weights"][name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
     if case["stage"] == 3:
         assert result["ref_partitioned"]  # the teacher is partitioned like the student
+    assert result["companion_tiled"] is not None
+    _check_companion_tiling(result, case)
 
 
 def test_sequence_logprobs_match_log_softmax_and_are_tiled() -> None:

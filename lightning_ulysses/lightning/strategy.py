@@ -57,6 +57,7 @@ from lightning_ulysses.memory import (
 )
 from lightning_ulysses.memory.auto import Estimate
 from lightning_ulysses.memory.plan import flat_options
+from lightning_ulysses.memory.tiled_mlp import tiles_mlp
 from lightning_ulysses.lightning.auto_plan import known_sequence_length, plan_for_trainer
 from lightning_ulysses.memory.allocator import set_expandable_segments
 from lightning_ulysses.memory.zero_config import release_zero3_params_after_use
@@ -113,7 +114,8 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         tiled_loss_tile_tokens: tokens per tile of the tiled loss (``None``: chosen from the vocabulary size).
         tiled_loss_impl: its kernel: ``"auto"`` (Liger's fused linear cross-entropy on CUDA when installed, else
             torch), ``"torch"``, ``"liger"``.
-        tiled_mlp: compute each layer's MLP in token tiles.
+        tiled_mlp: compute each layer's MLP in token tiles (forwards without grad too; a frozen DPO reference's
+            or distillation teacher's as well, for the fit).
         tiled_mlp_tile_tokens: tokens per MLP tile (``None``: the hidden size).
         memory_efficient_rmsnorm: RMSNorms save their input instead of an fp32 copy for backward.
         memory_efficient_swiglu: SiLU-gated MLPs save ``gate`` and ``up`` only (``silu(gate)`` is
@@ -240,6 +242,7 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         self.memory_plan = tricks_from_flags(None if self.memory_auto else memory, **flags)
         self.memory_tricks: list[MemoryTrick] = []  # the resolved plan, applied in setup()
         self._applied_tricks: list[MemoryTrick] = []  # what setup() applied (with the Trainer's trick callbacks)
+        self._companion_tricks: list[MemoryTrick] = []  # what setup() applied to frozen companions
         self._vocab_size: Optional[int] = None  # rows of the model's input embedding: every batch's ids are checked
         self._vlm: Optional[torch.nn.Module] = None  # the trained model when it is vision-language (batches get slots)
         self.groups: Optional[ProcessGroups] = None
@@ -336,6 +339,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
             # wraps the model (the callbacks re-apply the same plan at each stage start; applying is idempotent)
             self.memory_tricks = self.memory_plan.resolve(layout.sp_enabled)
             self._applied_tricks = apply_tricks(hf_model, trainer_tricks(trainer))
+            # a frozen companion (reference, teacher) only runs forwards without grad; of the plan, the tiled MLP
+            # bounds those too (untiled, its gate/up/product for every token at once: ~33 H bytes a token at 8B width,
+            # more than the trained model's checkpointed step holds)
+            self._companion_tricks = [t for t in self._applied_tricks if isinstance(t, TiledMLP)]
+            for model in find_hf_models(self.lightning_module):
+                if model is not hf_model and tiles_mlp(model):
+                    apply_tricks(model, self._companion_tricks)
         super().setup(trainer)
 
     @contextmanager
@@ -577,10 +587,13 @@ class UlyssesDeepSpeedStrategy(DeepSpeedStrategy):
         if hf_model is not None:
             remove_tricks(hf_model, self._applied_tricks)
         for model in find_hf_models(self.lightning_module) if self.lightning_module is not None else []:
+            if model is not hf_model:
+                remove_tricks(model, self._companion_tricks)
             remove_ulysses(sp_target(model))
             remove_multimodal(model)
         self._vlm = None
         self._applied_tricks = []
+        self._companion_tricks = []
         set_step_context(None)  # the last batch's facts must not reach forwards run after fit
         # the engine (fp32 master weights, optimizer moments: ~30 GiB for 4 layers of an 8B model with AdamW) is freed
         # once the user drops the trainer and module, not kept for the rest of the process by DeepSpeed's globals and

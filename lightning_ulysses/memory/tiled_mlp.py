@@ -172,6 +172,15 @@ def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def tiles_mlp(model: torch.nn.Module) -> bool:
+    """Whether :func:`enable_tiled_mlp` can tile ``model``: decoder-layer MLPs, none of them mixture-of-experts."""
+    try:
+        mlps = _mlps(model)
+    except ValueError:  # no decoder-layer MLP
+        return False
+    return not any(is_expert_mlp(m) for m in mlps)
+
+
 def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: Optional[int] = None) -> int:
     """Tile every decoder layer's ``.mlp`` (instance class swap; idempotent). Returns how many.
 
@@ -225,4 +234,4 @@ class TiledMLP(MemoryTrick):
 
 
 __all__ = ["TiledMLP", "TiledMLPFunction", "disable_tiled_mlp", "enable_tiled_mlp", "num_tiles", "tiled_forward",
-           "tiled_mlp_enabled"]
+           "tiled_mlp_enabled", "tiles_mlp"]

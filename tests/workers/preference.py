@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from lightning_ulysses import DistillationModule, PreferenceModule, UlyssesDeepSpeedStrategy  # noqa: E402
 from lightning_ulysses.checkpoint.weights import gather_weights  # noqa: E402
 from lightning_ulysses.data import PreferenceDataModule  # noqa: E402
+from lightning_ulysses.memory.tiled_mlp import tiled_mlp_enabled  # noqa: E402
 from lightning_ulysses.parallel.layout import exit_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,7 @@ class Record(L.Callback):
     def __init__(self) -> None:
         self.batches, self.losses, self.metrics = [], [], []
         self.initial = None
+        self.companion_tiled = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the weights training starts from (ZeRO-3 initialises partitions, a different random stream than a plain
@@ -44,6 +46,8 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        companion = companion_of(pl_module)
+        self.companion_tiled = tiled_mlp_enabled(companion) if companion is not None else None
         self.metrics.append({k: float(v) for k, v in pl_module.step_metrics.items()})
 
 
@@ -64,6 +68,12 @@ class Recorded(_RecordsBatches, PreferenceModule):
 
 class RecordedDistillation(_RecordsBatches, DistillationModule):
     pass
+
+
+def companion_of(module):
+    """The frozen model of its own (a DPO reference, a teacher), if any."""
+    ref = getattr(module, "ref_model", None)
+    return ref if ref is not None else getattr(module, "teacher", None)
 
 
 def teacher():
@@ -92,7 +102,8 @@ def run(case: dict, out: Path) -> None:
     strategy = UlyssesDeepSpeedStrategy(sequence_parallel_size=case["sp"], stage=case["stage"],
                                         loss_normalization=case.get("normalization", "batch_mean"),
                                         gradient_checkpointing=case.get("checkpointing"),
-                                        context_parallel_mode=case.get("mode", "auto"))
+                                        context_parallel_mode=case.get("mode", "auto"),
+                                        **({"tiled_mlp": True, "tiled_mlp_tile_tokens": 5} if case.get("tiled_mlp") else {}))
     data = PreferenceDataModule(case.get("data", str(ROOT / "data" / "preferences.jsonl")), str(ROOT / "data" / "tokenizer"), seq_len=128,
                                 packing=case.get("packing", "best_fit"), batch_size=1, val_size=0)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=case.get("devices", 2), max_steps=3, logger=False,
@@ -116,6 +127,9 @@ def run(case: dict, out: Path) -> None:
                   "ref_final": {k: v.tolist() for k, v in ref_weights.items()} if ref_weights is not None else None,
                   "layout": trainer.strategy.layout.describe(),
                   "ref_is_submodule": getattr(module, "ref_model", None) is not None,
+                  # during fit (the last step) and after it
+                  "companion_tiled": None if companion_of(module) is None
+                  else [rec.companion_tiled, tiled_mlp_enabled(companion_of(module))],
                   "ref_partitioned": any(hasattr(p, "ds_id") for m in (getattr(module, "ref_model", None),
                                                                         getattr(module, "teacher", None))
                                          if m is not None for p in m.parameters())}
