@@ -287,7 +287,8 @@ def estimate(name: str, flags: dict[str, Any], w: Workload, hw: Optional[Hardwar
     # larger of its untiled attention workspace (only where attention is recomputed) and its untiled MLP intermediates
     # (the two backwards run one after the other); without checkpointing those are the saved activations above
     # (a LoRA model's is a fully trained model's: 16 layers of 8B + LoRA r=16, full+offload+tiled, one H100,
-    # 2026-12-06: 19.27 GiB at 131,072 tokens, 28.24 at 262,144, 19.14 and 28.19 predicted. A forward without grad --
+    # 2026-12-06: 19.27 GiB at 131,072 tokens, 28.11 at 262,144, 19.14 and 28.19 predicted; 32 layers at 408,576:
+    # 44.87, 45.13 predicted. A forward without grad --
     # validation -- holds less, ~13 H a token, since the tiled MLP tiles it too; before that it held ~33 H, which
     # earlier LoRA runs with Lightning's sanity check peaked on)
     work = c["working_set_h"] * h
