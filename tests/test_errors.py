@@ -95,6 +95,53 @@ def test_module_refuses_what_it_cannot_build() -> None:
         CausalLMModule(42).configure_model()
 
 
+TINY = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, "torch.optim.SGD", {"class_path": "torch.optim.SGD"}],
+                         ids=["class", "class_path", "yaml_dict"])
+def test_the_optimizer_is_taken_in_every_form_a_user_writes(optimizer) -> None:
+    """A class, its class path (a bare torch name too) or the YAML dict (from Python too, as ``peft=`` takes one);
+    init_args reach the class; the memory plan still sees which optimizer it is."""
+    import functools
+
+    from lightning_ulysses.memory.auto import optimizer_name
+
+    if isinstance(optimizer, dict):
+        optimizer = {**optimizer, "init_args": {"lr": 0.25, "momentum": 0.5}}
+    elif isinstance(optimizer, type):
+        optimizer = functools.partial(optimizer, lr=0.25, momentum=0.5)
+    else:
+        optimizer = {"class_path": optimizer, "init_args": {"lr": 0.25, "momentum": 0.5}}
+    scheduler = {"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"total_iters": 4}}
+    module = CausalLMModule(TINY, optimizer=optimizer, lr_scheduler=scheduler)
+    module.configure_model()
+    built = module.configure_optimizers()
+    opt = built["optimizer"]
+    assert type(opt) is torch.optim.SGD and opt.defaults["lr"] == 0.25 and opt.defaults["momentum"] == 0.5
+    assert type(built["lr_scheduler"]["scheduler"]).__name__ == "LinearLR"
+    assert optimizer_name(module.optimizer_factory) == "sgd"
+    assert type(CausalLMModule(TINY, optimizer="SGD").optimizer_factory([torch.zeros(1, requires_grad=True)],
+                                                                                    lr=0.1)) is torch.optim.SGD
+
+
+def test_an_optimizer_the_module_cannot_call_is_refused_with_the_forms_it_takes() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(TypeError, match=r"optimizer must be a class or callable .*got a SGD instance"):
+        CausalLMModule(TINY, optimizer=torch.optim.SGD([param], lr=0.1))
+    with pytest.raises(ValueError, match=r"\['lr'\] belong under 'init_args'"):
+        CausalLMModule(TINY, optimizer={"class_path": "torch.optim.SGD", "lr": 0.1})
+    with pytest.raises(ValueError, match="optimizer must be .*got a dict with keys \\['lr'\\]"):
+        CausalLMModule(TINY, optimizer={"lr": 0.1})
+    with pytest.raises(ValueError, match="cannot import 'torch.optim.Sgd'"):
+        CausalLMModule(TINY, optimizer="torch.optim.Sgd")
+    with pytest.raises(ValueError, match="lr_scheduler: cannot import"):
+        CausalLMModule(TINY, lr_scheduler="torch.optim.lr_scheduler.Nope")
+    with pytest.raises(ValueError, match="optimizer=None"):
+        CausalLMModule(TINY, optimizer=None)
+
+
 def _launch(mode: str, tmp_path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKERS / "bad_batches.py"), json.dumps({"mode": mode}), str(tmp_path / "out.json")]

@@ -7,7 +7,10 @@ trains on one CPU, with DDP, or sequence-parallel on many GPUs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import importlib
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -31,6 +34,39 @@ from lightning_ulysses.parallel.step_context import current_step_context, step_c
 PREDICT_OUTPUTS = ("logits", "token_logprobs", "last_logits")
 
 
+def component_factory(spec: Any, what: str) -> Optional[Callable[..., Any]]:
+    """The factory behind ``optimizer=`` / ``lr_scheduler=``, from every form a user writes: a callable (a class such
+    as ``torch.optim.SGD``, a ``functools.partial``, LightningCLI's callable), a class path (``"torch.optim.SGD"``; a
+    bare name such as ``"SGD"`` is looked up in ``torch.optim`` / ``torch.optim.lr_scheduler``) or
+    the YAML form as a dict (``{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}``), which becomes
+    ``partial(class, **init_args)``. ``None`` stays ``None``. Anything else -- an optimizer *instance* included (the
+    module builds it over its own trainable parameters) -- is refused with the forms it takes."""
+    if spec is None or (callable(spec) and not isinstance(spec, (str, Mapping))):
+        return spec
+    example = ("torch.optim.SGD" if what == "optimizer" else "torch.optim.lr_scheduler.LinearLR")
+    forms = (f"a class or callable (e.g. {example} or functools.partial({example}, ...)), its class path "
+             f"({example!r}) or a dict {{'class_path': {example!r}, 'init_args': {{...}}}}")
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, Mapping):
+        over = "its trainable parameters" if what == "optimizer" else "its optimizer"
+        raise TypeError(f"{what} must be {forms}; got a {type(spec).__name__} instance (the module builds the "
+                        f"{what} itself, over {over}).")
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if "class_path" not in spec or unknown:
+        raise ValueError(f"{what} must be {forms}; got a dict with keys {sorted(spec)}"
+                         + (f" ({unknown} belong under 'init_args')." if unknown and "class_path" in spec else "."))
+    path = str(spec["class_path"])
+    module, _, name = path.rpartition(".")
+    # a bare name is looked up where LightningCLI looks it up: torch's optimizers / schedulers
+    module = module or ("torch.optim" if what == "optimizer" else "torch.optim.lr_scheduler")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{what}: cannot import {path!r} ({error}); give the full class path, e.g. {example!r}.") from error
+    return functools.partial(cls, **dict(spec.get("init_args") or {}))
+
+
 class CausalLMModule(LightningModule):
     """Train an HF causal LM with an SP-correct, token-weighted loss.
 
@@ -43,8 +79,12 @@ class CausalLMModule(LightningModule):
             flash-attn). ``None`` (default): the model's own -- transformers' choice, ``sdpa`` where the model supports
             it, else ``eager``; an instance keeps what it was built with. (A fixed ``"sdpa"`` would make transformers
             refuse models without an sdpa path, e.g. Mamba, before the strategy could place them.)
-        optimizer: optimizer factory (LightningCLI: ``class_path`` + ``init_args``).
-        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+        optimizer: optimizer factory, called with the trainable parameters: a class (``torch.optim.SGD``), a
+            ``functools.partial`` or any callable, a class path (``"torch.optim.SGD"``), or a dict as YAML writes it
+            (``{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}``; LightningCLI: ``class_path`` +
+            ``init_args``).
+        lr_scheduler: optional scheduler factory, called with the optimizer (the same forms), stepped every
+            optimizer step.
         gradient_checkpointing: recompute each layer in backward (non-reentrant); ``None`` leaves it to
             the strategy (``UlyssesDeepSpeedStrategy`` turns it on when sequence parallelism is active).
         dtype: dtype to build the model in (``"bfloat16"``, ...); ``None`` leaves the default.
@@ -95,8 +135,10 @@ class CausalLMModule(LightningModule):
         # a submodule and its parameters saved under that name instead of ``model.*``)
         self.model_spec: Optional[ModelSpec] = None if instance else model
         self.attn_implementation = attn_implementation
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        if optimizer is None:
+            raise ValueError("optimizer=None: the module needs an optimizer factory, e.g. torch.optim.AdamW (the default).")
+        self.optimizer_factory = component_factory(optimizer, "optimizer")
+        self.lr_scheduler_factory = component_factory(lr_scheduler, "lr_scheduler")
         self.gradient_checkpointing = gradient_checkpointing
         self.dtype_name = dtype
         self.seed = seed
@@ -322,4 +364,4 @@ class CausalLMModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["CausalLMModule", "build_causal_lm"]
+__all__ = ["CausalLMModule", "build_causal_lm", "component_factory"]
