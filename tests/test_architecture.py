@@ -98,13 +98,13 @@ def test_functions_are_short_or_say_why() -> None:
 
 
 def _lightning_classes() -> list[type]:
-    from lightning_ulysses.lightning.callbacks import PrintLoss, SequenceThroughput
+    from lightning_ulysses.lightning.callbacks import HFExport, PredictionWriter, PrintLoss, SequenceThroughput
     from lightning_ulysses.lightning.cli import UlyssesCLI
     from lightning_ulysses.memory.plan import TRICKS
     from lightning_ulysses.memory.trick import MemoryTrick
 
     return [lightning_ulysses.UlyssesDeepSpeedStrategy, lightning_ulysses.CausalLMModule, PrintLoss, SequenceThroughput,
-            UlyssesCLI, MemoryTrick, *TRICKS]
+            HFExport, PredictionWriter, UlyssesCLI, MemoryTrick, *TRICKS]
 
 
 @pytest.mark.parametrize("cls", _lightning_classes(), ids=lambda c: c.__name__)

@@ -109,3 +109,10 @@ def test_callbacks_under_ddp_change_nothing_but_memory(tmp_path) -> None:
     r = run_workers("callbacks_ddp.py", 2, {}, tmp_path)
     assert len(r["plain"]) == len(r["tiled"]) == 3
     assert r["tiled"] == pytest.approx(r["plain"], abs=1e-5)
+
+
+def test_prediction_writer_checks_its_interval() -> None:
+    from lightning_ulysses.lightning.callbacks import PredictionWriter
+
+    with pytest.raises(ValueError, match="write_interval must be 'batch' or 'epoch'"):
+        PredictionWriter("out", write_interval="step")

@@ -1,4 +1,5 @@
-"""Lightning callbacks shipped with lightning_ulysses: ``PrintLoss``, ``SequenceThroughput``, ``HFExport``.
+"""Lightning callbacks shipped with lightning_ulysses: ``PrintLoss``, ``SequenceThroughput``, ``HFExport``,
+``PredictionWriter``.
 
 The memory tricks are callbacks too (each :class:`~lightning_ulysses.memory.MemoryTrick` is one); they live in
 :mod:`lightning_ulysses.memory` and are re-exported here, where projects look for callbacks.
@@ -14,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
@@ -132,6 +134,69 @@ class HFExport(Callback):
         trainer.strategy.barrier("HFExport")
         self.written.append(out)
         return out
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Save what ``trainer.predict`` returns to files, so that ``lightning-ulysses predict`` leaves something behind
+    (Lightning's CLI keeps no predictions). What a batch returns is set by ``CausalLMModule(predict_output=...)``:
+    whole sequences, gathered over the SP group, the strategy's padding removed.
+
+    Every rank of an SP group holds the same outputs, so only the group's first rank writes, one set of files per DP
+    group (``dp<r>``: the DP group's rank; its batches are the rows the distributed sampler gave it, and
+    ``batch_indices`` says which rows of the dataset they are). Tensors are moved to the CPU and written with
+    ``torch.save``:
+
+    * ``write_interval="batch"`` (default): ``dirpath/dp<r>_batch<i>.pt`` per batch (``_dl<d>`` after ``dp<r>`` for a
+      second predict loader), ``{"prediction": ..., "batch_indices": [...], "dataloader_idx": d}``;
+    * ``"epoch"``: ``dirpath/predictions_dp<r>.pt`` at the end, ``{"predictions": [...], "batch_indices": [...]}``
+      (lists per batch; a list per loader with several loaders).
+
+    Args:
+        dirpath: the directory (created).
+        write_interval: ``"batch"`` or ``"epoch"``.
+    """
+
+    def __init__(self, dirpath: str = "predictions", write_interval: str = "batch") -> None:
+        if write_interval not in ("batch", "epoch"):
+            raise ValueError(f"write_interval must be 'batch' or 'epoch', got {write_interval!r}.")
+        super().__init__(write_interval)
+        self.dirpath = dirpath
+        self.written: list[str] = []
+
+    def _dp_rank(self, trainer: Trainer) -> Optional[int]:
+        """This rank's DP group, or ``None`` where another rank of its SP group writes."""
+        layout = getattr(trainer.strategy, "layout", None)
+        if layout is None:  # another strategy: every rank reads its own rows
+            return trainer.global_rank
+        rank = trainer.global_rank
+        return layout.dp_rank(rank) if layout.sp_rank(rank) == 0 else None
+
+    def _save(self, obj: Any, name: str) -> None:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        path = str(Path(self.dirpath) / name)
+        torch.save(move_data_to_device(obj, "cpu"), path)
+        self.written.append(path)
+
+    @override
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Optional[Any], batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        dp = self._dp_rank(trainer)
+        if dp is not None:
+            loader = f"_dl{dataloader_idx}" if dataloader_idx else ""
+            self._save({"prediction": prediction, "batch_indices": list(batch_indices or []),
+                        "dataloader_idx": dataloader_idx}, f"dp{dp}{loader}_batch{batch_idx:06d}.pt")
+
+    @override
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        dp = self._dp_rank(trainer)
+        if dp is not None:
+            # Lightning flattens the predictions of a single loader but not their indices: match them
+            if len(trainer.num_predict_batches) == 1 and len(batch_indices) == 1:
+                batch_indices = batch_indices[0]
+            self._save({"predictions": predictions, "batch_indices": batch_indices}, f"predictions_dp{dp}.pt")
 
 
 def _exported_model(pl_module: LightningModule) -> Any:
@@ -277,6 +342,7 @@ __all__ = [
     "MemoryEfficientSwiGLU",
     "PrintLoss",
     "HFExport",
+    "PredictionWriter",
     "SequenceThroughput",
     "TiledAttentionBackward",
     "TiledLoss",
